@@ -1,0 +1,343 @@
+//! The `QuantizedModel` custom resource: one quantized variant of a base model.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One quantized variant of a base model: what to quantize, how, with which
+/// calibration data, and which quality gates the result must pass.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "quantops.dev",
+    version = "v1alpha1",
+    kind = "QuantizedModel",
+    namespaced,
+    status = "QuantizedModelStatus",
+    shortname = "qm",
+    category = "quantops",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Method","type":"string","jsonPath":".spec.quantization.method"}"#,
+    printcolumn = r#"{"name":"Bits","type":"integer","jsonPath":".spec.quantization.bits"}"#,
+    printcolumn = r#"{"name":"PPL-Delta","type":"string","jsonPath":".status.perplexityDelta"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QuantizedModelSpec {
+    /// The full-precision checkpoint and its lineage.
+    pub base_model: BaseModel,
+    /// The variant's version, part of the variant name and artifact path.
+    pub version: String,
+    /// The quantization recipe.
+    pub quantization: QuantizationSpec,
+    /// Calibration text; required by GPTQ and AWQ, which learn from activations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationSpec>,
+    /// What the quantized model is checked against, and the gates it must pass.
+    #[serde(default)]
+    pub validation: ValidationSpec,
+    /// Where the artifact is written.
+    #[serde(default)]
+    pub output: OutputSpec,
+    /// What each pipeline Job asks of the cluster.
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+}
+
+/// The source checkpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseModel {
+    /// Lineage name (e.g. `meta-llama/Llama-3.2-1B`), written into the model card.
+    pub name: String,
+    /// Directory of the Hugging Face-layout checkpoint, relative to the model volume.
+    pub path: String,
+    /// Expected sha256 digests of checkpoint files, by file name; checked before loading.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sha256: BTreeMap<String, String>,
+}
+
+/// The quantization algorithm.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Round-to-nearest: no calibration, the floor every other method must beat.
+    Rtn,
+    /// GPTQ: second-order error compensation from calibration activations.
+    Gptq,
+    /// AWQ: activation-aware per-channel scaling before rounding.
+    Awq,
+    /// INT8 weight-only, per channel.
+    Int8,
+    /// FP8 E4M3 weights with per-channel scales.
+    Fp8,
+}
+
+impl Method {
+    /// The lowercase name used in specs, paths and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::Int8 => "int8",
+            Method::Fp8 => "fp8",
+        }
+    }
+
+    /// Whether the method learns from calibration activations.
+    pub fn needs_calibration(self) -> bool {
+        matches!(self, Method::Gptq | Method::Awq)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The recipe: method, bit width, grouping and which layers stay in full precision.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuantizationSpec {
+    pub method: Method,
+    /// Weight bits: 4 or 8 in production, 2 and 3 for experiments; 8 for int8 and fp8.
+    #[serde(default = "default_bits")]
+    pub bits: u8,
+    /// Columns sharing one scale; -1 means one scale per output channel.
+    #[serde(default = "default_group_size")]
+    pub group_size: i32,
+    /// Symmetric (no zero point) or asymmetric (scale and zero point) integer grid.
+    #[serde(default = "default_true")]
+    pub symmetric: bool,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
+    #[serde(default)]
+    pub act_order: bool,
+    /// GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean.
+    #[serde(default = "default_damp")]
+    pub damp_percent: f64,
+    /// Linear layers left in full precision, matched by name suffix (e.g. `lm_head`).
+    #[serde(default = "default_ignore")]
+    pub ignore: Vec<String>,
+}
+
+/// Calibration samples drawn from a text file.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CalibrationSpec {
+    /// Text file, relative to the model volume.
+    pub path: String,
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+    #[serde(default = "default_sequence_length")]
+    pub sequence_length: u32,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+/// Everything the quantized model is compared against its baseline on.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationSpec {
+    /// Held-out text for token-level perplexity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_text: Option<EvalTextSpec>,
+    /// Multiple-choice task sets scored by log-likelihood.
+    #[serde(default)]
+    pub tasks: Vec<TaskSetSpec>,
+    /// Stage-2 system tests: system prompts, structured output, edge cases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_tests: Option<SystemTestsSpec>,
+    /// Greedy-decoding consistency against the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<ConsistencySpec>,
+    #[serde(default)]
+    pub gates: GatesSpec,
+}
+
+/// Perplexity text and its windows.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvalTextSpec {
+    pub path: String,
+    #[serde(default = "default_window_tokens")]
+    pub window_tokens: u32,
+    #[serde(default = "default_max_windows")]
+    pub max_windows: u32,
+}
+
+/// A multiple-choice task file (JSON lines of `{"prompt", "choices", "answer"}`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSetSpec {
+    pub name: String,
+    pub path: String,
+}
+
+/// The system-test file.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemTestsSpec {
+    pub path: String,
+}
+
+/// Prompts for the greedy-decoding comparison with the baseline.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencySpec {
+    /// JSON lines with a `prompt` field (chat-formatted or plain).
+    pub path: String,
+    #[serde(default = "default_consistency_prompts")]
+    pub max_prompts: u32,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+}
+
+/// Thresholds each check must meet for the variant to leave experiment.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatesSpec {
+    #[serde(default = "default_max_ppl_increase")]
+    pub max_perplexity_increase_percent: f64,
+    #[serde(default = "default_max_task_drop")]
+    pub max_task_drop_percent: f64,
+    #[serde(default = "default_min_greedy_match")]
+    pub min_greedy_match_rate: f64,
+    /// Share of system tests that passed on the baseline and must pass on the variant.
+    #[serde(default = "default_min_system_test_pass_rate")]
+    pub min_system_test_pass_rate: f64,
+}
+
+impl Default for GatesSpec {
+    fn default() -> Self {
+        GatesSpec {
+            max_perplexity_increase_percent: default_max_ppl_increase(),
+            max_task_drop_percent: default_max_task_drop(),
+            min_greedy_match_rate: default_min_greedy_match(),
+            min_system_test_pass_rate: default_min_system_test_pass_rate(),
+        }
+    }
+}
+
+/// The artifact root.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    #[serde(default = "default_output_path")]
+    pub path: String,
+}
+
+impl Default for OutputSpec {
+    fn default() -> Self {
+        OutputSpec { path: default_output_path() }
+    }
+}
+
+/// What a pipeline Job requests.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcesSpec {
+    #[serde(default = "default_gpus")]
+    pub gpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+}
+
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        ResourcesSpec { gpus: default_gpus(), memory: None, cpu: None }
+    }
+}
+
+/// What the operator has observed and done; written only by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuantizedModelStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The running stage's last progress line (e.g. `quantize: layer 14/32`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized_perplexity: Option<f64>,
+    /// Relative perplexity change, formatted for humans (e.g. `+0.64%`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity_delta: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<crate::report::GateResult>,
+    /// Failed attempts per stage, for the retry backoff.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage_attempts: BTreeMap<String, u32>,
+}
+
+fn default_bits() -> u8 {
+    4
+}
+fn default_group_size() -> i32 {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+fn default_damp() -> f64 {
+    0.01
+}
+fn default_ignore() -> Vec<String> {
+    vec!["lm_head".to_string()]
+}
+fn default_samples() -> u32 {
+    128
+}
+fn default_sequence_length() -> u32 {
+    2048
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_window_tokens() -> u32 {
+    512
+}
+fn default_max_windows() -> u32 {
+    64
+}
+fn default_consistency_prompts() -> u32 {
+    32
+}
+fn default_max_new_tokens() -> u32 {
+    32
+}
+fn default_max_ppl_increase() -> f64 {
+    3.0
+}
+fn default_max_task_drop() -> f64 {
+    5.0
+}
+fn default_min_greedy_match() -> f64 {
+    0.5
+}
+fn default_min_system_test_pass_rate() -> f64 {
+    0.9
+}
+fn default_output_path() -> String {
+    "quantized".to_string()
+}
+fn default_gpus() -> u32 {
+    1
+}
