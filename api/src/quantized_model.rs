@@ -232,7 +232,9 @@ pub struct OutputSpec {
 
 impl Default for OutputSpec {
     fn default() -> Self {
-        OutputSpec { path: default_output_path() }
+        OutputSpec {
+            path: default_output_path(),
+        }
     }
 }
 
@@ -250,7 +252,11 @@ pub struct ResourcesSpec {
 
 impl Default for ResourcesSpec {
     fn default() -> Self {
-        ResourcesSpec { gpus: default_gpus(), memory: None, cpu: None }
+        ResourcesSpec {
+            gpus: default_gpus(),
+            memory: None,
+            cpu: None,
+        }
     }
 }
 

@@ -124,7 +124,11 @@ mod tests {
             ..Default::default()
         };
         let text = summary.to_termination_message();
-        assert!(text.len() <= TERMINATION_MESSAGE_LIMIT, "{} bytes", text.len());
+        assert!(
+            text.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{} bytes",
+            text.len()
+        );
         let back: StageSummary = serde_json::from_str(&text).expect("still valid JSON");
         assert_eq!(back.stage, "validate");
     }

@@ -9,24 +9,39 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum SpecError {
     #[error("cannot read spec {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("spec {origin} is not a valid QuantizedModel: {message}")]
     Parse { origin: String, message: String },
     #[error("spec {origin}: {field}: {expected}")]
-    Invalid { origin: String, field: String, expected: String },
+    Invalid {
+        origin: String,
+        field: String,
+        expected: String,
+    },
 }
+
+/// No variant whose perplexity rose more than this over its baseline ever
+/// passes, whatever its spec says: the seeds' hard ceiling.
+pub const HARD_PERPLEXITY_CEILING_PERCENT: f64 = 10.0;
 
 /// Reads and validates a `QuantizedModel` YAML file.
 pub fn load_quantized_model(path: &std::path::Path) -> Result<QuantizedModel, SpecError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| SpecError::Read { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     parse_quantized_model(&text, &path.display().to_string())
 }
 
 /// Parses and validates a `QuantizedModel` from YAML text; `origin` names it in errors.
 pub fn parse_quantized_model(text: &str, origin: &str) -> Result<QuantizedModel, SpecError> {
-    let parse_error =
-        |e: serde_yaml::Error| SpecError::Parse { origin: origin.to_string(), message: e.to_string() };
+    let parse_error = |e: serde_yaml::Error| SpecError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    };
     let head: TypeHead = serde_yaml::from_str(text).map_err(parse_error)?;
     if head.kind.as_deref().is_some_and(|k| k != "QuantizedModel") {
         return Err(invalid(origin, "kind", "QuantizedModel"));
@@ -74,13 +89,22 @@ pub fn validate(qm: &QuantizedModel) -> Result<(), (&'static str, &'static str)>
         _ => {}
     }
     if !matches!(q.group_size, -1 | 32 | 64 | 128) {
-        return Err(("spec.quantization.groupSize", "one of -1 (per channel), 32, 64, 128"));
+        return Err((
+            "spec.quantization.groupSize",
+            "one of -1 (per channel), 32, 64, 128",
+        ));
     }
     if q.method == Method::Fp8 && q.group_size != -1 {
-        return Err(("spec.quantization.groupSize", "-1 for fp8 (per-channel scales)"));
+        return Err((
+            "spec.quantization.groupSize",
+            "-1 for fp8 (per-channel scales)",
+        ));
     }
     if !(0.0..=1.0).contains(&q.damp_percent) {
-        return Err(("spec.quantization.dampPercent", "a fraction between 0 and 1"));
+        return Err((
+            "spec.quantization.dampPercent",
+            "a fraction between 0 and 1",
+        ));
     }
     if q.method.needs_calibration() && spec.calibration.is_none() {
         return Err(("spec.calibration", "calibration data for gptq and awq"));
@@ -92,6 +116,31 @@ pub fn validate(qm: &QuantizedModel) -> Result<(), (&'static str, &'static str)>
         if c.sequence_length < 16 {
             return Err(("spec.calibration.sequenceLength", "at least 16 tokens"));
         }
+    }
+    let gates = &spec.validation.gates;
+    if !(0.0..=HARD_PERPLEXITY_CEILING_PERCENT).contains(&gates.max_perplexity_increase_percent) {
+        return Err((
+            "spec.validation.gates.maxPerplexityIncreasePercent",
+            "between 0 and 10 (the hard ceiling)",
+        ));
+    }
+    if !(0.0..=100.0).contains(&gates.max_task_drop_percent) {
+        return Err((
+            "spec.validation.gates.maxTaskDropPercent",
+            "between 0 and 100",
+        ));
+    }
+    if !(0.0..=1.0).contains(&gates.min_greedy_match_rate) {
+        return Err((
+            "spec.validation.gates.minGreedyMatchRate",
+            "a rate between 0 and 1",
+        ));
+    }
+    if !(0.0..=1.0).contains(&gates.min_system_test_pass_rate) {
+        return Err((
+            "spec.validation.gates.minSystemTestPassRate",
+            "a rate between 0 and 1",
+        ));
     }
     if let Some(e) = &spec.validation.eval_text {
         if e.window_tokens < 2 {
@@ -132,7 +181,10 @@ mod tests {
             "t",
         )
         .expect_err("fp8 takes no group");
-        assert!(err.to_string().contains("spec.quantization.groupSize"), "{err}");
+        assert!(
+            err.to_string().contains("spec.quantization.groupSize"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -142,6 +194,9 @@ mod tests {
         assert_eq!(qm.spec.quantization.bits, 4);
         assert_eq!(qm.spec.quantization.group_size, 128);
         assert_eq!(qm.spec.quantization.ignore, vec!["lm_head".to_string()]);
-        assert_eq!(qm.spec.validation.gates.max_perplexity_increase_percent, 3.0);
+        assert_eq!(
+            qm.spec.validation.gates.max_perplexity_increase_percent,
+            3.0
+        );
     }
 }

@@ -20,13 +20,21 @@ pub fn config(q: &QuantizationSpec) -> String {
     } else {
         "ch".to_string()
     };
-    let asym = if q.symmetric || q.method == Method::Fp8 { "" } else { "-asym" };
+    let asym = if q.symmetric || q.method == Method::Fp8 {
+        ""
+    } else {
+        "-asym"
+    };
     format!("{}-{grouping}{asym}", q.method)
 }
 
 /// The model's short name: the last segment of `baseModel.name`.
 pub fn model_short_name(spec: &QuantizedModelSpec) -> &str {
-    spec.base_model.name.rsplit('/').next().unwrap_or(&spec.base_model.name)
+    spec.base_model
+        .name
+        .rsplit('/')
+        .next()
+        .unwrap_or(&spec.base_model.name)
 }
 
 /// `{model}-{version}-{precision}-{config}`, e.g. `tiny-llama-v1.2-int4-gptq-g128-asym`.
@@ -64,7 +72,13 @@ mod tests {
             "inline",
         )
         .expect("valid spec");
-        assert_eq!(variant_name(&qm.spec), "tiny-llama-v1.2-int4-gptq-g128-asym");
-        assert_eq!(artifact_dir(&qm.spec), "tiny-llama/v1.2-int4-gptq-g128-asym");
+        assert_eq!(
+            variant_name(&qm.spec),
+            "tiny-llama-v1.2-int4-gptq-g128-asym"
+        );
+        assert_eq!(
+            artifact_dir(&qm.spec),
+            "tiny-llama/v1.2-int4-gptq-g128-asym"
+        );
     }
 }

@@ -1,0 +1,37 @@
+# Installs the toolchains the tests need when the machine lacks them, from the
+# package registries only (Debian, crates.io, the Go module proxy).
+
+# Go >= 1.24 is needed to build the test control plane from k8s.io/kubernetes.
+GO_TOOLCHAIN_VERSION=${GO_TOOLCHAIN_VERSION:-1.24.4}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust (rustup) first" >&2
+    return 1
+  fi
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+}
+
+go_is_recent() {
+  local v
+  v=$(go env GOVERSION 2>/dev/null | sed 's/^go//') || return 1
+  [[ -n "$v" ]] && printf '%s\n1.24\n' "$v" | sort -V -C -r 2>/dev/null
+}
+
+ensure_go() {
+  export PATH="$PATH:/usr/local/go/bin"
+  if command -v go >/dev/null && go_is_recent; then
+    return 0
+  fi
+  # Debian's golang-go is too old for Kubernetes 1.34, but any Go can fetch
+  # the official toolchain as a module from the Go module proxy.
+  if ! command -v go >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq golang-go >/dev/null
+    export PATH="$PATH:/usr/lib/go/bin"
+  fi
+  local mod="golang.org/toolchain@v0.0.1-go${GO_TOOLCHAIN_VERSION}.linux-amd64"
+  local dir
+  dir=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "$mod" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+  export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
+  go version
+}
