@@ -1,1 +1,116 @@
-fn main() {}
+//! `quantizer-job`: the worker that the pipeline's Jobs run.
+//!
+//! `quantizer-job <stage> --spec FILE [--root DIR]`, stage one of `baseline`,
+//! `quantize`, `validate`, `card`, `all`. Exit code 0 means the stage ran (a
+//! failed quality gate is a result, not a crash); non-zero means the stage
+//! itself broke. Either way a compact JSON summary goes to the termination
+//! message, and the full result to `report.json` beside the artifact.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use quantizer_job::layout::Layout;
+use quantizer_job::stages::{self, Stage, StageInput};
+use quantizer_job::termination::TerminationLog;
+use quantops_api::StageSummary;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(version, about = "Quantize, evaluate and document an LLM checkpoint")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "QUANTOPS_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct StageArgs {
+    /// The QuantizedModel YAML.
+    #[arg(long)]
+    spec: PathBuf,
+    /// Base of the spec's relative paths (in a Job: the model volume). Default: the spec's directory.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Base of `spec.output.path` when it must differ from --root (e.g. a read-only data tree).
+    #[arg(long)]
+    output_root: Option<PathBuf>,
+    /// Where to write the compact summary. Default: /dev/termination-log when it exists.
+    #[arg(long, env = "QUANTOPS_TERMINATION_LOG")]
+    termination_log: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate the FP16 baseline.
+    Baseline(StageArgs),
+    /// Calibrate and quantize, writing the compressed-tensors artifact.
+    Quantize(StageArgs),
+    /// Evaluate the artifact against the baseline and judge the gates.
+    Validate(StageArgs),
+    /// Write the model card from the validation report.
+    Card(StageArgs),
+    /// Every stage in order.
+    All(StageArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let (stage, args) = match cli.command {
+        Command::Baseline(a) => (Stage::Baseline, a),
+        Command::Quantize(a) => (Stage::Quantize, a),
+        Command::Validate(a) => (Stage::Validate, a),
+        Command::Card(a) => (Stage::Card, a),
+        Command::All(a) => (Stage::All, a),
+    };
+    let termination = TerminationLog::new(args.termination_log.clone());
+    match run(stage, &args) {
+        Ok(summary) => {
+            termination.write(&summary);
+            println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(stage = stage.name(), error = format!("{error:#}"), "stage failed");
+            eprintln!("error: {error:#}");
+            termination.write(&StageSummary {
+                stage: stage.name().to_string(),
+                error: Some(format!("{error:#}")),
+                ..StageSummary::default()
+            });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
+    let qm = quantops_api::spec_file::load_quantized_model(&args.spec)?;
+    let root = match &args.root {
+        Some(root) => root.clone(),
+        None => args
+            .spec
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+            .context("the spec path has no directory")?,
+    };
+    let layout = Layout::new(&qm.spec, &root, args.output_root.as_deref());
+    stages::run(stage, &StageInput { spec: &qm.spec, layout: &layout })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,99 @@
+//! The pipeline's stages. Each runs in its own Job in a cluster, so each
+//! reads what the previous one left in the artifact directory and writes its
+//! own result there; `all` runs them in order in one process.
+
+mod baseline;
+mod card;
+mod evaluation;
+mod quantize;
+mod validate;
+
+use crate::layout::{Layout, files};
+use anyhow::Context;
+use quantops_api::{QuantizedModelSpec, Report, StageSummary};
+use serde::{Serialize, de::DeserializeOwned};
+use std::path::Path;
+
+pub use evaluation::{BaselineRecord, Evaluation};
+
+/// One step of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Baseline,
+    Quantize,
+    Validate,
+    Card,
+    All,
+}
+
+impl Stage {
+    /// The subcommand's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Baseline => "baseline",
+            Stage::Quantize => "quantize",
+            Stage::Validate => "validate",
+            Stage::Card => "card",
+            Stage::All => "all",
+        }
+    }
+}
+
+/// What every stage works from.
+pub struct StageInput<'a> {
+    pub spec: &'a QuantizedModelSpec,
+    pub layout: &'a Layout,
+}
+
+/// Runs a stage and returns its summary for the termination message.
+pub fn run(stage: Stage, input: &StageInput) -> anyhow::Result<StageSummary> {
+    let started = std::time::Instant::now();
+    let mut summary = match stage {
+        Stage::Baseline => baseline::run(input)?,
+        Stage::Quantize => quantize::run(input)?,
+        Stage::Validate => validate::run(input)?,
+        Stage::Card => card::run(input)?,
+        Stage::All => {
+            baseline::run(input)?;
+            quantize::run(input)?;
+            validate::run(input)?
+        }
+    };
+    summary.stage = stage.name().to_string();
+    summary.seconds = Some(started.elapsed().as_secs_f64());
+    Ok(summary)
+}
+
+/// The summary of a run whose report exists.
+fn summary_from_report(input: &StageInput, report: &Report) -> StageSummary {
+    let artifact: Option<crate::report_sections::ArtifactFacts> =
+        crate::report_sections::get(report, crate::report_sections::ARTIFACT);
+    StageSummary {
+        variant: report.variant.clone(),
+        overall_pass: Some(report.overall_pass),
+        baseline_perplexity: report.baseline.perplexity,
+        quantized_perplexity: report.quantized.perplexity,
+        gates: report.gates.clone(),
+        artifact_path: Some(input.layout.artifact_dir.display().to_string()),
+        artifact_digest: artifact.map(|a| a.digest),
+        report_path: Some(input.layout.artifact_file(files::REPORT).display().to_string()),
+        ..StageSummary::default()
+    }
+}
+
+/// Writes a stage's JSON result, creating the artifact directory if needed.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads an earlier stage's JSON result, saying which stage must run first.
+fn read_json<T: DeserializeOwned>(path: &Path, written_by: &str) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("cannot read {} (written by the {written_by} stage: run it first)", path.display())
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
