@@ -1,0 +1,1 @@
+//! Checkpoint formats: the compressed-tensors writer and reader.
