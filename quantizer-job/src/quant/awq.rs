@@ -182,9 +182,7 @@ pub fn awq_search(
         let mut s: Vec<f32> = x_mean
             .iter()
             .zip(&w_mean)
-            .map(|(xm, wm)| {
-                (xm.max(1e-12).powf(alpha) / wm.max(1e-12).powf(1.0 - alpha)).max(1e-4)
-            })
+            .map(|(xm, wm)| (xm.max(1e-12).powf(alpha) / wm.max(1e-12).powf(1.0 - alpha)).max(1e-4))
             .collect();
         let (lo, hi) = s
             .iter()

@@ -13,9 +13,7 @@ pub enum QuantError {
         got: String,
     },
     /// The layer's input width is not a multiple of the group size.
-    #[error(
-        "layer {layer}: in_features {in_features} is not divisible by group_size {group_size}"
-    )]
+    #[error("layer {layer}: in_features {in_features} is not divisible by group_size {group_size}")]
     GroupSize {
         layer: String,
         in_features: usize,

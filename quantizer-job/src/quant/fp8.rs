@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{ActOrder, Codes, Matrix, QuantError, QuantizedLinear, ScaleDtype, WeightScheme};
+use super::{ActOrder, Codes, FloatDtype, Matrix, QuantError, QuantizedLinear, WeightScheme};
 
 /// Largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -58,7 +58,7 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 pub fn quantize_fp8(
     layer: &str,
     w: &Matrix,
-    scale_dtype: ScaleDtype,
+    scale_dtype: FloatDtype,
 ) -> Result<QuantizedLinear, QuantError> {
     if w.cols == 0 || w.rows == 0 {
         return Err(QuantError::Shape {
@@ -109,17 +109,17 @@ mod tests {
     fn known_bit_patterns() {
         let cases: [(f32, u8); 12] = [
             (0.0, 0x00),
-            (1.0, 0x38),      // exp 7 (bias 7), mantissa 0
-            (-2.0, 0xC0),     // sign, exp 8
-            (448.0, 0x7E),    // largest finite
-            (1000.0, 0x7E),   // saturates
-            (-1e9, 0xFE),     // saturates negative
-            (0.1, 0x1D),      // 1.625·2^-4 = 0.1015625 is nearest
-            (2f32.powi(-9), 0x01), // smallest subnormal
-            (2f32.powi(-10), 0x00), // half the smallest subnormal: tie to even 0
+            (1.0, 0x38),                  // exp 7 (bias 7), mantissa 0
+            (-2.0, 0xC0),                 // sign, exp 8
+            (448.0, 0x7E),                // largest finite
+            (1000.0, 0x7E),               // saturates
+            (-1e9, 0xFE),                 // saturates negative
+            (0.1, 0x1D),                  // 1.625·2^-4 = 0.1015625 is nearest
+            (2f32.powi(-9), 0x01),        // smallest subnormal
+            (2f32.powi(-10), 0x00),       // half the smallest subnormal: tie to even 0
             (3.0 * 2f32.powi(-10), 0x02), // 1.5 subnormal steps: tie to even 2
-            (2f32.powi(-6), 0x08), // smallest normal
-            (1.0625, 0x38),   // halfway between 1.0 and 1.125: ties to even mantissa 0
+            (2f32.powi(-6), 0x08),        // smallest normal
+            (1.0625, 0x38),               // halfway between 1.0 and 1.125: ties to even mantissa 0
         ];
         for (x, bits) in cases {
             assert_eq!(f32_to_e4m3(x), bits, "f32_to_e4m3({x})");
@@ -143,9 +143,9 @@ mod tests {
 
     #[test]
     fn per_channel_error_is_small() {
-        let w = Matrix::new(2, 4, vec![0.5, -0.25, 0.125, 0.01, 3.0, -1.0, 0.2, 0.0])
-            .expect("shape");
-        let q = quantize_fp8("t", &w, ScaleDtype::F32).expect("fp8");
+        let w =
+            Matrix::new(2, 4, vec![0.5, -0.25, 0.125, 0.01, 3.0, -1.0, 0.2, 0.0]).expect("shape");
+        let q = quantize_fp8("t", &w, FloatDtype::F32).expect("fp8");
         for (a, b) in w.data.iter().zip(&q.dequantized.data) {
             assert!((a - b).abs() <= a.abs() * 0.0625 + 1e-6, "{a} vs {b}");
         }

@@ -182,7 +182,15 @@ pub fn gptq(
         }
         idx
     });
-    let out = assemble_int([w.rows, n], scheme, act_order, codes, &params, groups, g_idx);
+    let out = assemble_int(
+        [w.rows, n],
+        scheme,
+        act_order,
+        codes,
+        &params,
+        groups,
+        g_idx,
+    );
     debug!(
         layer,
         dead_columns = dead,

@@ -16,7 +16,7 @@
 //! and the codes are computed, so the dequantized weights we hand back equal,
 //! bit for bit, what a reader computes from the stored tensors.
 
-use super::{IntScheme, QuantError, ScaleDtype};
+use super::{FloatDtype, IntScheme, QuantError};
 
 /// Scale and zero point of one group of one output row.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,22 +33,22 @@ pub fn qrange(bits: u8) -> (i32, i32) {
     (-half, half - 1)
 }
 
-impl ScaleDtype {
+impl FloatDtype {
     /// Rounds `v` to the nearest value this dtype represents (ties to even).
     pub fn round(self, v: f32) -> f32 {
         match self {
-            ScaleDtype::F16 => half::f16::from_f32(v).to_f32(),
-            ScaleDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
-            ScaleDtype::F32 => v,
+            FloatDtype::F16 => half::f16::from_f32(v).to_f32(),
+            FloatDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+            FloatDtype::F32 => v,
         }
     }
 
     /// Machine epsilon of the dtype: compressed-tensors replaces a zero scale by it.
     pub fn eps(self) -> f32 {
         match self {
-            ScaleDtype::F16 => half::f16::EPSILON.to_f32(),
-            ScaleDtype::Bf16 => half::bf16::EPSILON.to_f32(),
-            ScaleDtype::F32 => f32::EPSILON,
+            FloatDtype::F16 => half::f16::EPSILON.to_f32(),
+            FloatDtype::Bf16 => half::bf16::EPSILON.to_f32(),
+            FloatDtype::F32 => f32::EPSILON,
         }
     }
 }
@@ -134,7 +134,7 @@ mod tests {
             bits,
             symmetric,
             group_size: None,
-            scale_dtype: ScaleDtype::F32,
+            scale_dtype: FloatDtype::F32,
         }
     }
 

@@ -80,7 +80,10 @@ pub fn spd_inverse(a: &[f64], n: usize, layer: &str) -> Result<Vec<f64>, QuantEr
     inv.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
         for (b, slot) in row.iter_mut().enumerate() {
             let from = a.max(b);
-            *slot = dot64(&xt[a * n + from..(a + 1) * n], &xt[b * n + from..(b + 1) * n]);
+            *slot = dot64(
+                &xt[a * n + from..(a + 1) * n],
+                &xt[b * n + from..(b + 1) * n],
+            );
         }
     });
     Ok(inv)
@@ -108,7 +111,9 @@ mod tests {
     fn inverse_and_upper_factor_reconstruct() {
         // A = B Bᵀ + I for a fixed B: symmetric positive definite.
         let n = 5;
-        let b: Vec<f64> = (0..n * n).map(|k| ((k * 7 % 11) as f64 - 5.0) / 3.0).collect();
+        let b: Vec<f64> = (0..n * n)
+            .map(|k| ((k * 7 % 11) as f64 - 5.0) / 3.0)
+            .collect();
         let mut a = vec![0.0; n * n];
         for i in 0..n {
             for j in 0..n {

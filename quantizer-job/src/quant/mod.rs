@@ -30,14 +30,25 @@ pub use rtn::rtn;
 
 use quantops_api::quantized_model::{Method, QuantizationSpec};
 
-/// Dtype the checkpoint stores scales in (compressed-tensors: the model's dtype
-/// unless `scale_dtype` says otherwise). Scales are rounded to it while
+/// A floating-point storage dtype: of the scales (compressed-tensors: the model's dtype
+/// unless `scale_dtype` says otherwise) and of the unquantized tensors. Scales are rounded to it while
 /// quantizing so that stored and in-memory dequantization agree bit for bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScaleDtype {
+pub enum FloatDtype {
     F16,
     Bf16,
     F32,
+}
+
+impl FloatDtype {
+    /// The dtype's safetensors name (`F16`, `BF16`, `F32`).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            FloatDtype::F16 => "F16",
+            FloatDtype::Bf16 => "BF16",
+            FloatDtype::F32 => "F32",
+        }
+    }
 }
 
 /// An integer weight grid.
@@ -49,7 +60,7 @@ pub struct IntScheme {
     pub symmetric: bool,
     /// Columns per group; `None` = one group per output channel.
     pub group_size: Option<usize>,
-    pub scale_dtype: ScaleDtype,
+    pub scale_dtype: FloatDtype,
 }
 
 /// GPTQ column order, in compressed-tensors' `actorder` vocabulary.
@@ -83,13 +94,15 @@ impl ActOrder {
 pub enum WeightScheme {
     Int(IntScheme),
     /// FP8 E4M3 with one scale per output channel.
-    Fp8 { scale_dtype: ScaleDtype },
+    Fp8 {
+        scale_dtype: FloatDtype,
+    },
 }
 
 impl WeightScheme {
     /// The scheme a recipe asks for. INT8 is symmetric per channel whatever the
     /// recipe's grouping says (it is the W8A16 preset); FP8 is per channel.
-    pub fn from_spec(spec: &QuantizationSpec, scale_dtype: ScaleDtype) -> Self {
+    pub fn from_spec(spec: &QuantizationSpec, scale_dtype: FloatDtype) -> Self {
         let group_size = usize::try_from(spec.group_size).ok().filter(|g| *g > 0);
         match spec.method {
             Method::Fp8 => WeightScheme::Fp8 { scale_dtype },
@@ -212,7 +225,7 @@ pub trait QuantBackend {
         &self,
         layer: &str,
         w: &Matrix,
-        scale_dtype: ScaleDtype,
+        scale_dtype: FloatDtype,
     ) -> Result<QuantizedLinear, QuantError>;
 
     /// The dequantized weight `[out, in]` of a quantized Linear.
@@ -265,7 +278,7 @@ impl QuantBackend for CpuBackend {
         &self,
         layer: &str,
         w: &Matrix,
-        scale_dtype: ScaleDtype,
+        scale_dtype: FloatDtype,
     ) -> Result<QuantizedLinear, QuantError> {
         quantize_fp8(layer, w, scale_dtype)
     }
