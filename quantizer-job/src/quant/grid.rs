@@ -7,7 +7,8 @@
 //! - the observed range always contains zero: `min = min(min, 0)`, `max = max(max, 0)`;
 //! - symmetric: `scale = max(|min|, |max|) / ((2^b - 1) / 2)` (4 bits: absmax / 7.5,
 //!   8 bits: absmax / 127.5), zero point 0;
-//! - asymmetric: `scale = (max - min) / (2^b - 1)`,
+//! - asymmetric: `scale = (max - min) / (2^b - 1)` (each operation rounded to the
+//!   scale dtype, as torch computes on FP16 weights),
 //!   `zp = round(clamp(qmin - min / scale, qmin, qmax))` (a signed integer);
 //! - `q = clamp(round(x / scale) + zp, qmin, qmax)`, rounding half to even as `torch.round`;
 //! - dequantized `x̂ = (q - zp) · scale`.
@@ -81,19 +82,22 @@ pub fn params_from_range(min: f32, max: f32, scheme: &IntScheme) -> GroupParams 
     let min = min.min(0.0);
     let max = max.max(0.0);
     let levels = ((1u32 << scheme.bits) - 1) as f32;
+    // Every operation rounds to the scale dtype, as torch does on weights of that
+    // dtype: llm-compressor's scales of an FP16 model are `f16(f16(max − min) / 15)`.
+    let d = scheme.scale_dtype;
     let raw = if scheme.symmetric {
         (-min).max(max) / (levels / 2.0)
     } else {
-        (max - min) / levels
+        d.round(max - min) / levels
     };
-    let mut scale = scheme.scale_dtype.round(raw);
+    let mut scale = d.round(raw);
     if scale == 0.0 {
-        scale = scheme.scale_dtype.eps();
+        scale = d.eps();
     }
     let zero = if scheme.symmetric {
         0
     } else {
-        let z = (qmin as f32 - min / scale).clamp(qmin as f32, qmax as f32);
+        let z = d.round(qmin as f32 - d.round(min / scale)).clamp(qmin as f32, qmax as f32);
         z.round_ties_even() as i32
     };
     GroupParams { scale, zero }
