@@ -25,7 +25,9 @@ fn hessian_of(layer: &str, x: &Matrix) -> Hessian {
     let (a, b) = x.data.split_at(half * x.cols);
     for (rows, data) in [(half, a), (x.rows - half, b)] {
         let batch = Matrix::new(rows, x.cols, data.to_vec()).expect("batch");
-        CpuBackend.accumulate_hessian(&mut h, &batch).expect("accumulate");
+        CpuBackend
+            .accumulate_hessian(&mut h, &batch)
+            .expect("accumulate");
     }
     h
 }
@@ -34,8 +36,14 @@ fn hessian_of(layer: &str, x: &Matrix) -> Hessian {
 fn gptq_beats_rtn_on_real_layers() {
     let backend = CpuBackend;
     let cases = [
-        ("model.layers.0.self_attn.q_proj", "model.layers.0.input_layernorm"),
-        ("model.layers.0.mlp.gate_proj", "model.layers.0.post_attention_layernorm"),
+        (
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.input_layernorm",
+        ),
+        (
+            "model.layers.0.mlp.gate_proj",
+            "model.layers.0.post_attention_layernorm",
+        ),
     ];
     for (layer, norm) in cases {
         let w = load_linear(layer);
@@ -79,14 +87,28 @@ fn gptq_handles_dead_columns_and_checks_shapes() {
     }
     let h = hessian_of(layer, &x);
     let q = CpuBackend
-        .quantize_gptq(layer, &w, &h, scheme(4, true, Some(128)), ActOrder::None, 0.01)
+        .quantize_gptq(
+            layer,
+            &w,
+            &h,
+            scheme(4, true, Some(128)),
+            ActOrder::None,
+            0.01,
+        )
         .expect("gptq with a dead column");
     for r in 0..q.shape[0] {
         assert_eq!(q.dequantized.get(r, 5), 0.0, "dead column is zeroed");
     }
     let wrong = Hessian::new(layer, 100);
     let err = CpuBackend
-        .quantize_gptq(layer, &w, &wrong, scheme(4, true, None), ActOrder::None, 0.01)
+        .quantize_gptq(
+            layer,
+            &w,
+            &wrong,
+            scheme(4, true, None),
+            ActOrder::None,
+            0.01,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("k_proj"), "{err}");
 }

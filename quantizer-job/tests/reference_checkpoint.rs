@@ -10,9 +10,16 @@ use quantizer_job::quant::{FloatDtype, IntScheme, rtn};
 #[test]
 fn reference_dequantizes_close_to_base_weights() {
     let ckpt = read_checkpoint(&reference_dir()).expect("read reference checkpoint");
-    assert_eq!(ckpt.quantized_modules.len(), 6 * 7, "every Linear but lm_head");
+    assert_eq!(
+        ckpt.quantized_modules.len(),
+        6 * 7,
+        "every Linear but lm_head"
+    );
     assert!(!ckpt.quantized_modules.contains("lm_head"));
-    let cfg = ckpt.quantization_config.as_ref().expect("quantization_config");
+    let cfg = ckpt
+        .quantization_config
+        .as_ref()
+        .expect("quantization_config");
     assert_eq!(cfg["format"], "pack-quantized");
     let scheme = IntScheme {
         bits: 4,
@@ -27,7 +34,10 @@ fn reference_dequantizes_close_to_base_weights() {
         let t = &ckpt.tensors[&format!("{m}.weight")];
         assert_eq!(t.shape, vec![base.rows, base.cols], "{m} shape");
         let err = rel_err(&base.data, &t.data);
-        let rtn_err = rel_err(&base.data, &rtn(m, &base, scheme).expect("rtn").dequantized.data);
+        let rtn_err = rel_err(
+            &base.data,
+            &rtn(m, &base, scheme).expect("rtn").dequantized.data,
+        );
         // GPTQ trades weight error for output error, so its weight error exceeds
         // RTN's, but it must stay in the same range: a wrong nibble order, zero
         // point sign or offset gives errors of 0.6 to 1.5 instead.
@@ -101,6 +111,11 @@ fn reference_grid_matches_our_min_max_grid() {
         same_scale as f64 / total as f64,
         same_zero as f64 / total as f64,
     );
-    println!("reference grid: {fs:.4} of scales and {fz:.4} of zero points identical ({total} groups)");
-    assert!(fs == 1.0 && fz == 1.0, "scales {fs:.4}, zero points {fz:.4}");
+    println!(
+        "reference grid: {fs:.4} of scales and {fz:.4} of zero points identical ({total} groups)"
+    );
+    assert!(
+        fs == 1.0 && fz == 1.0,
+        "scales {fs:.4}, zero points {fz:.4}"
+    );
 }

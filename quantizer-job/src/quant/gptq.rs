@@ -141,7 +141,7 @@ pub fn gptq(
                         let g = group_of(i);
                         if let Some(sp) = &static_params {
                             prow[g] = sp[(chunk * ROW_CHUNK + r) * groups + g];
-                        } else if i % group_size == 0 {
+                        } else if i.is_multiple_of(group_size) {
                             prow[g] = grid::params_of(&row[i..i + group_size], &scheme);
                         }
                         let p = prow[g];

@@ -67,7 +67,7 @@ pub fn validate(scheme: &IntScheme, layer: &str, in_features: usize) -> Result<u
     }
     match scheme.group_size {
         None => Ok(in_features),
-        Some(g) if g > 0 && in_features % g == 0 => Ok(g),
+        Some(g) if g > 0 && in_features.is_multiple_of(g) => Ok(g),
         Some(g) => Err(QuantError::GroupSize {
             layer: layer.to_string(),
             in_features,
@@ -97,7 +97,9 @@ pub fn params_from_range(min: f32, max: f32, scheme: &IntScheme) -> GroupParams 
     let zero = if scheme.symmetric {
         0
     } else {
-        let z = d.round(qmin as f32 - d.round(min / scale)).clamp(qmin as f32, qmax as f32);
+        let z = d
+            .round(qmin as f32 - d.round(min / scale))
+            .clamp(qmin as f32, qmax as f32);
         z.round_ties_even() as i32
     };
     GroupParams { scale, zero }
