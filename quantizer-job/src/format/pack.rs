@@ -95,12 +95,12 @@ mod tests {
         // One row of 8 codes: -8 -7 -1 0 1 2 6 7.
         // Stored nibbles (q + 8):  0  1  7 8 9 10 14 15 = 0x0 0x1 0x7 0x8 0x9 0xA 0xE 0xF,
         // first value in the lowest nibble, so the word reads (high → low)
-        // 0xFEA98710 = 4272588560 as u32 = 4272588560 - 2^32 = -22378736 as i32.
+        // 0xFEA98710 = 4272523024 as u32, i.e. 4272523024 - 2^32 = -22444272 as i32.
         // Second row: 0 0 0 0 0 0 0 1 → nibbles 8 8 8 8 8 8 8 9 → 0x98888888 = -1735882616.
         let codes: [i8; 16] = [-8, -7, -1, 0, 1, 2, 6, 7, 0, 0, 0, 0, 0, 0, 0, 1];
         let packed = pack_rows(&codes, 2, 8, 4);
         assert_eq!(packed, vec![0xFEA9_8710_u32 as i32, 0x9888_8888_u32 as i32]);
-        assert_eq!(packed, vec![-22_378_736, -1_735_882_616]);
+        assert_eq!(packed, vec![-22_444_272, -1_735_882_616]);
         assert_eq!(unpack_rows(&packed, 2, 8, 4), codes.to_vec());
         // Along the rows (zero-point layout), 9 rows x 1 column: codes 0..=8 - 4
         // → nibbles 4..=12; the first word holds rows 0..8 (0xBA987654), the
