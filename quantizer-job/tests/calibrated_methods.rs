@@ -192,3 +192,67 @@ fn int8_and_fp8_errors_are_small() {
     assert!(e8 < 0.01, "int8 {e8}");
     assert!(ef < 0.04, "fp8 {ef}");
 }
+
+/// Wall times on the widest Linear of the bundled model (not an assertion; run
+/// with `--ignored --nocapture` to print them).
+#[test]
+#[ignore = "timing report, not a correctness check"]
+fn timings_on_down_proj() {
+    use std::time::Instant;
+    let layer = "model.layers.0.mlp.down_proj";
+    let w = load_linear(layer);
+    let x = norm_inputs("model.layers.0.input_layernorm", 4096);
+    let wide: Vec<f32> = x
+        .data
+        .chunks(x.cols)
+        .flat_map(|row| (0..w.cols).map(move |c| row[c % x.cols] * (1.0 + (c / x.cols) as f32)))
+        .collect();
+    let x = Matrix::new(x.rows, w.cols, wide).expect("inputs");
+    let t = Instant::now();
+    let mut h = Hessian::new(layer, w.cols);
+    CpuBackend.accumulate_hessian(&mut h, &x).expect("hessian");
+    let t_h = t.elapsed();
+    let s = scheme(4, false, Some(128));
+    let t = Instant::now();
+    CpuBackend
+        .quantize_gptq(layer, &w, &h, s, ActOrder::Static, 0.01)
+        .expect("gptq");
+    let t_g = t.elapsed();
+    let t = Instant::now();
+    CpuBackend.quantize_rtn(layer, &w, s).expect("rtn");
+    let t_r = t.elapsed();
+    println!(
+        "{layer} [384, 1024], {} threads: Hessian of 4096 rows {:.3} s, GPTQ {:.3} s, RTN {:.4} s",
+        rayon::current_num_threads(),
+        t_h.as_secs_f64(),
+        t_g.as_secs_f64(),
+        t_r.as_secs_f64()
+    );
+}
+
+/// Folding `1/s` into the previous op and using `Q(W·s)` keeps the layer's
+/// function: `norm(x; gamma/s) · (W·s)ᵀ = norm(x; gamma) · Wᵀ` before rounding.
+#[test]
+fn awq_mapping_and_folding_preserve_the_function() {
+    use quantizer_job::quant::{ScaleSink, fold_into_linear, fold_into_norm, llama_awq_mappings};
+    let maps = llama_awq_mappings("model.layers.0", 128, 384);
+    assert_eq!(maps.len(), 3, "o_proj left out under GQA");
+    assert_eq!(
+        maps[0].sink,
+        ScaleSink::Norm("model.layers.0.input_layernorm".to_string())
+    );
+    assert_eq!(
+        maps[2].sink,
+        ScaleSink::Linear("model.layers.0.mlp.up_proj".to_string())
+    );
+    assert_eq!(llama_awq_mappings("model.layers.0", 384, 384).len(), 4);
+
+    let s = [2.0f32, 0.5, 4.0];
+    let mut gamma = vec![1.0f32, 1.0, 1.0];
+    fold_into_norm(&mut gamma, &s).expect("fold");
+    assert_eq!(gamma, vec![0.5, 2.0, 0.25]);
+    let mut up = Matrix::new(3, 2, vec![2.0, 4.0, 1.0, 1.0, 8.0, 8.0]).expect("w");
+    fold_into_linear(&mut up, &s).expect("fold");
+    assert_eq!(up.data, vec![1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+    assert!(fold_into_norm(&mut [1.0; 2], &s).is_err());
+}

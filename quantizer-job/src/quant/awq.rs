@@ -4,7 +4,8 @@
 //!
 //! # Contract with the pipeline (how to wire the result)
 //!
-//! Call [`awq_search`] with the Linears that read the *same* input `x` (`[n, in]`
+//! [`llama_awq_mappings`] lists these groups and [`fold_into_norm`] /
+//! [`fold_into_linear`] apply the scales. Call [`awq_search`] with the Linears that read the *same* input `x` (`[n, in]`
 //! activations captured at that input):
 //!
 //! | Linears | shared input comes from | fold `1/s` into |
@@ -28,6 +29,86 @@ use tracing::debug;
 
 use super::grid;
 use super::{IntScheme, Matrix, QuantError, QuantizedLinear, output_error, rtn};
+
+/// Where a Linear set's shared input comes from, i.e. what absorbs `1/s`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScaleSink {
+    /// An RMSNorm weight (`…input_layernorm.weight`): divide element `c` by `s[c]`.
+    Norm(String),
+    /// A Linear's weight (`…up_proj.weight`): divide output row `c` by `s[c]`.
+    Linear(String),
+}
+
+/// One AWQ group: the Linears sharing an input and the op that absorbs the scales.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwqMapping {
+    /// Module names of the Linears, searched together.
+    pub linears: Vec<String>,
+    pub sink: ScaleSink,
+}
+
+/// The AWQ groups of one Llama decoder layer (`prefix` = `model.layers.{i}`), in
+/// the order they must be run (each group's inputs are captured after the
+/// previous groups were folded and quantized). `o_proj` is included only when
+/// `v_proj`'s output width equals `o_proj`'s input width (no grouped-query attention).
+pub fn llama_awq_mappings(prefix: &str, v_out: usize, o_in: usize) -> Vec<AwqMapping> {
+    let m = |s: &str| format!("{prefix}.{s}");
+    let mut out = vec![AwqMapping {
+        linears: vec![
+            m("self_attn.q_proj"),
+            m("self_attn.k_proj"),
+            m("self_attn.v_proj"),
+        ],
+        sink: ScaleSink::Norm(m("input_layernorm")),
+    }];
+    if v_out == o_in {
+        out.push(AwqMapping {
+            linears: vec![m("self_attn.o_proj")],
+            sink: ScaleSink::Linear(m("self_attn.v_proj")),
+        });
+    }
+    out.push(AwqMapping {
+        linears: vec![m("mlp.gate_proj"), m("mlp.up_proj")],
+        sink: ScaleSink::Norm(m("post_attention_layernorm")),
+    });
+    out.push(AwqMapping {
+        linears: vec![m("mlp.down_proj")],
+        sink: ScaleSink::Linear(m("mlp.up_proj")),
+    });
+    out
+}
+
+/// Folds `1/s` into a norm weight: `gamma[c] /= s[c]`.
+pub fn fold_into_norm(gamma: &mut [f32], s: &[f32]) -> Result<(), QuantError> {
+    if gamma.len() != s.len() {
+        return Err(QuantError::Shape {
+            what: "AWQ norm fold".to_string(),
+            expected: format!("{} norm weights", s.len()),
+            got: format!("{}", gamma.len()),
+        });
+    }
+    for (g, f) in gamma.iter_mut().zip(s) {
+        *g /= f;
+    }
+    Ok(())
+}
+
+/// Folds `1/s` into the previous Linear's output rows: `W[c, :] /= s[c]`.
+pub fn fold_into_linear(w: &mut Matrix, s: &[f32]) -> Result<(), QuantError> {
+    if w.rows != s.len() {
+        return Err(QuantError::Shape {
+            what: "AWQ linear fold".to_string(),
+            expected: format!("{} output rows", s.len()),
+            got: format!("{}", w.rows),
+        });
+    }
+    for (row, f) in w.data.chunks_mut(w.cols).zip(s) {
+        for v in row.iter_mut() {
+            *v /= f;
+        }
+    }
+    Ok(())
+}
 
 /// Search settings; the defaults are AutoAWQ's / llm-compressor's.
 #[derive(Clone, Debug)]

@@ -20,7 +20,10 @@ mod linalg;
 mod matrix;
 mod rtn;
 
-pub use awq::{AwqConfig, AwqResult, awq_search};
+pub use awq::{
+    AwqConfig, AwqMapping, AwqResult, ScaleSink, awq_search, fold_into_linear, fold_into_norm,
+    llama_awq_mappings,
+};
 pub use error::QuantError;
 pub use fp8::{e4m3_to_f32, f32_to_e4m3, quantize_fp8};
 pub use gptq::gptq;
