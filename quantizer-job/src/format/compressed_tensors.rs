@@ -312,7 +312,9 @@ pub fn quantization_config(
     let format = format_name(&first.scheme);
     let weights = match first.scheme {
         WeightScheme::Int(s) => json!({
-            "actorder": first.act_order.config_value(),
+            // compressed-tensors accepts `actorder` only with the group strategy;
+            // per channel the processing order leaves no trace in the checkpoint.
+            "actorder": s.group_size.and(first.act_order.config_value()),
             "block_structure": null,
             "dynamic": false,
             "group_size": s.group_size,

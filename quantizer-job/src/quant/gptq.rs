@@ -175,7 +175,8 @@ pub fn gptq(
             }
         });
 
-    let g_idx = (act_order == ActOrder::Group).then(|| {
+    // Per channel there is one group whatever the order: no g_idx to store.
+    let g_idx = (act_order == ActOrder::Group && scheme.group_size.is_some()).then(|| {
         let mut idx = vec![0i32; n];
         for (k, &c) in perm.iter().enumerate() {
             idx[c] = (k / group_size) as i32;

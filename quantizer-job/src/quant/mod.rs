@@ -286,3 +286,57 @@ impl QuantBackend for CpuBackend {
         quantize_fp8(layer, w, scale_dtype)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(method: Method, bits: u8, group_size: i32, symmetric: bool) -> QuantizationSpec {
+        QuantizationSpec {
+            method,
+            bits,
+            group_size,
+            symmetric,
+            act_order: false,
+            damp_percent: 0.01,
+            ignore: vec!["lm_head".to_string()],
+        }
+    }
+
+    #[test]
+    fn schemes_from_recipes() {
+        let f = FloatDtype::F16;
+        assert_eq!(
+            WeightScheme::from_spec(&spec(Method::Gptq, 4, 128, false), f),
+            WeightScheme::Int(IntScheme {
+                bits: 4,
+                symmetric: false,
+                group_size: Some(128),
+                scale_dtype: f
+            })
+        );
+        assert_eq!(
+            WeightScheme::from_spec(&spec(Method::Rtn, 4, -1, true), f),
+            WeightScheme::Int(IntScheme {
+                bits: 4,
+                symmetric: true,
+                group_size: None,
+                scale_dtype: f
+            })
+        );
+        // INT8 is the W8A16 preset whatever the recipe's grouping says.
+        assert_eq!(
+            WeightScheme::from_spec(&spec(Method::Int8, 4, 128, false), f),
+            WeightScheme::Int(IntScheme {
+                bits: 8,
+                symmetric: true,
+                group_size: None,
+                scale_dtype: f
+            })
+        );
+        assert_eq!(
+            WeightScheme::from_spec(&spec(Method::Fp8, 8, 128, true), f),
+            WeightScheme::Fp8 { scale_dtype: f }
+        );
+    }
+}
