@@ -41,10 +41,12 @@ fn int(bits: u8, symmetric: bool, group_size: Option<usize>) -> IntScheme {
     }
 }
 
-/// Layers 0 and 1 quantized, everything else dense, as the pipeline would hand it over.
+/// The Linears of decoder `layers` quantized, everything else dense, as the
+/// pipeline would hand it over.
 fn build(
     case: Case,
     all: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    layers: &[usize],
 ) -> (
     BTreeMap<String, DenseTensor>,
     BTreeMap<String, QuantizedLinear>,
@@ -53,8 +55,9 @@ fn build(
     let mut quantized = BTreeMap::new();
     for (name, (shape, data)) in all {
         let module = name.strip_suffix(".weight").unwrap_or(name);
-        let is_target = (module.starts_with("model.layers.0.")
-            || module.starts_with("model.layers.1."))
+        let is_target = layers
+            .iter()
+            .any(|l| module.starts_with(&format!("model.layers.{l}.")))
             && LINEARS.iter().any(|l| module.ends_with(l));
         if !is_target {
             dense.insert(
@@ -91,7 +94,7 @@ fn build(
 
 fn assert_round_trip(case: Case, max_shard_bytes: usize, expect_format: &str) {
     let all = load_all();
-    let (dense, quantized) = build(case, &all);
+    let (dense, quantized) = build(case, &all, &[0, 1]);
     let dir = scratch(&format!("rt-{}-{max_shard_bytes}", expect_format));
     let options = CheckpointOptions {
         dtype: FloatDtype::F16,
@@ -205,7 +208,7 @@ fn gptq_group_act_order_writes_g_idx() {
 #[test]
 fn config_matches_reference_structure() {
     let all = load_all();
-    let (_, quantized) = build(Case::Rtn(int(4, false, Some(128))), &all);
+    let (_, quantized) = build(Case::Rtn(int(4, false, Some(128))), &all, &[0, 1]);
     let mut ours = quantization_config(&quantized, &["lm_head".to_string()]).expect("config");
     // What the reference recipe used: GPTQ with `actorder: static`.
     ours["config_groups"]["group_0"]["weights"]["actorder"] = "static".into();
@@ -259,4 +262,33 @@ fn config_matches_reference_structure() {
     );
     let err = quantization_config(&mixed, &[]).unwrap_err().to_string();
     assert!(err.contains("layers.9.mlp.up_proj"), "{err}");
+}
+
+/// The whole model at W4A16_ASYM g128 has exactly the reference checkpoint's
+/// tensors: same names, dtypes and shapes, so the same loaders read it.
+#[test]
+fn full_model_layout_matches_reference() {
+    let all = load_all();
+    let (dense, quantized) = build(
+        Case::Rtn(int(4, false, Some(128))),
+        &all,
+        &[0, 1, 2, 3, 4, 5],
+    );
+    let dir = scratch("layout");
+    write_checkpoint(&dir, &dense, &quantized, CheckpointOptions::default()).expect("write");
+    let layout = |path: std::path::PathBuf| -> BTreeMap<String, (String, Vec<usize>)> {
+        let bytes = std::fs::read(&path).expect("read checkpoint");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse checkpoint");
+        st.tensors()
+            .into_iter()
+            .map(|(n, t)| (n, (format!("{:?}", t.dtype()), t.shape().to_vec())))
+            .collect()
+    };
+    let ours = layout(dir.join("model.safetensors"));
+    let theirs = layout(reference_dir().join("model.safetensors"));
+    assert_eq!(ours.len(), theirs.len());
+    for (name, meta) in &theirs {
+        assert_eq!(ours.get(name), Some(meta), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
