@@ -131,6 +131,15 @@ fn assert_round_trip(case: Case, max_shard_bytes: usize, expect_format: &str) {
     assert_eq!(back.quantization_config.as_ref(), Some(&qcfg));
     assert_eq!(back.quantized_modules.len(), quantized.len());
     for (m, q) in &quantized {
+        let from_codes = CpuBackend.dequantize(q).expect("dequantize codes");
+        assert!(
+            from_codes
+                .data
+                .iter()
+                .zip(&q.dequantized.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{case:?}: {m} codes dequantize to `dequantized`"
+        );
         let t = &back.tensors[&format!("{m}.weight")];
         assert_eq!(t.shape, q.shape.to_vec(), "{m}");
         let same = t

@@ -152,6 +152,39 @@ pub struct QuantizedLinear {
     pub dequantized: Matrix,
 }
 
+impl QuantizedLinear {
+    /// Recomputes the weight from the stored codes, scales, zero points and
+    /// `g_idx` (what a kernel or a reader does), independent of `dequantized`.
+    pub fn dequantize_codes(&self) -> Result<Matrix, QuantError> {
+        let [out, inp] = self.shape;
+        let groups = self.scales.cols.max(1);
+        let group_size = inp / groups;
+        let mut data = vec![0.0f32; out * inp];
+        match &self.codes {
+            Codes::Fp8(codes) => {
+                for (k, (d, b)) in data.iter_mut().zip(codes).enumerate() {
+                    *d = e4m3_to_f32(*b) * self.scales.data[k / inp];
+                }
+            }
+            Codes::Int(codes) => {
+                for r in 0..out {
+                    for c in 0..inp {
+                        let g = match &self.g_idx {
+                            Some(idx) => idx[c] as usize,
+                            None => c / group_size,
+                        };
+                        let k = r * groups + g;
+                        let zp = self.zero_points.as_ref().map_or(0, |z| i32::from(z[k]));
+                        data[r * inp + c] =
+                            (i32::from(codes[r * inp + c]) - zp) as f32 * self.scales.data[k];
+                    }
+                }
+            }
+        }
+        Matrix::new(out, inp, data)
+    }
+}
+
 /// Builds a [`QuantizedLinear`] from integer codes and per-(row, group) grids,
 /// computing the dequantized weight with the stored (rounded) scales.
 pub(crate) fn assemble_int(
@@ -231,9 +264,9 @@ pub trait QuantBackend {
         scale_dtype: FloatDtype,
     ) -> Result<QuantizedLinear, QuantError>;
 
-    /// The dequantized weight `[out, in]` of a quantized Linear.
-    fn dequantize(&self, q: &QuantizedLinear) -> Matrix {
-        q.dequantized.clone()
+    /// The weight `[out, in]` recomputed from a quantized Linear's codes.
+    fn dequantize(&self, q: &QuantizedLinear) -> Result<Matrix, QuantError> {
+        q.dequantize_codes()
     }
 }
 
