@@ -119,7 +119,7 @@ pub fn gptq(
         w.rows * groups
     ];
     w.data
-        .par_chunks_mut(ROW_CHUNK * n)
+        .par_chunks(ROW_CHUNK * n)
         .zip(codes.par_chunks_mut(ROW_CHUNK * n))
         .zip(params.par_chunks_mut(ROW_CHUNK * groups))
         .enumerate()
