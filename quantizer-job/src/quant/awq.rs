@@ -1,0 +1,347 @@
+//! AWQ (Lin et al., 2023): activation-aware per-input-channel scaling before
+//! rounding, then a per-group clipping search, for a set of Linears that share
+//! one input.
+//!
+//! # Contract with the pipeline (how to wire the result)
+//!
+//! [`llama_awq_mappings`] lists these groups and [`fold_into_norm`] /
+//! [`fold_into_linear`] apply the scales. Call [`awq_search`] with the Linears that read the *same* input `x` (`[n, in]`
+//! activations captured at that input):
+//!
+//! | Linears | shared input comes from | fold `1/s` into |
+//! | --- | --- | --- |
+//! | `q_proj`, `k_proj`, `v_proj` | `input_layernorm` | `input_layernorm.weight[c] /= s[c]` |
+//! | `gate_proj`, `up_proj` | `post_attention_layernorm` | `post_attention_layernorm.weight[c] /= s[c]` |
+//! | `down_proj` | `up_proj` (through SiLU(gate) ⊙ up, linear in up) | `up_proj` row `c` `/= s[c]` |
+//! | `o_proj` | `v_proj` (attention is linear in v), only when `v_proj.out == o_proj.in` (no GQA) | `v_proj` row `c` `/= s[c]` |
+//!
+//! The returned [`AwqResult::layers`] hold `Q(W · diag(s))`: their `codes`,
+//! `scales` and `dequantized` are of the *scaled* weight, which is what the
+//! checkpoint stores. The model stays exact only if the previous op's output
+//! channel `c` is divided by `s[c]` (the table's last column), so
+//! `(x / s) · Q(W·s)ᵀ ≈ x · Wᵀ`. When the previous op is a Linear that is itself
+//! quantized later (`up_proj`, `v_proj`), fold *before* quantizing it. If no
+//! previous op can absorb the scales (e.g. `o_proj` under GQA), quantize that
+//! Linear with RTN or GPTQ instead.
+
+use rayon::prelude::*;
+use tracing::debug;
+
+use super::grid;
+use super::{IntScheme, Matrix, QuantError, QuantizedLinear, output_error, rtn};
+
+/// Where a Linear set's shared input comes from, i.e. what absorbs `1/s`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScaleSink {
+    /// An RMSNorm weight (`…input_layernorm.weight`): divide element `c` by `s[c]`.
+    Norm(String),
+    /// A Linear's weight (`…up_proj.weight`): divide output row `c` by `s[c]`.
+    Linear(String),
+}
+
+/// One AWQ group: the Linears sharing an input and the op that absorbs the scales.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwqMapping {
+    /// Module names of the Linears, searched together.
+    pub linears: Vec<String>,
+    pub sink: ScaleSink,
+}
+
+/// The AWQ groups of one Llama decoder layer (`prefix` = `model.layers.{i}`), in
+/// the order they must be run (each group's inputs are captured after the
+/// previous groups were folded and quantized). `o_proj` is included only when
+/// `v_proj`'s output width equals `o_proj`'s input width (no grouped-query attention).
+pub fn llama_awq_mappings(prefix: &str, v_out: usize, o_in: usize) -> Vec<AwqMapping> {
+    let m = |s: &str| format!("{prefix}.{s}");
+    let mut out = vec![AwqMapping {
+        linears: vec![
+            m("self_attn.q_proj"),
+            m("self_attn.k_proj"),
+            m("self_attn.v_proj"),
+        ],
+        sink: ScaleSink::Norm(m("input_layernorm")),
+    }];
+    if v_out == o_in {
+        out.push(AwqMapping {
+            linears: vec![m("self_attn.o_proj")],
+            sink: ScaleSink::Linear(m("self_attn.v_proj")),
+        });
+    }
+    out.push(AwqMapping {
+        linears: vec![m("mlp.gate_proj"), m("mlp.up_proj")],
+        sink: ScaleSink::Norm(m("post_attention_layernorm")),
+    });
+    out.push(AwqMapping {
+        linears: vec![m("mlp.down_proj")],
+        sink: ScaleSink::Linear(m("mlp.up_proj")),
+    });
+    out
+}
+
+/// Folds `1/s` into a norm weight: `gamma[c] /= s[c]`.
+pub fn fold_into_norm(gamma: &mut [f32], s: &[f32]) -> Result<(), QuantError> {
+    if gamma.len() != s.len() {
+        return Err(QuantError::Shape {
+            what: "AWQ norm fold".to_string(),
+            expected: format!("{} norm weights", s.len()),
+            got: format!("{}", gamma.len()),
+        });
+    }
+    for (g, f) in gamma.iter_mut().zip(s) {
+        *g /= f;
+    }
+    Ok(())
+}
+
+/// Folds `1/s` into the previous Linear's output rows: `W[c, :] /= s[c]`.
+pub fn fold_into_linear(w: &mut Matrix, s: &[f32]) -> Result<(), QuantError> {
+    if w.rows != s.len() {
+        return Err(QuantError::Shape {
+            what: "AWQ linear fold".to_string(),
+            expected: format!("{} output rows", s.len()),
+            got: format!("{}", w.rows),
+        });
+    }
+    for (row, f) in w.data.chunks_mut(w.cols).zip(s) {
+        for v in row.iter_mut() {
+            *v /= f;
+        }
+    }
+    Ok(())
+}
+
+/// Search settings; the defaults are AutoAWQ's / llm-compressor's.
+#[derive(Clone, Debug)]
+pub struct AwqConfig {
+    /// Grid points for the scale exponent α in `[0, 1)` (α = i / grid).
+    pub grid: usize,
+    /// Grid for the clipping search: ratios `1 - i / clip_grid`.
+    pub clip_grid: usize,
+    /// Largest shrink of a group's max tried in the clipping search.
+    pub max_shrink: f32,
+    /// At most this many activation rows are used (evenly spaced).
+    pub max_samples: usize,
+    /// Linears whose name ends with one of these skip the clipping search
+    /// (AutoAWQ skips `q_proj`/`k_proj`: attention logits are sensitive to clipping).
+    pub skip_clip: Vec<String>,
+}
+
+impl Default for AwqConfig {
+    fn default() -> Self {
+        Self {
+            grid: 20,
+            clip_grid: 20,
+            max_shrink: 0.5,
+            max_samples: 512,
+            skip_clip: vec!["q_proj".to_string(), "k_proj".to_string()],
+        }
+    }
+}
+
+/// The scales to fold into the previous op and the quantized (scaled) Linears.
+#[derive(Clone, Debug)]
+pub struct AwqResult {
+    /// Per-input-channel scales `s` (`[in]`); all ones when scaling did not help.
+    pub scales: Vec<f32>,
+    /// The chosen α; `None` when the identity scaling won.
+    pub alpha: Option<f32>,
+    /// `Q(W·s)` per input Linear, in the order given.
+    pub layers: Vec<QuantizedLinear>,
+    /// Output error `Σ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖²` before clipping, summed over the Linears.
+    pub search_error: f64,
+}
+
+fn subsample(x: &Matrix, max: usize) -> Matrix {
+    if x.rows <= max || max == 0 {
+        return x.clone();
+    }
+    let mut data = Vec::with_capacity(max * x.cols);
+    for k in 0..max {
+        data.extend_from_slice(x.row(k * x.rows / max));
+    }
+    Matrix {
+        rows: max,
+        cols: x.cols,
+        data,
+    }
+}
+
+fn scale_columns(w: &Matrix, s: &[f32]) -> Matrix {
+    let mut out = w.clone();
+    for row in out.data.chunks_mut(w.cols) {
+        for (v, f) in row.iter_mut().zip(s) {
+            *v *= f;
+        }
+    }
+    out
+}
+
+fn unscale_columns(w: &Matrix, s: &[f32]) -> Matrix {
+    let mut out = w.clone();
+    for row in out.data.chunks_mut(w.cols) {
+        for (v, f) in row.iter_mut().zip(s) {
+            *v /= f;
+        }
+    }
+    out
+}
+
+/// Searches AWQ scales and clipping for Linears sharing the input `x`.
+pub fn awq_search(
+    layers: &[(&str, &Matrix)],
+    x: &Matrix,
+    scheme: IntScheme,
+    config: &AwqConfig,
+) -> Result<AwqResult, QuantError> {
+    let Some((first, _)) = layers.first() else {
+        return Err(QuantError::Shape {
+            what: "AWQ layer set".to_string(),
+            expected: "at least one Linear".to_string(),
+            got: "none".to_string(),
+        });
+    };
+    let inp = x.cols;
+    if x.rows == 0 {
+        return Err(QuantError::NoSamples {
+            layer: first.to_string(),
+        });
+    }
+    let mut group_size = inp;
+    for (name, w) in layers {
+        if w.cols != inp {
+            return Err(QuantError::Shape {
+                what: format!("{name} weight for AWQ"),
+                expected: format!("[out, {inp}] (the shared input width)"),
+                got: format!("[{}, {}]", w.rows, w.cols),
+            });
+        }
+        group_size = grid::validate(&scheme, name, inp)?;
+    }
+    let x = subsample(x, config.max_samples);
+
+    // Mean |x| per input channel.
+    let mut x_mean = vec![0.0f64; inp];
+    for row in x.data.chunks(inp) {
+        for (m, v) in x_mean.iter_mut().zip(row) {
+            *m += f64::from(v.abs());
+        }
+    }
+    let x_mean: Vec<f32> = x_mean.iter().map(|m| (m / x.rows as f64) as f32).collect();
+    // Mean of |w| normalised by its group's max, over all output rows.
+    let mut w_mean = vec![0.0f64; inp];
+    let mut total_rows = 0usize;
+    for (_, w) in layers {
+        for row in w.data.chunks(inp) {
+            for (g, chunk) in row.chunks(group_size).enumerate() {
+                let mx = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs())) + 1e-6;
+                for (k, v) in chunk.iter().enumerate() {
+                    w_mean[g * group_size + k] += f64::from(v.abs() / mx);
+                }
+            }
+        }
+        total_rows += w.rows;
+    }
+    let w_mean: Vec<f32> = w_mean
+        .iter()
+        .map(|m| (m / total_rows as f64) as f32)
+        .collect();
+
+    let loss_for = |s: &[f32]| -> Result<f64, QuantError> {
+        let mut total = 0.0;
+        for (name, w) in layers {
+            let q = rtn(name, &scale_columns(w, s), scheme)?;
+            total += output_error(&x, w, &unscale_columns(&q.dequantized, s))?;
+        }
+        Ok(total)
+    };
+
+    let mut best_s = vec![1.0f32; inp];
+    let mut best_alpha = None;
+    let mut best_loss = loss_for(&best_s)?;
+    for i in 0..config.grid {
+        let alpha = i as f32 / config.grid as f32;
+        let mut s: Vec<f32> = x_mean
+            .iter()
+            .zip(&w_mean)
+            .map(|(xm, wm)| (xm.max(1e-12).powf(alpha) / wm.max(1e-12).powf(1.0 - alpha)).max(1e-4))
+            .collect();
+        let (lo, hi) = s
+            .iter()
+            .fold((f32::INFINITY, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
+        let norm = (lo * hi).sqrt();
+        for v in s.iter_mut() {
+            *v /= norm;
+        }
+        let loss = loss_for(&s)?;
+        if loss < best_loss {
+            (best_loss, best_s, best_alpha) = (loss, s, Some(alpha));
+        }
+    }
+    debug!(layer = first, alpha = ?best_alpha, loss = best_loss, "awq scale search");
+
+    // Clipping search on the scaled weights with the scaled inputs.
+    let xs = unscale_columns(&x, &best_s);
+    let mut out = Vec::with_capacity(layers.len());
+    for (name, w) in layers {
+        let ws = scale_columns(w, &best_s);
+        let skip = config.skip_clip.iter().any(|s| name.ends_with(s.as_str()));
+        let clipped = if skip {
+            ws
+        } else {
+            clip_search(&ws, &xs, group_size, scheme, config)
+        };
+        out.push(rtn(name, &clipped, scheme)?);
+    }
+    Ok(AwqResult {
+        scales: best_s,
+        alpha: best_alpha,
+        layers: out,
+        search_error: best_loss,
+    })
+}
+
+/// Per (row, group): the symmetric clamp `[-m, m]`, `m = r · max|w|`, whose
+/// rounded group minimises `Σ_t (x_t,g · (w_g − Q(clamp(w_g))))²`. Returns the clamped weight.
+fn clip_search(
+    w: &Matrix,
+    x: &Matrix,
+    group_size: usize,
+    scheme: IntScheme,
+    config: &AwqConfig,
+) -> Matrix {
+    let steps = ((config.max_shrink * config.clip_grid as f32) as usize).max(1);
+    let inp = w.cols;
+    let mut out = w.clone();
+    out.data.par_chunks_mut(inp).for_each(|row| {
+        for g0 in (0..inp).step_by(group_size) {
+            let group = &mut row[g0..g0 + group_size];
+            let orig: Vec<f32> = group.to_vec();
+            let max_val = orig.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let mut best = (f64::INFINITY, max_val);
+            let mut diff = vec![0.0f32; group_size];
+            for i in 0..steps {
+                let m = max_val * (1.0 - i as f32 / config.clip_grid as f32);
+                let clamped: Vec<f32> = orig.iter().map(|v| v.clamp(-m, m)).collect();
+                let p = grid::params_of(&clamped, &scheme);
+                for ((d, o), c) in diff.iter_mut().zip(&orig).zip(&clamped) {
+                    *d = o - grid::dequantize(grid::quantize(*c, p, scheme.bits), p);
+                }
+                let err: f64 = x
+                    .data
+                    .chunks(inp)
+                    .map(|xr| {
+                        let e = super::dot(&xr[g0..g0 + group_size], &diff);
+                        f64::from(e) * f64::from(e)
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, m);
+                }
+            }
+            for v in group.iter_mut() {
+                *v = v.clamp(-best.1, best.1);
+            }
+        }
+    });
+    out
+}
