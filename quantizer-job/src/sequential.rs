@@ -11,21 +11,12 @@
 
 use crate::progress::Progress;
 use crate::quant::{
-    ActOrder, AwqConfig, Hessian, IntScheme, Matrix, QuantBackend, QuantizedLinear, WeightScheme,
+    ActOrder, AwqConfig, Hessian, IntScheme, Matrix, QuantBackend, QuantizedLinear, ScaleSink,
+    WeightScheme,
 };
 use anyhow::Context;
 use quantops_api::{Method, QuantizationSpec};
 use std::collections::BTreeMap;
-
-/// The op right before a group of Linears, whose output channels can absorb
-/// AWQ's per-input-channel scales exactly.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FoldTarget {
-    /// An RMSNorm weight (tensor name).
-    Norm(String),
-    /// The rows (output channels) of a Linear (module name).
-    LinearRows(String),
-}
 
 /// Linears that read the same input tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +24,7 @@ pub struct InputGroup {
     /// Module names, e.g. `model.layers.0.self_attn.q_proj`.
     pub linears: Vec<String>,
     /// Where AWQ folds `1/s`; `None` when nothing can absorb it exactly.
-    pub fold: Option<FoldTarget>,
+    pub fold: Option<ScaleSink>,
 }
 
 /// What the driver needs of a model.
@@ -49,7 +40,7 @@ pub trait LayeredModel {
     fn weight(&self, module: &str) -> anyhow::Result<Matrix>;
     fn set_weight(&mut self, module: &str, weight: &Matrix) -> anyhow::Result<()>;
     /// Divides output channel `c` of `target` by `scales[c]`.
-    fn fold_scales(&mut self, target: &FoldTarget, scales: &[f32]) -> anyhow::Result<()>;
+    fn fold_scales(&mut self, target: &ScaleSink, scales: &[f32]) -> anyhow::Result<()>;
     /// Runs decoder layer `layer`; `capture` receives the input `[n, in]` of
     /// the *first* Linear of each input group.
     fn forward_layer(

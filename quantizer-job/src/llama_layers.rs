@@ -1,0 +1,146 @@
+//! The Llama family's side of sequential quantization: which Linears share
+//! an input, which op absorbs AWQ's scales, and the conversions between the
+//! model's candle tensors and the algorithms' plain matrices.
+
+use crate::model::{LinearId, LinearKind, LlamaModel};
+use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
+use crate::sequential::{InputGroup, LayeredModel};
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+
+/// A Llama model seen layer by layer.
+pub struct LlamaLayers<'a> {
+    pub model: &'a mut LlamaModel,
+}
+
+fn module(layer: usize, kind: LinearKind) -> String {
+    let weight = LinearId { layer, kind }.weight_name();
+    weight.strip_suffix(".weight").unwrap_or(&weight).to_string()
+}
+
+/// Converts a 2-D tensor to a matrix (f32, row-major).
+pub fn to_matrix(t: &Tensor) -> anyhow::Result<Matrix> {
+    let (rows, cols) = t.dims2()?;
+    let data = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    Ok(Matrix::new(rows, cols, data)?)
+}
+
+/// Converts a matrix to a 2-D CPU tensor.
+pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
+    Ok(Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)?)
+}
+
+/// The decoder layer index of `model.layers.{i}.…`.
+fn layer_of(name: &str) -> anyhow::Result<usize> {
+    name.strip_prefix("model.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse().ok())
+        .with_context(|| format!("{name} is not inside a decoder layer"))
+}
+
+impl LayeredModel for LlamaLayers<'_> {
+    type Hidden = Tensor;
+
+    fn num_layers(&self) -> usize {
+        self.model.num_layers()
+    }
+
+    /// Groups in AWQ's folding order: a group that folds into a Linear comes
+    /// before the group that quantizes that Linear (`o` before `q,k,v`,
+    /// `down` before `gate,up`), so no fold ever touches quantized weights.
+    fn input_groups(&self, layer: usize) -> Vec<InputGroup> {
+        let cfg = self.model.config();
+        let v_out = cfg.num_key_value_heads * cfg.head_dim;
+        let o_in = cfg.num_attention_heads * cfg.head_dim;
+        let m = |kind| module(layer, kind);
+        let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
+        vec![
+            InputGroup { linears: vec![m(LinearKind::OProj)], fold: o_fold },
+            InputGroup {
+                linears: vec![m(LinearKind::QProj), m(LinearKind::KProj), m(LinearKind::VProj)],
+                fold: Some(ScaleSink::Norm(format!("model.layers.{layer}.input_layernorm"))),
+            },
+            InputGroup {
+                linears: vec![m(LinearKind::DownProj)],
+                fold: Some(ScaleSink::Linear(m(LinearKind::UpProj))),
+            },
+            InputGroup {
+                linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
+                fold: Some(ScaleSink::Norm(format!(
+                    "model.layers.{layer}.post_attention_layernorm"
+                ))),
+            },
+        ]
+    }
+
+    fn outer_linears(&self) -> Vec<String> {
+        vec!["lm_head".to_string()]
+    }
+
+    fn weight(&self, module: &str) -> anyhow::Result<Matrix> {
+        to_matrix(self.model.linear_weight(&format!("{module}.weight"))?)
+    }
+
+    fn set_weight(&mut self, module: &str, weight: &Matrix) -> anyhow::Result<()> {
+        self.model.set_linear_weight(&format!("{module}.weight"), to_tensor(weight)?)?;
+        Ok(())
+    }
+
+    fn fold_scales(&mut self, target: &ScaleSink, scales: &[f32]) -> anyhow::Result<()> {
+        match target {
+            ScaleSink::Linear(module) => {
+                let mut w = self.weight(module)?;
+                fold_into_linear(&mut w, scales)?;
+                self.set_weight(module, &w)
+            }
+            ScaleSink::Norm(name) => {
+                let layer = layer_of(name)?;
+                let post = name.ends_with("post_attention_layernorm");
+                let current =
+                    if post { self.model.post_attention_layernorm(layer)? } else { self.model.input_layernorm(layer)? };
+                let mut gamma = current.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                fold_into_norm(&mut gamma, scales)?;
+                let t = Tensor::from_slice(&gamma, gamma.len(), &Device::Cpu)?;
+                if post {
+                    self.model.set_post_attention_layernorm(layer, t)?;
+                } else {
+                    self.model.set_input_layernorm(layer, t)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn forward_layer(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        capture: Option<&mut dyn FnMut(&str, Matrix) -> anyhow::Result<()>>,
+    ) -> anyhow::Result<Tensor> {
+        let Some(sink) = capture else {
+            return Ok(self.model.layer_forward(layer, hidden, None)?);
+        };
+        // Linears sharing an input see the same activations: hand over the
+        // first of each group only.
+        let mut failure: Option<anyhow::Error> = None;
+        let mut forward = |id: LinearId, x: &Tensor| {
+            if failure.is_some()
+                || !matches!(
+                    id.kind,
+                    LinearKind::QProj | LinearKind::OProj | LinearKind::GateProj | LinearKind::DownProj
+                )
+            {
+                return;
+            }
+            let result = to_matrix(x).and_then(|m| sink(&module(id.layer, id.kind), m));
+            if let Err(error) = result {
+                failure = Some(error);
+            }
+        };
+        let out = self.model.layer_forward(layer, hidden, Some(&mut forward))?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(out),
+        }
+    }
+}

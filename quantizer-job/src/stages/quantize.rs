@@ -1,0 +1,177 @@
+//! The quantize stage: calibration set, layer-by-layer quantization, and the
+//! compressed-tensors artifact with its config, tokenizer files and recipe.
+
+use super::baseline::open_base_checkpoint;
+use super::{StageInput, write_json};
+use crate::calibration;
+use crate::checkpoint::Checkpoint;
+use crate::format::{CheckpointOptions, DenseTensor, quantization_config, write_checkpoint, write_model_config};
+use crate::layout::files;
+use crate::llama_layers::LlamaLayers;
+use crate::model::LlamaModel;
+use crate::quant::{CpuBackend, FloatDtype, QuantizedLinear, WeightScheme};
+use crate::report_sections::CalibrationFacts;
+use crate::sequential::quantize_model;
+use crate::tokenizer::Tokenizer;
+use anyhow::Context;
+use candle_core::Tensor;
+use quantops_api::StageSummary;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Calibration sequences embedded per forward pass: bounds the activation
+/// memory of one layer to `BATCH × sequence length × widest input`.
+const CALIBRATION_BATCH: usize = 8;
+
+/// What the quantize stage leaves for the report.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct QuantizeRecord {
+    pub seconds: f64,
+    pub quantized_linears: usize,
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationFacts>,
+}
+
+pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
+    let started = Instant::now();
+    let spec = input.spec;
+    let recipe = &spec.quantization;
+    let (checkpoint, facts) = open_base_checkpoint(input)?;
+    let dtype = storage_dtype(&facts.dtype);
+    let mut model = LlamaModel::from_checkpoint(&checkpoint)?;
+    let tokenizer = Tokenizer::from_dir(checkpoint.dir())?;
+
+    let (batches, calibration) = if recipe.method.needs_calibration() {
+        let c = spec.calibration.as_ref().context("spec.calibration: required by this method")?;
+        let path = input.layout.input(&c.path);
+        let set = calibration::sample_from_file(
+            &path,
+            &tokenizer,
+            c.samples as usize,
+            c.sequence_length as usize,
+            c.seed,
+        )
+        .with_context(|| format!("spec.calibration: {}", path.display()))?;
+        let mut batches = Vec::new();
+        for chunk in set.samples.chunks(CALIBRATION_BATCH) {
+            batches.push(model.embed(&model.token_tensor(chunk)?)?);
+        }
+        let facts = CalibrationFacts {
+            path: c.path.clone(),
+            samples: set.stats.samples,
+            sequence_length: set.stats.sequence_length,
+            seed: set.stats.seed,
+            unique_token_ratio: set.stats.unique_token_ratio,
+        };
+        (batches, Some(facts))
+    } else {
+        (Vec::new(), None)
+    };
+
+    let scheme = WeightScheme::from_spec(recipe, dtype);
+    let quantized = {
+        let mut layers = LlamaLayers { model: &mut model };
+        quantize_model(&mut layers, &CpuBackend, recipe, scheme, batches)?
+    };
+
+    let dir = &input.layout.artifact_dir;
+    let dense = dense_tensors(&checkpoint, &model, &quantized)?;
+    let options = CheckpointOptions { dtype, ..CheckpointOptions::default() };
+    let written = write_checkpoint(dir, &dense, &quantized, options)?;
+    let config = quantization_config(&quantized, &recipe.ignore)?;
+    write_model_config(checkpoint.dir(), dir, &config)?;
+    write_recipe(input)?;
+    let record = QuantizeRecord {
+        seconds: started.elapsed().as_secs_f64(),
+        quantized_linears: quantized.len(),
+        format: crate::format::format_name(&scheme).to_string(),
+        calibration,
+    };
+    write_json(&input.layout.artifact_file(files::QUANTIZE), &record)?;
+    tracing::info!(
+        dir = %dir.display(),
+        linears = record.quantized_linears,
+        bytes = written.total_bytes,
+        seconds = record.seconds,
+        "artifact written"
+    );
+    Ok(StageSummary {
+        variant: input.layout.variant.clone(),
+        artifact_path: Some(dir.display().to_string()),
+        ..StageSummary::default()
+    })
+}
+
+/// Scales and unquantized tensors are stored in the base model's dtype.
+fn storage_dtype(dtypes: &str) -> FloatDtype {
+    match dtypes {
+        "BF16" => FloatDtype::Bf16,
+        "F32" => FloatDtype::F32,
+        _ => FloatDtype::F16,
+    }
+}
+
+/// Every tensor that stays unquantized, as the model now holds it (AWQ may
+/// have folded scales into the norms).
+fn dense_tensors(
+    checkpoint: &Checkpoint,
+    model: &LlamaModel,
+    quantized: &BTreeMap<String, QuantizedLinear>,
+) -> anyhow::Result<BTreeMap<String, DenseTensor>> {
+    let mut dense = BTreeMap::new();
+    for name in checkpoint.tensor_names() {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        if quantized.contains_key(module) {
+            continue;
+        }
+        let tensor = match norm_of(model, name)? {
+            Some(t) => t.clone(),
+            None => checkpoint.load_f32(name)?,
+        };
+        dense.insert(name.to_string(), to_dense(&tensor)?);
+    }
+    Ok(dense)
+}
+
+/// The decoder-layer norm weights, which AWQ rewrites.
+fn norm_of<'m>(model: &'m LlamaModel, name: &str) -> anyhow::Result<Option<&'m Tensor>> {
+    let Some(rest) = name.strip_prefix("model.layers.") else { return Ok(None) };
+    let mut parts = rest.splitn(2, '.');
+    let (Some(index), Some(leaf)) = (parts.next(), parts.next()) else { return Ok(None) };
+    let Ok(layer) = index.parse::<usize>() else { return Ok(None) };
+    Ok(match leaf {
+        "input_layernorm.weight" => Some(model.input_layernorm(layer)?),
+        "post_attention_layernorm.weight" => Some(model.post_attention_layernorm(layer)?),
+        _ => None,
+    })
+}
+
+fn to_dense(t: &Tensor) -> anyhow::Result<DenseTensor> {
+    Ok(DenseTensor {
+        shape: t.dims().to_vec(),
+        data: t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+    })
+}
+
+/// `recipe.yaml`: the spec's recipe as applied, so the artifact says how it was made.
+fn write_recipe(input: &StageInput) -> anyhow::Result<()> {
+    let spec = input.spec;
+    let doc = serde_json::json!({
+        "quantops": {
+            "variant": input.layout.variant,
+            "baseModel": spec.base_model,
+            "version": spec.version,
+            "quantization": spec.quantization,
+            "calibration": spec.calibration,
+        }
+    });
+    let path = input.layout.artifact_file(files::RECIPE);
+    let text = format!(
+        "# Written by quantops quantizer-job {}\n{}",
+        env!("CARGO_PKG_VERSION"),
+        serde_yaml::to_string(&doc)?
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
