@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    // The lead wires the CLI to the `quantizer_job` library.
+}
