@@ -1,15 +1,29 @@
-//! The quantops worker: the stages the operator's Jobs run. The algorithms
-//! (`quant`), the checkpoint format (`format`) and the model sit behind
-//! plain data types so that a GPU backend plugs into the same pipeline.
+//! The quantops worker: the stages the operator's Jobs run. The model side
+//! (checkpoint, tokenizer, a layer-by-layer Llama forward on candle,
+//! calibration, evaluation), the algorithms (`quant`) and the checkpoint
+//! format (`format`) meet in `sequential` and `stages`; the algorithms work on
+//! plain matrices so that a GPU backend plugs into the same pipeline.
 
 pub mod artifact;
+pub mod calibration;
 pub mod card;
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
 pub mod format;
 pub mod gates;
 pub mod layout;
+pub mod llama_layers;
+pub mod model;
 pub mod progress;
 pub mod quant;
 pub mod report_sections;
 pub mod sequential;
 pub mod stages;
 pub mod termination;
+pub mod tokenizer;
+
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointInfo};
+pub use config::{Architecture, ConfigError, LlamaConfig};
+pub use model::{LinearId, LinearKind, LlamaModel, ModelError};
+pub use tokenizer::{ChatMessage, Tokenizer, TokenizerError};

@@ -6,6 +6,7 @@
 
 pub mod svg;
 
+use crate::quant::{FloatDtype, WeightScheme};
 use crate::report_sections::{self, ArtifactFacts, CalibrationFacts, ModelFacts};
 use quantops_api::{Method, QuantizedModelSpec, Report, variant};
 use std::fmt::Write;
@@ -85,7 +86,7 @@ pub fn render(spec: &QuantizedModelSpec, report: &Report) -> String {
     let _ = writeln!(
         md,
         "| checkpoint format | compressed-tensors (`{}`) |",
-        format_name(q.method)
+        format_name(spec)
     );
     let _ = writeln!(
         md,
@@ -209,11 +210,10 @@ fn grouping(spec: &QuantizedModelSpec) -> String {
     }
 }
 
-fn format_name(method: Method) -> &'static str {
-    match method {
-        Method::Fp8 => "float-quantized",
-        _ => "pack-quantized",
-    }
+/// The compressed-tensors format the recipe is written in.
+fn format_name(spec: &QuantizedModelSpec) -> &'static str {
+    let scheme = WeightScheme::from_spec(&spec.quantization, FloatDtype::F16);
+    crate::format::compressed_tensors::format_name(&scheme)
 }
 
 fn percent_change(base: f64, value: f64) -> String {

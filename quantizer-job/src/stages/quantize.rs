@@ -86,7 +86,7 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let record = QuantizeRecord {
         seconds: started.elapsed().as_secs_f64(),
         quantized_linears: quantized.len(),
-        format: crate::format::format_name(&scheme).to_string(),
+        format: crate::format::compressed_tensors::format_name(&scheme).to_string(),
         calibration,
     };
     write_json(&input.layout.artifact_file(files::QUANTIZE), &record)?;

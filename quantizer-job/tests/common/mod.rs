@@ -1,11 +1,14 @@
-//! Shared helpers of the integration tests: the bundled tiny-llama checkpoint and
-//! real-ish layer inputs built from its embeddings.
+//! Shared helpers of the integration tests: the bundled tiny-llama checkpoint,
+//! the text beside it, the model loaded once per test binary, and real-ish
+//! layer inputs built from its embeddings.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use quantizer_job::quant::Matrix;
+use quantizer_job::{Checkpoint, LlamaModel, Tokenizer};
 use safetensors::{Dtype, SafeTensors};
 
 /// `shared/data` next to the checkout (override with `QUANTOPS_SHARED_DATA`).
@@ -103,5 +106,43 @@ pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("quantops-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn text(name: &str) -> PathBuf {
+    data_dir().join("text").join(name)
+}
+
+pub fn test_data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+pub fn model() -> &'static LlamaModel {
+    static MODEL: OnceLock<LlamaModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let ckpt = Checkpoint::open(&model_dir()).expect("open the shared tiny-llama");
+        LlamaModel::from_checkpoint(&ckpt).expect("load the shared tiny-llama")
+    })
+}
+
+pub fn tokenizer() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| Tokenizer::from_dir(&model_dir()).expect("load tokenizer.json"))
+}
+
+/// Copies the shared model into a fresh temp dir the test may break.
+pub fn model_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    for entry in std::fs::read_dir(model_dir()).expect("list model dir") {
+        let entry = entry.expect("dir entry");
+        let dest = dir.path().join(entry.file_name());
+        std::fs::copy(entry.path(), &dest).expect("copy model file");
+        let mut perms = std::fs::metadata(&dest).expect("stat").permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&dest, perms).expect("make writable");
+    }
     dir
 }

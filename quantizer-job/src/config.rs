@@ -1,0 +1,316 @@
+//! The model configuration read from a Hugging Face `config.json`.
+//!
+//! Only decoder-only Llama-family architectures are supported: the forward
+//! pass in [`crate::model`] implements exactly one layer layout, so anything
+//! else is refused up front with an error naming the architecture instead of
+//! failing later on a missing tensor.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The Llama-family architectures the CPU forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Architecture {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM` (Llama layout; sliding-window attention is not
+    /// applied, which is exact for sequences shorter than the window).
+    Mistral,
+    /// `Qwen2ForCausalLM` (Llama layout plus biases on q/k/v).
+    Qwen2,
+}
+
+impl Architecture {
+    /// The name as written in `config.json`'s `architectures` list.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    fn from_hf_name(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Mistral, Self::Qwen2]
+            .into_iter()
+            .find(|a| a.hf_name() == name)
+    }
+}
+
+/// Why a `config.json` could not be turned into a [`LlamaConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read model config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON or a field has the wrong type.
+    #[error("model config {path} is not a valid config.json: {source}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// The architecture is not one the forward pass implements.
+    #[error(
+        "unsupported architecture {found:?} in {path}: supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+    )]
+    UnsupportedArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// The architecture named there.
+        found: String,
+    },
+    /// A rope scaling type other than the default one.
+    #[error("unsupported rope type {found:?} in {path}: only \"default\" RoPE is implemented")]
+    UnsupportedRopeType {
+        /// The config file.
+        path: PathBuf,
+        /// The rope type named there.
+        found: String,
+    },
+    /// A field has a value the forward pass cannot work with.
+    #[error("invalid field {field} in {path}: {reason}")]
+    InvalidField {
+        /// The config file.
+        path: PathBuf,
+        /// The offending field.
+        field: &'static str,
+        /// What was expected.
+        reason: String,
+    },
+}
+
+/// The hyper-parameters of a Llama-family decoder, with defaults resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Which architecture the checkpoint declares.
+    pub architecture: Architecture,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention when fewer).
+    pub num_key_value_heads: usize,
+    /// Per-head width (`hidden_size / num_attention_heads` when absent).
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding and of `lm_head`).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Longest sequence the RoPE tables are built for.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections carry a bias.
+    pub qkv_bias: bool,
+    /// Whether the output projection carries a bias.
+    pub o_bias: bool,
+    /// Beginning-of-sequence token id, if declared.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id, if declared (the first one when a list).
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawRopeParameters {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn first(&self) -> Option<u32> {
+        match self {
+            OneOrMany::One(v) => Some(*v),
+            OneOrMany::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RawRopeParameters>,
+    rope_scaling: Option<RawRopeParameters>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+impl LlamaConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and validates the text of a `config.json`; `path` only names
+    /// the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |field: &'static str, reason: String| ConfigError::InvalidField {
+            path: path.to_path_buf(),
+            field,
+            reason,
+        };
+        let arch_name = raw
+            .architectures
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "<none>".to_string());
+        let architecture = Architecture::from_hf_name(&arch_name).ok_or_else(|| {
+            ConfigError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                found: arch_name.clone(),
+            }
+        })?;
+        for rope in [&raw.rope_parameters, &raw.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(kind) = &rope.rope_type
+                && kind != "default"
+            {
+                return Err(ConfigError::UnsupportedRopeType {
+                    path: path.to_path_buf(),
+                    found: kind.clone(),
+                });
+            }
+        }
+        if let Some(act) = &raw.hidden_act
+            && act != "silu"
+        {
+            return Err(invalid(
+                "hidden_act",
+                format!("expected \"silu\", found {act:?}"),
+            ));
+        }
+        let rope_theta = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(raw.rope_theta)
+            .unwrap_or(10_000.0);
+        if raw.num_attention_heads == 0 {
+            return Err(invalid("num_attention_heads", "must be positive".into()));
+        }
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {}",
+                    raw.num_attention_heads
+                ),
+            ));
+        }
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(invalid(
+                "head_dim",
+                format!("must be positive and even for RoPE, found {head_dim}"),
+            ));
+        }
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
+        };
+        Ok(LlamaConfig {
+            architecture,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size: raw.vocab_size,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            bos_token_id: raw.bos_token_id.as_ref().and_then(OneOrMany::first),
+            eos_token_id: raw.eos_token_id.as_ref().and_then(OneOrMany::first),
+        })
+    }
+
+    /// Every tensor the forward pass needs, with the shape it must have
+    /// (`lm_head.weight` is absent when the embeddings are tied).
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let m = self.intermediate_size;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+            if self.qkv_bias {
+                out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+                out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+                out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            if self.o_bias {
+                out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+            }
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+}

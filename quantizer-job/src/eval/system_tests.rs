@@ -1,0 +1,304 @@
+//! System tests: chat prompts with one expectation on the answer each
+//! (upper case, a JSON object with required keys, a regex, an exact or
+//! contained string). Tests marked `edge_case` count only where the
+//! baseline passed them, so a weak base model does not fail its variants.
+
+use std::path::Path;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use super::{EvalError, read_text};
+use crate::model::LlamaModel;
+use crate::tokenizer::{ChatMessage, END_TOKEN, Tokenizer, apply_chat_template};
+
+/// Default answer length when the suite does not set one.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 48;
+
+/// The expectation of a JSON answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonExpectation {
+    /// Keys the object must have.
+    #[serde(default)]
+    pub required_keys: Vec<String>,
+}
+
+/// One system test as written in YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemTest {
+    /// Unique name.
+    pub name: String,
+    /// Chat messages, rendered with the chat template.
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// A raw prompt, used as is (alternative to `messages`).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// The answer has letters and all of them are upper case.
+    #[serde(default)]
+    pub uppercase: Option<bool>,
+    /// The answer parses as a JSON object with the required keys.
+    #[serde(default)]
+    pub json: Option<JsonExpectation>,
+    /// The answer matches this regex (unanchored unless written so).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// The answer equals this string (after trimming whitespace).
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// The answer contains this string.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// Counts only if the baseline passed it.
+    #[serde(default)]
+    pub edge_case: bool,
+}
+
+/// A parsed suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemTestSuite {
+    /// Most tokens generated per answer.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// The tests.
+    pub tests: Vec<SystemTest>,
+}
+
+fn default_max_new_tokens() -> usize {
+    DEFAULT_MAX_NEW_TOKENS
+}
+
+/// The checked form of a test's single expectation.
+#[derive(Debug, Clone)]
+enum Expectation {
+    Uppercase,
+    Json(Vec<String>),
+    Pattern(Regex),
+    Equals(String),
+    Contains(String),
+}
+
+impl Expectation {
+    fn check(&self, answer: &str) -> bool {
+        match self {
+            Expectation::Uppercase => {
+                answer.chars().any(char::is_alphabetic)
+                    && answer
+                        .chars()
+                        .filter(|c| c.is_alphabetic())
+                        .all(char::is_uppercase)
+            }
+            Expectation::Json(keys) => serde_json::from_str::<serde_json::Value>(answer.trim())
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .is_some_and(|obj| keys.iter().all(|k| obj.contains_key(k))),
+            Expectation::Pattern(re) => re.is_match(answer),
+            Expectation::Equals(s) => answer.trim() == s.trim(),
+            Expectation::Contains(s) => answer.contains(s.as_str()),
+        }
+    }
+}
+
+/// The outcome of one test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemTestOutcome {
+    /// The test's name.
+    pub name: String,
+    /// Whether the expectation held.
+    pub passed: bool,
+    /// Whether it counts towards the pass rate.
+    pub counted: bool,
+    /// Whether it is an edge case.
+    pub edge_case: bool,
+    /// The decoded answer.
+    pub answer: String,
+}
+
+/// Pass rate of a suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemTestsResult {
+    /// Counted tests that passed.
+    pub passed: usize,
+    /// Tests that count.
+    pub counted: usize,
+    /// `passed / counted` (1.0 when nothing counts).
+    pub pass_rate: f64,
+    /// Per-test outcomes.
+    pub outcomes: Vec<SystemTestOutcome>,
+}
+
+/// Reads and checks a YAML suite.
+pub fn load_suite(path: &Path) -> Result<SystemTestSuite, EvalError> {
+    let suite: SystemTestSuite =
+        serde_yaml::from_str(&read_text(path)?).map_err(|e| EvalError::Parse {
+            path: path.to_path_buf(),
+            line: e.location().map(|l| l.line()),
+            reason: e.to_string(),
+        })?;
+    for test in &suite.tests {
+        expectation(test).map_err(|reason| EvalError::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            reason: format!("test {:?}: {reason}", test.name),
+        })?;
+        prompt_text(test).map_err(|reason| EvalError::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            reason: format!("test {:?}: {reason}", test.name),
+        })?;
+    }
+    Ok(suite)
+}
+
+fn expectation(test: &SystemTest) -> Result<Expectation, String> {
+    let mut found = Vec::new();
+    if let Some(flag) = test.uppercase {
+        if !flag {
+            return Err("uppercase: false is not an expectation; omit it".into());
+        }
+        found.push(Expectation::Uppercase);
+    }
+    if let Some(j) = &test.json {
+        found.push(Expectation::Json(j.required_keys.clone()));
+    }
+    if let Some(p) = &test.pattern {
+        let re = Regex::new(p).map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+        found.push(Expectation::Pattern(re));
+    }
+    if let Some(s) = &test.equals {
+        found.push(Expectation::Equals(s.clone()));
+    }
+    if let Some(s) = &test.contains {
+        found.push(Expectation::Contains(s.clone()));
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(format!(
+            "needs exactly one of uppercase, json, pattern, equals, contains; has {n}"
+        )),
+    }
+}
+
+fn prompt_text(test: &SystemTest) -> Result<String, String> {
+    match (&test.messages, &test.prompt) {
+        (Some(m), None) if !m.is_empty() => Ok(apply_chat_template(m, true)),
+        (None, Some(p)) if !p.is_empty() => Ok(p.clone()),
+        _ => Err("needs exactly one non-empty `messages` or `prompt`".into()),
+    }
+}
+
+/// Runs the suite. With `baseline` (the baseline model's result), edge
+/// cases count only where the baseline passed; without it (running the
+/// baseline itself), an edge case counts only if it passes.
+pub fn run_suite(
+    model: &LlamaModel,
+    tokenizer: &Tokenizer,
+    suite: &SystemTestSuite,
+    baseline: Option<&SystemTestsResult>,
+) -> Result<SystemTestsResult, EvalError> {
+    let eos = tokenizer.token_id(END_TOKEN);
+    let mut outcomes = Vec::with_capacity(suite.tests.len());
+    for test in &suite.tests {
+        let expect = expectation(test).map_err(|reason| EvalError::Parse {
+            path: "system tests".into(),
+            line: None,
+            reason,
+        })?;
+        let prompt = prompt_text(test).map_err(|reason| EvalError::Parse {
+            path: "system tests".into(),
+            line: None,
+            reason,
+        })?;
+        let ids = tokenizer.encode(&prompt)?;
+        let generated = model.generate_greedy(&ids, suite.max_new_tokens, eos)?;
+        let answer = tokenizer.decode(&generated, true)?.trim().to_string();
+        let passed = expect.check(&answer);
+        let counted = if !test.edge_case {
+            true
+        } else {
+            match baseline {
+                Some(b) => b.outcomes.iter().any(|o| o.name == test.name && o.passed),
+                None => passed,
+            }
+        };
+        tracing::debug!(name = %test.name, passed, counted, "system test run");
+        outcomes.push(SystemTestOutcome {
+            name: test.name.clone(),
+            passed,
+            counted,
+            edge_case: test.edge_case,
+            answer,
+        });
+    }
+    let counted = outcomes.iter().filter(|o| o.counted).count();
+    let passed = outcomes.iter().filter(|o| o.counted && o.passed).count();
+    Ok(SystemTestsResult {
+        passed,
+        counted,
+        pass_rate: if counted == 0 {
+            1.0
+        } else {
+            passed as f64 / counted as f64
+        },
+        outcomes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_with(f: impl FnOnce(&mut SystemTest)) -> SystemTest {
+        let mut t = SystemTest {
+            name: "t".into(),
+            messages: None,
+            prompt: Some("p".into()),
+            uppercase: None,
+            json: None,
+            pattern: None,
+            equals: None,
+            contains: None,
+            edge_case: false,
+        };
+        f(&mut t);
+        t
+    }
+
+    #[test]
+    fn expectations_check_answers() {
+        let up = expectation(&test_with(|t| t.uppercase = Some(true))).expect("valid");
+        assert!(up.check("HELLO WORLD 42"));
+        assert!(!up.check("Hello"));
+        assert!(!up.check("42"));
+        let json = expectation(&test_with(|t| {
+            t.json = Some(JsonExpectation {
+                required_keys: vec!["package".into(), "version".into()],
+            })
+        }))
+        .expect("valid");
+        assert!(json.check(r#"{"package": "a", "version": "1"}"#));
+        assert!(!json.check(r#"{"package": "a"}"#));
+        assert!(!json.check("not json"));
+        let pat =
+            expectation(&test_with(|t| t.pattern = Some("^(yes|no)$".into()))).expect("valid");
+        assert!(pat.check("yes"));
+        assert!(!pat.check("maybe"));
+    }
+
+    #[test]
+    fn a_test_needs_exactly_one_expectation() {
+        let none = test_with(|_| {});
+        assert!(expectation(&none).is_err());
+        let two = test_with(|t| {
+            t.equals = Some("a".into());
+            t.contains = Some("a".into());
+        });
+        assert!(expectation(&two).is_err());
+        let bad_re = test_with(|t| t.pattern = Some("(".into()));
+        assert!(
+            expectation(&bad_re)
+                .unwrap_err()
+                .contains("invalid pattern")
+        );
+    }
+}

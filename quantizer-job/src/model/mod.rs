@@ -1,0 +1,551 @@
+//! A Llama-family decoder in f32 on the candle CPU backend, with a
+//! layer-by-layer API so sequential quantizers (GPTQ, AWQ) can run one
+//! decoder layer at a time, capture each Linear's inputs and swap weights.
+
+mod generate;
+mod linear;
+mod rope;
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Tensor};
+
+pub use generate::{KvCache, SamplingParams};
+pub use linear::{Capture, LinearId, LinearKind};
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::config::LlamaConfig;
+use linear::Linear;
+use rope::Rope;
+
+/// The name of the output projection in [`LlamaModel::linear_names`].
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Why building or running the model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading the checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A tensor the config requires was not supplied.
+    #[error("missing tensor {name} in the weight source")]
+    MissingTensor {
+        /// The tensor's name.
+        name: String,
+    },
+    /// A tensor's shape disagrees with the config.
+    #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The tensor's name.
+        name: String,
+        /// The expected shape.
+        expected: Vec<usize>,
+        /// The shape supplied.
+        found: Vec<usize>,
+    },
+    /// A layer index past the last layer.
+    #[error("layer {index} out of range: the model has {layers} layers")]
+    LayerOutOfRange {
+        /// The requested index.
+        index: usize,
+        /// Number of layers.
+        layers: usize,
+    },
+    /// A name that is not one of [`LlamaModel::linear_names`].
+    #[error("unknown linear weight {name}")]
+    UnknownLinear {
+        /// The requested name.
+        name: String,
+    },
+    /// A sequence longer than the RoPE tables (max_position_embeddings).
+    #[error("sequence of {len} positions exceeds max_position_embeddings {max}")]
+    SequenceTooLong {
+        /// Positions requested.
+        len: usize,
+        /// Positions supported.
+        max: usize,
+    },
+    /// An empty token sequence.
+    #[error("empty token sequence")]
+    EmptyInput,
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfVocabulary {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias for model operations.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn linear(&self, kind: LinearKind) -> &Linear {
+        match kind {
+            LinearKind::QProj => &self.q_proj,
+            LinearKind::KProj => &self.k_proj,
+            LinearKind::VProj => &self.v_proj,
+            LinearKind::OProj => &self.o_proj,
+            LinearKind::GateProj => &self.gate_proj,
+            LinearKind::UpProj => &self.up_proj,
+            LinearKind::DownProj => &self.down_proj,
+        }
+    }
+
+    fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
+        match kind {
+            LinearKind::QProj => &mut self.q_proj,
+            LinearKind::KProj => &mut self.k_proj,
+            LinearKind::VProj => &mut self.v_proj,
+            LinearKind::OProj => &mut self.o_proj,
+            LinearKind::GateProj => &mut self.gate_proj,
+            LinearKind::UpProj => &mut self.up_proj,
+            LinearKind::DownProj => &mut self.down_proj,
+        }
+    }
+}
+
+/// A Llama-family causal LM held in f32.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+/// Takes a tensor out of the weight map, checking its shape.
+fn take(
+    tensors: &mut HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
+    name: &str,
+) -> Result<Tensor> {
+    let tensor = tensors
+        .remove(name)
+        .ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+        })?;
+    if let Some(expected) = shapes.get(name)
+        && tensor.dims() != expected.as_slice()
+    {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.clone(),
+            found: tensor.dims().to_vec(),
+        });
+    }
+    Ok(tensor.to_dtype(DType::F32)?)
+}
+
+impl LlamaModel {
+    /// Loads every weight of an opened checkpoint (converted to f32).
+    pub fn from_checkpoint(checkpoint: &Checkpoint) -> Result<Self> {
+        let tensors = checkpoint.load_all_f32()?;
+        Self::from_tensors(checkpoint.config().clone(), tensors)
+    }
+
+    /// Builds the model from a weight source: Hugging Face tensor names to
+    /// tensors (f32, or any float dtype, converted). A compressed-tensors
+    /// reader supplies dequantized linears under the same names. Extra
+    /// tensors are ignored; missing or mis-shaped ones are errors.
+    pub fn from_tensors(config: LlamaConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let shapes: HashMap<String, Vec<usize>> = config.expected_tensors().into_iter().collect();
+        let linear = |tensors: &mut HashMap<String, Tensor>, id: LinearId, bias: bool| {
+            let name = id.weight_name();
+            let weight = take(tensors, &shapes, &name)?;
+            let bias = if bias {
+                let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
+                Some(take(tensors, &shapes, &bias_name)?)
+            } else {
+                None
+            };
+            Ok::<_, ModelError>(Linear { weight, bias })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for layer in 0..config.num_hidden_layers {
+            let id = |kind| LinearId { layer, kind };
+            let p = format!("model.layers.{layer}");
+            layers.push(DecoderLayer {
+                q_proj: linear(&mut tensors, id(LinearKind::QProj), config.qkv_bias)?,
+                k_proj: linear(&mut tensors, id(LinearKind::KProj), config.qkv_bias)?,
+                v_proj: linear(&mut tensors, id(LinearKind::VProj), config.qkv_bias)?,
+                o_proj: linear(&mut tensors, id(LinearKind::OProj), config.o_bias)?,
+                gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
+                up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
+                down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
+                input_layernorm: take(
+                    &mut tensors,
+                    &shapes,
+                    &format!("{p}.input_layernorm.weight"),
+                )?,
+                post_attention_layernorm: take(
+                    &mut tensors,
+                    &shapes,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                )?,
+            });
+        }
+        let embed_tokens = take(&mut tensors, &shapes, "model.embed_tokens.weight")?;
+        let norm = take(&mut tensors, &shapes, "model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            take(&mut tensors, &shapes, LM_HEAD)?
+        };
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            config.max_position_embeddings,
+        )?;
+        Ok(LlamaModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Builds a `[batch, len]` u32 token tensor from equal-length sequences,
+    /// checking ids against the vocabulary.
+    pub fn token_tensor(&self, sequences: &[Vec<u32>]) -> Result<Tensor> {
+        let len = sequences.first().map_or(0, Vec::len);
+        if len == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        let mut flat = Vec::with_capacity(sequences.len() * len);
+        for seq in sequences {
+            if seq.len() != len {
+                return Err(ModelError::ShapeMismatch {
+                    name: "token batch".into(),
+                    expected: vec![sequences.len(), len],
+                    found: vec![sequences.len(), seq.len()],
+                });
+            }
+            flat.extend_from_slice(seq);
+        }
+        Ok(Tensor::from_vec(
+            flat,
+            (sequences.len(), len),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Embeds `tokens` of shape `[b, t]` (u32) into hidden states `[b, t, h]`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if t == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        let vocab = self.config.vocab_size;
+        let ids = tokens.flatten_all()?;
+        if let Some(&id) = ids
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(ModelError::TokenOutOfVocabulary { id, vocab });
+        }
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Runs decoder layer `index` on hidden states `[b, t, h]` (positions
+    /// starting at 0, causal attention). When `capture` is given it receives
+    /// every Linear's input activations flattened to `[b*t, in]`, which is
+    /// what GPTQ's Hessians and AWQ's activation statistics are built from.
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        capture: Option<Capture<'_>>,
+    ) -> Result<Tensor> {
+        self.layer_forward_at(index, hidden, 0, None, capture)
+    }
+
+    /// The final norm and `lm_head`: hidden `[b, t, h]` to logits `[b, t, V]`.
+    pub fn final_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let x = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        let logits = x.reshape((b * t, h))?.matmul(&self.lm_head.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Full forward pass: tokens `[b, t]` to logits `[b, t, V]`.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut hidden = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
+            hidden = self.layer_forward(i, &hidden, None)?;
+        }
+        self.final_logits(&hidden)
+    }
+
+    /// Every Linear weight name, layer by layer in forward order, then
+    /// `lm_head.weight`.
+    pub fn linear_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = (0..self.layers.len())
+            .flat_map(|layer| {
+                LinearKind::ALL
+                    .into_iter()
+                    .map(move |kind| LinearId { layer, kind }.weight_name())
+            })
+            .collect();
+        names.push(LM_HEAD.to_string());
+        names
+    }
+
+    /// The weight `[out, in]` of a Linear named as in [`Self::linear_names`].
+    pub fn linear_weight(&self, name: &str) -> Result<&Tensor> {
+        if name == LM_HEAD {
+            return Ok(&self.lm_head);
+        }
+        let id = self.linear_id(name)?;
+        Ok(&self.layers[id.layer].linear(id.kind).weight)
+    }
+
+    /// Replaces a Linear's weight (e.g. by its dequantized version); the
+    /// shape must stay the same.
+    pub fn set_linear_weight(&mut self, name: &str, weight: Tensor) -> Result<()> {
+        let weight = weight.to_dtype(DType::F32)?;
+        let slot = if name == LM_HEAD {
+            &mut self.lm_head
+        } else {
+            let id = self.linear_id(name)?;
+            &mut self.layers[id.layer].linear_mut(id.kind).weight
+        };
+        check_same_shape(name, slot, &weight)?;
+        *slot = weight;
+        Ok(())
+    }
+
+    /// Layer `index`'s `input_layernorm` weight `[h]`.
+    pub fn input_layernorm(&self, index: usize) -> Result<&Tensor> {
+        Ok(&self.layer(index)?.input_layernorm)
+    }
+
+    /// Replaces layer `index`'s `input_layernorm` weight (AWQ folds its
+    /// scales into it).
+    pub fn set_input_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
+        let name = format!("model.layers.{index}.input_layernorm.weight");
+        let slot = &mut self.layer_mut(index)?.input_layernorm;
+        let weight = weight.to_dtype(DType::F32)?;
+        check_same_shape(&name, slot, &weight)?;
+        *slot = weight;
+        Ok(())
+    }
+
+    /// Layer `index`'s `post_attention_layernorm` weight `[h]`.
+    pub fn post_attention_layernorm(&self, index: usize) -> Result<&Tensor> {
+        Ok(&self.layer(index)?.post_attention_layernorm)
+    }
+
+    /// Replaces layer `index`'s `post_attention_layernorm` weight.
+    pub fn set_post_attention_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
+        let name = format!("model.layers.{index}.post_attention_layernorm.weight");
+        let slot = &mut self.layer_mut(index)?.post_attention_layernorm;
+        let weight = weight.to_dtype(DType::F32)?;
+        check_same_shape(&name, slot, &weight)?;
+        *slot = weight;
+        Ok(())
+    }
+
+    fn layer(&self, index: usize) -> Result<&DecoderLayer> {
+        let layers = self.layers.len();
+        self.layers
+            .get(index)
+            .ok_or(ModelError::LayerOutOfRange { index, layers })
+    }
+
+    fn layer_mut(&mut self, index: usize) -> Result<&mut DecoderLayer> {
+        let layers = self.layers.len();
+        self.layers
+            .get_mut(index)
+            .ok_or(ModelError::LayerOutOfRange { index, layers })
+    }
+
+    fn linear_id(&self, name: &str) -> Result<LinearId> {
+        LinearId::parse(name)
+            .filter(|id| id.layer < self.layers.len())
+            .ok_or_else(|| ModelError::UnknownLinear {
+                name: name.to_string(),
+            })
+    }
+
+    /// One decoder layer for positions `offset..offset+t`, optionally
+    /// appending keys/values to (and attending over) `cache`.
+    fn layer_forward_at(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        offset: usize,
+        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        mut capture: Option<Capture<'_>>,
+    ) -> Result<Tensor> {
+        let layer = self.layer(index)?;
+        let cfg = &self.config;
+        let (b, t, h) = hidden.dims3()?;
+        if offset + t > self.rope.max_positions() {
+            return Err(ModelError::SequenceTooLong {
+                len: offset + t,
+                max: self.rope.max_positions(),
+            });
+        }
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let rep = nh / nkv;
+        let mut emit = |kind: LinearKind, x: &Tensor| {
+            if let Some(cb) = capture.as_mut() {
+                cb(LinearId { layer: index, kind }, x);
+            }
+        };
+
+        // Attention block.
+        let x = rms_norm(hidden, &layer.input_layernorm, cfg.rms_norm_eps)?.reshape((b * t, h))?;
+        emit(LinearKind::QProj, &x);
+        emit(LinearKind::KProj, &x);
+        emit(LinearKind::VProj, &x);
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = self
+            .rope
+            .apply(&heads(layer.q_proj.forward(&x)?, nh)?, offset)?;
+        let k = self
+            .rope
+            .apply(&heads(layer.k_proj.forward(&x)?, nkv)?, offset)?;
+        let v = heads(layer.v_proj.forward(&x)?, nkv)?;
+        let (k, v) = match cache {
+            Some((ck, cv)) => {
+                let k = match ck.as_ref() {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match cv.as_ref() {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                *ck = Some(k.clone());
+                *cv = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // Grouped-query attention without materialising repeated K/V: the
+        // `rep` query heads sharing one KV head are stacked along the rows.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, kv_len))?;
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, kv_len)?)?
+        } else {
+            scores
+        };
+        let probs = softmax_last(&scores)?.reshape((b, nkv, rep * t, kv_len))?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        emit(LinearKind::OProj, &attn);
+        let hidden = (hidden + layer.o_proj.forward(&attn)?.reshape((b, t, h))?)?;
+
+        // MLP block.
+        let x = rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps)?
+            .reshape((b * t, h))?;
+        emit(LinearKind::GateProj, &x);
+        emit(LinearKind::UpProj, &x);
+        let gated = (layer.gate_proj.forward(&x)?.silu()? * layer.up_proj.forward(&x)?)?;
+        emit(LinearKind::DownProj, &gated);
+        let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
+        Ok((hidden + out)?)
+    }
+}
+
+fn check_same_shape(name: &str, current: &Tensor, new: &Tensor) -> Result<()> {
+    if current.dims() != new.dims() {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: current.dims().to_vec(),
+            found: new.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// RMSNorm over the last dimension, computed in f32 as transformers does.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+/// Numerically stable softmax over the last dimension.
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Additive causal mask `[t, kv_len]` for queries at the last `t` of
+/// `kv_len` positions.
+fn causal_mask(t: usize, kv_len: usize) -> candle_core::Result<Tensor> {
+    let past = kv_len - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, kv_len), &Device::Cpu)
+}
+
+/// Log-softmax over the last dimension (used by evaluation to score tokens).
+pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
