@@ -194,3 +194,45 @@ fn baseline_chat_task_exact_match_on_all_tasks() {
     assert_eq!(n, 200);
     assert!(rate >= 0.55, "exact match {rate}");
 }
+
+#[test]
+fn weights_can_come_from_a_tensor_map() {
+    let ckpt = quantizer_job::Checkpoint::open(&common::model_dir()).expect("open");
+    let mut tensors = ckpt.load_all_f32().expect("load all");
+    assert_eq!(tensors.len(), 6 * 9 + 3);
+    // A dequantized linear supplied under the checkpoint name is used as is.
+    let name = "model.layers.4.self_attn.v_proj.weight";
+    let replaced = (&tensors[name] * 0.5).expect("scale");
+    tensors.insert(name.to_string(), replaced.clone());
+    let model = LlamaModel::from_tensors(ckpt.config().clone(), tensors.clone()).expect("build");
+    assert_eq!(
+        max_abs_diff(model.linear_weight(name).expect("weight"), &replaced),
+        0.0
+    );
+
+    tensors.remove("model.layers.2.mlp.up_proj.weight");
+    let err = LlamaModel::from_tensors(ckpt.config().clone(), tensors).expect_err("missing");
+    assert!(
+        matches!(&err, quantizer_job::ModelError::MissingTensor { name } if name == "model.layers.2.mlp.up_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sequences_past_the_rope_tables_are_refused() {
+    let model = common::model();
+    let long = vec![5u32; model.config().max_position_embeddings + 1];
+    let err = model
+        .forward(&model.token_tensor(&[long]).expect("tokens"))
+        .expect_err("too long");
+    assert!(
+        matches!(
+            err,
+            quantizer_job::ModelError::SequenceTooLong {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
+}
