@@ -233,7 +233,8 @@ impl LlamaConfig {
             return Err(invalid("num_attention_heads", "must be positive".into()));
         }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_key_value_heads)
+        {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -245,7 +246,7 @@ impl LlamaConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 format!("must be positive and even for RoPE, found {head_dim}"),

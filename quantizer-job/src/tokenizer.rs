@@ -129,3 +129,27 @@ pub fn apply_chat_template(messages: &[ChatMessage], add_generation_prompt: bool
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_matches_the_bundled_format() {
+        let messages = [
+            ChatMessage {
+                role: "system".into(),
+                content: "Answer with yes or no.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Is 750 an even number?".into(),
+            },
+        ];
+        assert_eq!(
+            apply_chat_template(&messages, true),
+            "<|system|>\nAnswer with yes or no.<|end|>\n<|user|>\nIs 750 an even number?<|end|>\n<|assistant|>\n"
+        );
+        assert!(!apply_chat_template(&messages, false).contains("<|assistant|>"));
+    }
+}

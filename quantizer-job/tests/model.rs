@@ -147,21 +147,22 @@ fn kv_cache_generation_equals_recomputation() {
     assert!(sample(3).iter().all(|&id| id < 8192));
 }
 
-#[test]
-fn baseline_answers_most_chat_tasks() {
-    #[derive(serde::Deserialize)]
-    struct Task {
-        prompt: String,
-        answer: String,
-    }
+#[derive(serde::Deserialize)]
+struct ChatTask {
+    prompt: String,
+    answer: String,
+}
+
+/// Exact-match rate of greedy answers on the first `n` chat tasks.
+fn chat_task_exact_match(n: usize) -> (f64, usize) {
     let model = common::model();
     let tok = common::tokenizer();
     let eos = tok.require_token_id("<|end|>").expect("eos");
     assert_eq!(eos, 4);
     let text = std::fs::read_to_string(common::text("chat-tasks.jsonl")).expect("read tasks");
-    let tasks: Vec<Task> = text
+    let tasks: Vec<ChatTask> = text
         .lines()
-        .take(30)
+        .take(n)
         .map(|l| serde_json::from_str(l).expect("task line"))
         .collect();
     let mut correct = 0;
@@ -173,6 +174,65 @@ fn baseline_answers_most_chat_tasks() {
         let answer = tok.decode(&out, true).expect("decode");
         correct += usize::from(answer.trim() == t.answer);
     }
-    let rate = correct as f64 / tasks.len() as f64;
-    assert!(rate >= 0.5, "exact match {rate} on {} tasks", tasks.len());
+    (correct as f64 / tasks.len() as f64, tasks.len())
+}
+
+#[test]
+fn baseline_answers_most_chat_tasks() {
+    let (rate, n) = chat_task_exact_match(30);
+    assert_eq!(n, 30);
+    assert!(rate >= 0.5, "exact match {rate} on {n} tasks");
+}
+
+/// All 200 chat tasks (the README's reference: 0.65 exact match). Run on
+/// demand with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn baseline_chat_task_exact_match_on_all_tasks() {
+    let (rate, n) = chat_task_exact_match(usize::MAX);
+    println!("chat-task exact match {rate:.3} over {n} tasks");
+    assert_eq!(n, 200);
+    assert!(rate >= 0.55, "exact match {rate}");
+}
+
+#[test]
+fn weights_can_come_from_a_tensor_map() {
+    let ckpt = quantizer_job::Checkpoint::open(&common::model_dir()).expect("open");
+    let mut tensors = ckpt.load_all_f32().expect("load all");
+    assert_eq!(tensors.len(), 6 * 9 + 3);
+    // A dequantized linear supplied under the checkpoint name is used as is.
+    let name = "model.layers.4.self_attn.v_proj.weight";
+    let replaced = (&tensors[name] * 0.5).expect("scale");
+    tensors.insert(name.to_string(), replaced.clone());
+    let model = LlamaModel::from_tensors(ckpt.config().clone(), tensors.clone()).expect("build");
+    assert_eq!(
+        max_abs_diff(model.linear_weight(name).expect("weight"), &replaced),
+        0.0
+    );
+
+    tensors.remove("model.layers.2.mlp.up_proj.weight");
+    let err = LlamaModel::from_tensors(ckpt.config().clone(), tensors).expect_err("missing");
+    assert!(
+        matches!(&err, quantizer_job::ModelError::MissingTensor { name } if name == "model.layers.2.mlp.up_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sequences_past_the_rope_tables_are_refused() {
+    let model = common::model();
+    let long = vec![5u32; model.config().max_position_embeddings + 1];
+    let err = model
+        .forward(&model.token_tensor(&[long]).expect("tokens"))
+        .expect_err("too long");
+    assert!(
+        matches!(
+            err,
+            quantizer_job::ModelError::SequenceTooLong {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
 }

@@ -32,6 +32,14 @@ pub enum EvalError {
         /// What is wrong.
         reason: String,
     },
+    /// A system test is malformed (no or several expectations, bad regex).
+    #[error("invalid system test {name:?}: {reason}")]
+    InvalidSystemTest {
+        /// The test's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The input does not hold enough data for the check.
     #[error("not enough evaluation data: {0}")]
     Insufficient(String),

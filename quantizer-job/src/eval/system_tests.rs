@@ -199,16 +199,12 @@ pub fn run_suite(
     let eos = tokenizer.token_id(END_TOKEN);
     let mut outcomes = Vec::with_capacity(suite.tests.len());
     for test in &suite.tests {
-        let expect = expectation(test).map_err(|reason| EvalError::Parse {
-            path: "system tests".into(),
-            line: None,
+        let invalid = |reason| EvalError::InvalidSystemTest {
+            name: test.name.clone(),
             reason,
-        })?;
-        let prompt = prompt_text(test).map_err(|reason| EvalError::Parse {
-            path: "system tests".into(),
-            line: None,
-            reason,
-        })?;
+        };
+        let expect = expectation(test).map_err(invalid)?;
+        let prompt = prompt_text(test).map_err(invalid)?;
         let ids = tokenizer.encode(&prompt)?;
         let generated = model.generate_greedy(&ids, suite.max_new_tokens, eos)?;
         let answer = tokenizer.decode(&generated, true)?.trim().to_string();

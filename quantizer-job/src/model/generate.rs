@@ -68,7 +68,7 @@ impl LlamaModel {
         max_new_tokens: usize,
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
-        self.generate_with(prompt, max_new_tokens, eos, |logits| argmax(logits))
+        self.generate_with(prompt, max_new_tokens, eos, argmax)
     }
 
     /// Greedy decoding that recomputes the whole sequence at every step; the
