@@ -16,7 +16,10 @@ pub struct ArtifactError {
 
 /// The weight files of an artifact: `*.safetensors`, in name order.
 fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ArtifactError> {
-    let io = |source| ArtifactError { path: dir.display().to_string(), source };
+    let io = |source| ArtifactError {
+        path: dir.display().to_string(),
+        source,
+    };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
@@ -36,8 +39,14 @@ pub fn weights_digest(dir: &Path) -> Result<(String, u64), ArtifactError> {
     let mut total = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for path in weight_files(dir)? {
-        let io = |source| ArtifactError { path: path.display().to_string(), source };
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let io = |source| ArtifactError {
+            path: path.display().to_string(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         hasher.update(name.as_bytes());
         hasher.update([0u8]);
         let mut file = std::fs::File::open(&path).map_err(io)?;
@@ -66,7 +75,11 @@ mod tests {
         let (d1, size) = weights_digest(&dir).expect("digest");
         assert_eq!(size, 3);
         std::fs::write(dir.join("README.md"), b"other card").expect("write");
-        assert_eq!(weights_digest(&dir).expect("digest").0, d1, "the card is not a weight");
+        assert_eq!(
+            weights_digest(&dir).expect("digest").0,
+            d1,
+            "the card is not a weight"
+        );
         std::fs::write(dir.join("model.safetensors"), b"abd").expect("write");
         assert_ne!(weights_digest(&dir).expect("digest").0, d1);
         std::fs::remove_dir_all(&dir).ok();

@@ -56,7 +56,11 @@ impl Layout {
 
 fn resolve(base: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 #[cfg(test)]
@@ -72,7 +76,10 @@ mod tests {
         )
         .expect("valid");
         let layout = Layout::new(&qm.spec, Path::new("/models"), None);
-        assert_eq!(layout.artifact_dir, Path::new("/models/quantized/tiny-llama/v1.2-int4-rtn-g128"));
+        assert_eq!(
+            layout.artifact_dir,
+            Path::new("/models/quantized/tiny-llama/v1.2-int4-rtn-g128")
+        );
         assert_eq!(layout.input("m"), Path::new("/models/m"));
         assert_eq!(layout.input("/abs/m"), Path::new("/abs/m"));
         let local = Layout::new(&qm.spec, Path::new("/ro"), Some(Path::new("/tmp/out")));

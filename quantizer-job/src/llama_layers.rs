@@ -4,7 +4,7 @@
 
 use crate::model::{LinearId, LinearKind, LlamaModel};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
-use crate::sequential::{InputGroup, LayeredModel};
+use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 
@@ -15,13 +15,19 @@ pub struct LlamaLayers<'a> {
 
 fn module(layer: usize, kind: LinearKind) -> String {
     let weight = LinearId { layer, kind }.weight_name();
-    weight.strip_suffix(".weight").unwrap_or(&weight).to_string()
+    weight
+        .strip_suffix(".weight")
+        .unwrap_or(&weight)
+        .to_string()
 }
 
 /// Converts a 2-D tensor to a matrix (f32, row-major).
 pub fn to_matrix(t: &Tensor) -> anyhow::Result<Matrix> {
     let (rows, cols) = t.dims2()?;
-    let data = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let data = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
     Ok(Matrix::new(rows, cols, data)?)
 }
 
@@ -55,10 +61,19 @@ impl LayeredModel for LlamaLayers<'_> {
         let m = |kind| module(layer, kind);
         let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
         vec![
-            InputGroup { linears: vec![m(LinearKind::OProj)], fold: o_fold },
             InputGroup {
-                linears: vec![m(LinearKind::QProj), m(LinearKind::KProj), m(LinearKind::VProj)],
-                fold: Some(ScaleSink::Norm(format!("model.layers.{layer}.input_layernorm"))),
+                linears: vec![m(LinearKind::OProj)],
+                fold: o_fold,
+            },
+            InputGroup {
+                linears: vec![
+                    m(LinearKind::QProj),
+                    m(LinearKind::KProj),
+                    m(LinearKind::VProj),
+                ],
+                fold: Some(ScaleSink::Norm(format!(
+                    "model.layers.{layer}.input_layernorm"
+                ))),
             },
             InputGroup {
                 linears: vec![m(LinearKind::DownProj)],
@@ -82,7 +97,8 @@ impl LayeredModel for LlamaLayers<'_> {
     }
 
     fn set_weight(&mut self, module: &str, weight: &Matrix) -> anyhow::Result<()> {
-        self.model.set_linear_weight(&format!("{module}.weight"), to_tensor(weight)?)?;
+        self.model
+            .set_linear_weight(&format!("{module}.weight"), to_tensor(weight)?)?;
         Ok(())
     }
 
@@ -96,9 +112,14 @@ impl LayeredModel for LlamaLayers<'_> {
             ScaleSink::Norm(name) => {
                 let layer = layer_of(name)?;
                 let post = name.ends_with("post_attention_layernorm");
-                let current =
-                    if post { self.model.post_attention_layernorm(layer)? } else { self.model.input_layernorm(layer)? };
-                let mut gamma = current.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                let current = if post {
+                    self.model.post_attention_layernorm(layer)?
+                } else {
+                    self.model.input_layernorm(layer)?
+                };
+                let mut gamma = current
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
                 fold_into_norm(&mut gamma, scales)?;
                 let t = Tensor::from_slice(&gamma, gamma.len(), &Device::Cpu)?;
                 if post {
@@ -115,7 +136,7 @@ impl LayeredModel for LlamaLayers<'_> {
         &self,
         layer: usize,
         hidden: &Tensor,
-        capture: Option<&mut dyn FnMut(&str, Matrix) -> anyhow::Result<()>>,
+        capture: Option<CaptureSink<'_>>,
     ) -> anyhow::Result<Tensor> {
         let Some(sink) = capture else {
             return Ok(self.model.layer_forward(layer, hidden, None)?);
@@ -127,7 +148,10 @@ impl LayeredModel for LlamaLayers<'_> {
             if failure.is_some()
                 || !matches!(
                     id.kind,
-                    LinearKind::QProj | LinearKind::OProj | LinearKind::GateProj | LinearKind::DownProj
+                    LinearKind::QProj
+                        | LinearKind::OProj
+                        | LinearKind::GateProj
+                        | LinearKind::DownProj
                 )
             {
                 return;
@@ -137,7 +161,9 @@ impl LayeredModel for LlamaLayers<'_> {
                 failure = Some(error);
             }
         };
-        let out = self.model.layer_forward(layer, hidden, Some(&mut forward))?;
+        let out = self
+            .model
+            .layer_forward(layer, hidden, Some(&mut forward))?;
         match failure {
             Some(error) => Err(error),
             None => Ok(out),

@@ -75,11 +75,18 @@ fn main() -> ExitCode {
     match run(stage, &args) {
         Ok(summary) => {
             termination.write(&summary);
-            println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {
-            tracing::error!(stage = stage.name(), error = format!("{error:#}"), "stage failed");
+            tracing::error!(
+                stage = stage.name(),
+                error = format!("{error:#}"),
+                "stage failed"
+            );
             eprintln!("error: {error:#}");
             termination.write(&StageSummary {
                 stage: stage.name().to_string(),
@@ -98,17 +105,31 @@ fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
         None => args
             .spec
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            })
             .context("the spec path has no directory")?,
     };
     let layout = Layout::new(&qm.spec, &root, args.output_root.as_deref());
-    stages::run(stage, &StageInput { spec: &qm.spec, layout: &layout })
+    stages::run(
+        stage,
+        &StageInput {
+            spec: &qm.spec,
+            layout: &layout,
+        },
+    )
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

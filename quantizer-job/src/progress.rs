@@ -12,7 +12,11 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(stage: &'static str, total: usize) -> Progress {
-        Progress { stage, total, started: Instant::now() }
+        Progress {
+            stage,
+            total,
+            started: Instant::now(),
+        }
     }
 
     /// Reports that step `done` (1-based) of `total` finished; `what` names it.

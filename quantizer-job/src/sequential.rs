@@ -27,6 +27,9 @@ pub struct InputGroup {
     pub fold: Option<ScaleSink>,
 }
 
+/// Receives a Linear's input activations `[n, in]`, named by its module.
+pub type CaptureSink<'a> = &'a mut dyn FnMut(&str, Matrix) -> anyhow::Result<()>;
+
 /// What the driver needs of a model.
 pub trait LayeredModel {
     /// The hidden states of one calibration batch between decoder layers.
@@ -47,7 +50,7 @@ pub trait LayeredModel {
         &self,
         layer: usize,
         hidden: &Self::Hidden,
-        capture: Option<&mut dyn FnMut(&str, Matrix) -> anyhow::Result<()>>,
+        capture: Option<CaptureSink<'_>>,
     ) -> anyhow::Result<Self::Hidden>;
 }
 
@@ -55,10 +58,12 @@ pub trait LayeredModel {
 /// dotted suffix of the module name (`lm_head`, `mlp.down_proj`) or, written
 /// `re:...`, a regular expression as in llm-compressor recipes.
 pub fn is_ignored(module: &str, ignore: &[String]) -> bool {
-    ignore.iter().any(|pattern| match pattern.strip_prefix("re:") {
-        Some(re) => regex::Regex::new(re).is_ok_and(|r| r.is_match(module)),
-        None => module == pattern || module.ends_with(&format!(".{pattern}")),
-    })
+    ignore
+        .iter()
+        .any(|pattern| match pattern.strip_prefix("re:") {
+            Some(re) => regex::Regex::new(re).is_ok_and(|r| r.is_match(module)),
+            None => module == pattern || module.ends_with(&format!(".{pattern}")),
+        })
 }
 
 /// Quantizes every Linear of `model` that `recipe` does not ignore, leaving
@@ -100,7 +105,10 @@ pub fn quantize_model<M: LayeredModel, B: QuantBackend>(
         if is_ignored(&module, &recipe.ignore) {
             continue;
         }
-        let group = InputGroup { linears: vec![module], fold: None };
+        let group = InputGroup {
+            linears: vec![module],
+            fold: None,
+        };
         quantize_group(model, backend, recipe, scheme, &group, None, &mut out)?;
     }
     Ok(out)
@@ -124,13 +132,18 @@ fn capture_layer<M: LayeredModel, B: QuantBackend>(
     hidden: &[M::Hidden],
     method: Method,
 ) -> anyhow::Result<BTreeMap<usize, Captured>> {
-    let index_of: BTreeMap<&str, usize> =
-        groups.iter().enumerate().filter_map(|(i, g)| g.linears.first().map(|n| (n.as_str(), i))).collect();
+    let index_of: BTreeMap<&str, usize> = groups
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.linears.first().map(|n| (n.as_str(), i)))
+        .collect();
     let mut captured: BTreeMap<usize, Captured> = BTreeMap::new();
     let mut rows_seen: BTreeMap<usize, usize> = BTreeMap::new();
     for h in hidden {
         let mut sink = |module: &str, x: Matrix| -> anyhow::Result<()> {
-            let Some(&index) = index_of.get(module) else { return Ok(()) };
+            let Some(&index) = index_of.get(module) else {
+                return Ok(());
+            };
             let entry = captured.entry(index);
             match method {
                 Method::Gptq => {
@@ -145,12 +158,16 @@ fn capture_layer<M: LayeredModel, B: QuantBackend>(
                     let seen = rows_seen.entry(index).or_default();
                     let stride = (hidden.len() * x.rows).div_ceil(AWQ_MAX_ROWS).max(1);
                     let Captured::Samples(samples) = entry.or_insert_with(|| {
-                        Captured::Samples(Matrix { rows: 0, cols: x.cols, data: Vec::new() })
+                        Captured::Samples(Matrix {
+                            rows: 0,
+                            cols: x.cols,
+                            data: Vec::new(),
+                        })
                     }) else {
                         return Ok(());
                     };
                     for r in 0..x.rows {
-                        if (*seen + r) % stride == 0 {
+                        if (*seen + r).is_multiple_of(stride) {
                             samples.data.extend_from_slice(x.row(r));
                             samples.rows += 1;
                         }
@@ -174,13 +191,18 @@ fn quantize_group<M: LayeredModel, B: QuantBackend>(
     input: Option<&Captured>,
     out: &mut BTreeMap<String, QuantizedLinear>,
 ) -> anyhow::Result<()> {
-    let linears: Vec<&String> =
-        group.linears.iter().filter(|m| !is_ignored(m, &recipe.ignore)).collect();
+    let linears: Vec<&String> = group
+        .linears
+        .iter()
+        .filter(|m| !is_ignored(m, &recipe.ignore))
+        .collect();
     if linears.is_empty() {
         return Ok(());
     }
-    let weights: Vec<Matrix> =
-        linears.iter().map(|m| model.weight(m)).collect::<anyhow::Result<_>>()?;
+    let weights: Vec<Matrix> = linears
+        .iter()
+        .map(|m| model.weight(m))
+        .collect::<anyhow::Result<_>>()?;
     let results: Vec<QuantizedLinear> = match (scheme, recipe.method, input) {
         (WeightScheme::Fp8 { scale_dtype }, _, _) => linears
             .iter()
@@ -188,14 +210,20 @@ fn quantize_group<M: LayeredModel, B: QuantBackend>(
             .map(|(m, w)| backend.quantize_fp8(m, w, scale_dtype))
             .collect::<Result<_, _>>()?,
         (WeightScheme::Int(int), Method::Gptq, Some(Captured::Hessian(hessian))) => {
-            let order = if recipe.act_order { ActOrder::Static } else { ActOrder::None };
+            let order = if recipe.act_order {
+                ActOrder::Static
+            } else {
+                ActOrder::None
+            };
             linears
                 .iter()
                 .zip(&weights)
                 .map(|(m, w)| backend.quantize_gptq(m, w, hessian, int, order, recipe.damp_percent))
                 .collect::<Result<_, _>>()?
         }
-        (WeightScheme::Int(int), Method::Awq, Some(Captured::Samples(x))) if group.fold.is_some() => {
+        (WeightScheme::Int(int), Method::Awq, Some(Captured::Samples(x)))
+            if group.fold.is_some() =>
+        {
             awq_group(model, backend, int, group, &linears, &weights, x)?
         }
         (WeightScheme::Int(int), _, _) => linears
@@ -221,13 +249,16 @@ fn awq_group<M: LayeredModel, B: QuantBackend>(
     weights: &[Matrix],
     x: &Matrix,
 ) -> anyhow::Result<Vec<QuantizedLinear>> {
-    let named: Vec<(&str, &Matrix)> =
-        linears.iter().map(|m| m.as_str()).zip(weights.iter()).collect();
+    let named: Vec<(&str, &Matrix)> = linears
+        .iter()
+        .map(|m| m.as_str())
+        .zip(weights.iter())
+        .collect();
     let result = backend.quantize_awq(&named, x, scheme, &AwqConfig::default())?;
-    if let Some(target) = &group.fold {
-        if result.alpha.is_some() {
-            model.fold_scales(target, &result.scales)?;
-        }
+    if let Some(target) = &group.fold
+        && result.alpha.is_some()
+    {
+        model.fold_scales(target, &result.scales)?;
     }
     tracing::debug!(group = ?group.linears, alpha = ?result.alpha, error = result.search_error, "awq");
     Ok(result.layers)
@@ -239,7 +270,10 @@ mod tests {
 
     #[test]
     fn ignore_matches_whole_suffixes_and_regexes() {
-        let ignore = vec!["lm_head".to_string(), "re:.*layers\\.0\\..*down_proj$".to_string()];
+        let ignore = vec![
+            "lm_head".to_string(),
+            "re:.*layers\\.0\\..*down_proj$".to_string(),
+        ];
         assert!(is_ignored("lm_head", &ignore));
         assert!(is_ignored("model.layers.0.mlp.down_proj", &ignore));
         assert!(!is_ignored("model.layers.1.mlp.down_proj", &ignore));

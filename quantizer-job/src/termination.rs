@@ -29,10 +29,10 @@ impl TerminationLog {
     /// Writes the summary; a failure to write is logged, not fatal: the
     /// full result is in `report.json` either way.
     pub fn write(&self, summary: &StageSummary) {
-        if let Some(path) = &self.path {
-            if let Err(error) = std::fs::write(path, summary.to_termination_message()) {
-                tracing::warn!(path = %path.display(), %error, "cannot write the termination message");
-            }
+        if let Some(path) = &self.path
+            && let Err(error) = std::fs::write(path, summary.to_termination_message())
+        {
+            tracing::warn!(path = %path.display(), %error, "cannot write the termination message");
         }
     }
 }
@@ -45,7 +45,11 @@ mod tests {
     fn writes_compact_json_to_explicit_path() {
         let path = std::env::temp_dir().join(format!("qo-term-{}", std::process::id()));
         let log = TerminationLog::new(Some(path.clone()));
-        log.write(&StageSummary { stage: "quantize".into(), variant: "v".into(), ..Default::default() });
+        log.write(&StageSummary {
+            stage: "quantize".into(),
+            variant: "v".into(),
+            ..Default::default()
+        });
         let text = std::fs::read_to_string(&path).expect("written");
         let back: StageSummary = serde_json::from_str(&text).expect("json");
         assert_eq!(back.stage, "quantize");

@@ -32,17 +32,30 @@ fn unknown_method_is_named_and_exit_is_non_zero() {
         .expect("run worker");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nf4") && stderr.contains("method"), "{stderr}");
+    assert!(
+        stderr.contains("nf4") && stderr.contains("method"),
+        "{stderr}"
+    );
     let summary = std::fs::read_to_string(&term).expect("termination message written");
-    assert!(summary.contains("\"error\"") && summary.contains("nf4"), "{summary}");
+    assert!(
+        summary.contains("\"error\"") && summary.contains("nf4"),
+        "{summary}"
+    );
 }
 
 #[test]
 fn missing_model_path_is_named() {
     let dir = std::env::temp_dir().join(format!("qo-cli-path-{}", std::process::id()));
     let spec = write_spec(&dir, "  quantization: {method: rtn}\n");
-    let out = worker().args(["quantize", "--spec"]).arg(&spec).output().expect("run worker");
+    let out = worker()
+        .args(["quantize", "--spec"])
+        .arg(&spec)
+        .output()
+        .expect("run worker");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("spec.baseModel.path") && stderr.contains("does-not-exist"), "{stderr}");
+    assert!(
+        stderr.contains("spec.baseModel.path") && stderr.contains("does-not-exist"),
+        "{stderr}"
+    );
 }

@@ -53,7 +53,7 @@ fn multiple_choice_tasks_are_mostly_right() {
         common::model(),
         common::tokenizer(),
         "chat-choice",
-        &common::test_data("chat-choice-tasks.jsonl"),
+        &common::test_data("tasks/chat-choice.jsonl"),
         Some(12),
     )
     .expect("tasks");

@@ -16,7 +16,11 @@ use std::sync::OnceLock;
 const EVAL_WINDOWS: u32 = 16;
 
 fn repo_file(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
 }
 
 fn spec(method: &str, bits: u8, group: i32, symmetric: bool) -> QuantizedModel {
@@ -31,12 +35,12 @@ spec:
   calibration: {{ path: text/calibration.txt, samples: 32, sequenceLength: 512, seed: 42 }}
   validation:
     evalText: {{ path: text/eval.txt, windowTokens: 512, maxWindows: {EVAL_WINDOWS} }}
-    tasks: [ {{ name: arithmetic, path: "{tasks}" }} ]
+    tasks: [ {{ name: chat-choice, path: "{tasks}" }} ]
     systemTests: {{ path: "{system}" }}
     consistency: {{ path: text/chat-tasks.jsonl, maxPrompts: 8, maxNewTokens: 16 }}
     gates: {{ maxPerplexityIncreasePercent: 3, maxTaskDropPercent: 5, minGreedyMatchRate: 0.25, minSystemTestPassRate: 0.5 }}
 "#,
-        tasks = repo_file("manifests/examples/volume/tasks/arithmetic.jsonl"),
+        tasks = repo_file("manifests/examples/volume/tasks/chat-choice.jsonl"),
         system = repo_file("manifests/examples/volume/system-tests.yaml"),
     );
     parse_quantized_model(&yaml, method).expect("test spec is valid")
@@ -57,9 +61,19 @@ fn baseline_json() -> &'static PathBuf {
     static BASELINE: OnceLock<PathBuf> = OnceLock::new();
     BASELINE.get_or_init(|| {
         let qm = spec("rtn", 4, 128, false);
-        let layout = Layout::new(&qm.spec, &common::data_dir(), Some(&output_root().join("base")));
-        stages::run(Stage::Baseline, &StageInput { spec: &qm.spec, layout: &layout })
-            .expect("baseline stage runs");
+        let layout = Layout::new(
+            &qm.spec,
+            &common::data_dir(),
+            Some(&output_root().join("base")),
+        );
+        stages::run(
+            Stage::Baseline,
+            &StageInput {
+                spec: &qm.spec,
+                layout: &layout,
+            },
+        )
+        .expect("baseline stage runs");
         layout.artifact_file(files::BASELINE)
     })
 }
@@ -70,14 +84,27 @@ fn run_variant(method: &str, bits: u8, group: i32, symmetric: bool) -> Report {
     let layout = Layout::new(&qm.spec, &common::data_dir(), Some(output_root()));
     std::fs::create_dir_all(&layout.artifact_dir).expect("artifact dir");
     std::fs::copy(baseline_json(), layout.artifact_file(files::BASELINE)).expect("copy baseline");
-    let input = StageInput { spec: &qm.spec, layout: &layout };
+    let input = StageInput {
+        spec: &qm.spec,
+        layout: &layout,
+    };
     stages::run(Stage::Quantize, &input).expect("quantize stage runs");
     let summary = stages::run(Stage::Validate, &input).expect("validate stage runs");
     assert_eq!(summary.variant, layout.variant);
     let text = std::fs::read_to_string(layout.artifact_file(files::REPORT)).expect("report.json");
     let report: Report = serde_json::from_str(&text).expect("report parses");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "README.md", "metrics.svg"] {
-        assert!(layout.artifact_file(file).is_file(), "{method}: {file} written");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "README.md",
+        "metrics.svg",
+    ] {
+        assert!(
+            layout.artifact_file(file).is_file(),
+            "{method}: {file} written"
+        );
     }
     eprintln!(
         "{method} w{bits} g{group} sym={symmetric}: perplexity {:?} -> {:?}, pass {}",
@@ -98,14 +125,29 @@ fn calibrated_methods_beat_rtn_at_4_bits_group_128() {
     let rtn = run_variant("rtn", 4, 128, false);
     let gptq = run_variant("gptq", 4, 128, false);
     let awq = run_variant("awq", 4, 128, false);
-    let (r, g, a) = (increase_percent(&rtn), increase_percent(&gptq), increase_percent(&awq));
+    let (r, g, a) = (
+        increase_percent(&rtn),
+        increase_percent(&gptq),
+        increase_percent(&awq),
+    );
     eprintln!("perplexity increase: rtn {r:.3}%, gptq {g:.3}%, awq {a:.3}%");
     assert!(g < r, "GPTQ ({g:.3}%) must beat RTN ({r:.3}%)");
     assert!(a < r, "AWQ ({a:.3}%) must beat RTN ({r:.3}%)");
     for report in [&rtn, &gptq, &awq] {
-        let ppl = report.gates.iter().find(|g| g.name == "perplexity").expect("perplexity gate");
-        assert!(ppl.passed, "{}: 4-bit g128 stays within 3%: {ppl:?}", report.variant);
-        assert_eq!(report.baseline.perplexity, rtn.baseline.perplexity, "one baseline for all");
+        let ppl = report
+            .gates
+            .iter()
+            .find(|g| g.name == "perplexity")
+            .expect("perplexity gate");
+        assert!(
+            ppl.passed,
+            "{}: 4-bit g128 stays within 3%: {ppl:?}",
+            report.variant
+        );
+        assert_eq!(
+            report.baseline.perplexity, rtn.baseline.perplexity,
+            "one baseline for all"
+        );
     }
 }
 
@@ -114,7 +156,10 @@ fn int8_and_fp8_stay_within_one_percent() {
     for method in ["int8", "fp8"] {
         let report = run_variant(method, 8, -1, true);
         let increase = increase_percent(&report);
-        assert!(increase.abs() < 1.0, "{method}: {increase:.3}% over the baseline");
+        assert!(
+            increase.abs() < 1.0,
+            "{method}: {increase:.3}% over the baseline"
+        );
         assert!(report.overall_pass, "{method}: {:?}", report.gates);
     }
 }
@@ -122,14 +167,22 @@ fn int8_and_fp8_stay_within_one_percent() {
 #[test]
 fn two_bit_rtn_fails_the_perplexity_gate() {
     let report = run_variant("rtn", 2, 128, false);
-    let gate = report.gates.iter().find(|g| g.name == "perplexity").expect("perplexity gate");
+    let gate = report
+        .gates
+        .iter()
+        .find(|g| g.name == "perplexity")
+        .expect("perplexity gate");
     assert!(!gate.passed, "2-bit RTN must fail: {gate:?}");
     assert!(gate.value > gate.threshold);
     assert!(!report.overall_pass);
-    let card = std::fs::read_to_string(PathBuf::from(
-        report.extra["artifact"]["path"].as_str().expect("artifact path"),
+    let card = std::fs::read_to_string(
+        PathBuf::from(
+            report.extra["artifact"]["path"]
+                .as_str()
+                .expect("artifact path"),
+        )
+        .join("README.md"),
     )
-    .join("README.md"))
     .expect("card");
     assert!(card.contains("Do not promote"), "the card says so");
 }

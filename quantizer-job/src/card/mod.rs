@@ -148,14 +148,14 @@ pub fn render(spec: &QuantizedModelSpec, report: &Report) -> String {
     let _ = writeln!(md, "| figure | value |\n| --- | --- |");
     if let Some(a) = &artifact {
         let _ = writeln!(md, "| artifact size | {} |", human_bytes(a.size_bytes));
-        if let Some(m) = &model {
-            if a.size_bytes > 0 {
-                let _ = writeln!(
-                    md,
-                    "| size vs base | {:.2}x smaller |",
-                    m.size_bytes as f64 / a.size_bytes as f64
-                );
-            }
+        if let Some(m) = &model
+            && a.size_bytes > 0
+        {
+            let _ = writeln!(
+                md,
+                "| size vs base | {:.2}x smaller |",
+                m.size_bytes as f64 / a.size_bytes as f64
+            );
         }
         let _ = writeln!(md, "| weights digest | `{}` |", a.digest);
     }

@@ -34,13 +34,13 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
 }
 
 /// Opens the spec's base checkpoint, checks its digests, and describes it.
-pub(super) fn open_base_checkpoint(
-    input: &StageInput,
-) -> anyhow::Result<(Checkpoint, ModelFacts)> {
+pub(super) fn open_base_checkpoint(input: &StageInput) -> anyhow::Result<(Checkpoint, ModelFacts)> {
     let dir = input.layout.input(&input.spec.base_model.path);
     let checkpoint = Checkpoint::open(&dir)
         .with_context(|| format!("spec.baseModel.path: cannot load {}", dir.display()))?;
-    checkpoint.verify_digests(&input.spec.base_model.sha256).context("spec.baseModel.sha256")?;
+    checkpoint
+        .verify_digests(&input.spec.base_model.sha256)
+        .context("spec.baseModel.sha256")?;
     let info = checkpoint.info();
     let facts = ModelFacts {
         name: input.spec.base_model.name.clone(),

@@ -12,8 +12,11 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     std::fs::write(&card_path, card::render(input.spec, &report))
         .with_context(|| format!("cannot write {}", card_path.display()))?;
     let chart_path = input.layout.artifact_file(card::CHART_FILE);
-    std::fs::write(&chart_path, card::svg::gates_chart(&report.variant, &report.gates))
-        .with_context(|| format!("cannot write {}", chart_path.display()))?;
+    std::fs::write(
+        &chart_path,
+        card::svg::gates_chart(&report.variant, &report.gates),
+    )
+    .with_context(|| format!("cannot write {}", chart_path.display()))?;
     tracing::info!(card = %card_path.display(), "model card written");
     Ok(summary_from_report(input, &report))
 }

@@ -35,7 +35,11 @@ impl Evaluation {
     pub fn figures(&self) -> QualityFigures {
         QualityFigures {
             perplexity: self.perplexity.as_ref().map(|p| p.perplexity),
-            task_accuracy: self.tasks.iter().map(|t| (t.name.clone(), t.accuracy)).collect(),
+            task_accuracy: self
+                .tasks
+                .iter()
+                .map(|t| (t.name.clone(), t.accuracy))
+                .collect(),
             greedy_match_rate: self.consistency.as_ref().map(|c| c.match_rate),
             system_test_pass_rate: self.system_tests.as_ref().map(|s| s.pass_rate),
         }
@@ -64,7 +68,10 @@ pub fn baseline_inputs_digest(spec: &QuantizedModelSpec) -> String {
         "systemTests": v.system_tests,
         "consistency": v.consistency,
     });
-    format!("sha256:{}", hex::encode(Sha256::digest(inputs.to_string().as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(inputs.to_string().as_bytes()))
+    )
 }
 
 /// Runs every check the spec asks for. `baseline` is given when evaluating
@@ -88,7 +95,11 @@ pub fn evaluate(
                 e.max_windows as usize,
             )
             .with_context(|| format!("spec.validation.evalText: {}", path.display()))?;
-            tracing::info!(perplexity = result.perplexity, windows = result.windows, "perplexity");
+            tracing::info!(
+                perplexity = result.perplexity,
+                windows = result.windows,
+                "perplexity"
+            );
             Some(result)
         }
         None => None,
@@ -133,5 +144,11 @@ pub fn evaluate(
         }
         None => (None, None),
     };
-    Ok(Evaluation { perplexity, tasks: task_results, system_tests, generations, consistency })
+    Ok(Evaluation {
+        perplexity,
+        tasks: task_results,
+        system_tests,
+        generations,
+        consistency,
+    })
 }

@@ -76,7 +76,13 @@ fn summary_from_report(input: &StageInput, report: &Report) -> StageSummary {
         gates: report.gates.clone(),
         artifact_path: Some(input.layout.artifact_dir.display().to_string()),
         artifact_digest: artifact.map(|a| a.digest),
-        report_path: Some(input.layout.artifact_file(files::REPORT).display().to_string()),
+        report_path: Some(
+            input
+                .layout
+                .artifact_file(files::REPORT)
+                .display()
+                .to_string(),
+        ),
         ..StageSummary::default()
     }
 }
@@ -93,7 +99,10 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 /// Reads an earlier stage's JSON result, saying which stage must run first.
 fn read_json<T: DeserializeOwned>(path: &Path, written_by: &str) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| {
-        format!("cannot read {} (written by the {written_by} stage: run it first)", path.display())
+        format!(
+            "cannot read {} (written by the {written_by} stage: run it first)",
+            path.display()
+        )
     })?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
 }

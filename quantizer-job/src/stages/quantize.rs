@@ -5,7 +5,9 @@ use super::baseline::open_base_checkpoint;
 use super::{StageInput, write_json};
 use crate::calibration;
 use crate::checkpoint::Checkpoint;
-use crate::format::{CheckpointOptions, DenseTensor, quantization_config, write_checkpoint, write_model_config};
+use crate::format::{
+    CheckpointOptions, DenseTensor, quantization_config, write_checkpoint, write_model_config,
+};
 use crate::layout::files;
 use crate::llama_layers::LlamaLayers;
 use crate::model::LlamaModel;
@@ -44,7 +46,10 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let tokenizer = Tokenizer::from_dir(checkpoint.dir())?;
 
     let (batches, calibration) = if recipe.method.needs_calibration() {
-        let c = spec.calibration.as_ref().context("spec.calibration: required by this method")?;
+        let c = spec
+            .calibration
+            .as_ref()
+            .context("spec.calibration: required by this method")?;
         let path = input.layout.input(&c.path);
         let set = calibration::sample_from_file(
             &path,
@@ -78,7 +83,10 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
 
     let dir = &input.layout.artifact_dir;
     let dense = dense_tensors(&checkpoint, &model, &quantized)?;
-    let options = CheckpointOptions { dtype, ..CheckpointOptions::default() };
+    let options = CheckpointOptions {
+        dtype,
+        ..CheckpointOptions::default()
+    };
     let written = write_checkpoint(dir, &dense, &quantized, options)?;
     let config = quantization_config(&quantized, &recipe.ignore)?;
     write_model_config(checkpoint.dir(), dir, &config)?;
@@ -137,10 +145,16 @@ fn dense_tensors(
 
 /// The decoder-layer norm weights, which AWQ rewrites.
 fn norm_of<'m>(model: &'m LlamaModel, name: &str) -> anyhow::Result<Option<&'m Tensor>> {
-    let Some(rest) = name.strip_prefix("model.layers.") else { return Ok(None) };
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return Ok(None);
+    };
     let mut parts = rest.splitn(2, '.');
-    let (Some(index), Some(leaf)) = (parts.next(), parts.next()) else { return Ok(None) };
-    let Ok(layer) = index.parse::<usize>() else { return Ok(None) };
+    let (Some(index), Some(leaf)) = (parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let Ok(layer) = index.parse::<usize>() else {
+        return Ok(None);
+    };
     Ok(match leaf {
         "input_layernorm.weight" => Some(model.input_layernorm(layer)?),
         "post_attention_layernorm.weight" => Some(model.post_attention_layernorm(layer)?),
@@ -151,7 +165,10 @@ fn norm_of<'m>(model: &'m LlamaModel, name: &str) -> anyhow::Result<Option<&'m T
 fn to_dense(t: &Tensor) -> anyhow::Result<DenseTensor> {
     Ok(DenseTensor {
         shape: t.dims().to_vec(),
-        data: t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+        data: t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?,
     })
 }
 

@@ -33,11 +33,21 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let dir = &layout.artifact_dir;
     let model = load_artifact(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let evaluation = evaluate(&model, &tokenizer, input.spec, layout, Some(&baseline.evaluation))?;
+    let evaluation = evaluate(
+        &model,
+        &tokenizer,
+        input.spec,
+        layout,
+        Some(&baseline.evaluation),
+    )?;
 
     let baseline_figures = baseline.evaluation.figures();
     let quantized_figures = evaluation.figures();
-    let gates = gates::evaluate(&input.spec.validation.gates, &baseline_figures, &quantized_figures)?;
+    let gates = gates::evaluate(
+        &input.spec.validation.gates,
+        &baseline_figures,
+        &quantized_figures,
+    )?;
     let overall_pass = gates::overall_pass(&gates);
     for gate in &gates {
         tracing::info!(
@@ -78,7 +88,11 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     if let Some(c) = &quantize.calibration {
         report_sections::set(&mut report, report_sections::CALIBRATION, c);
     }
-    report_sections::set(&mut report, report_sections::RECIPE, &input.spec.quantization);
+    report_sections::set(
+        &mut report,
+        report_sections::RECIPE,
+        &input.spec.quantization,
+    );
     write_json(&layout.artifact_file(files::REPORT), &report)?;
     super::card::run(input)?;
     Ok(summary_from_report(input, &report))
@@ -119,5 +133,8 @@ fn metrics(e: &super::Evaluation) -> anyhow::Result<ModelMetrics> {
         put("greedy_match_rate", serde_json::json!(c.match_rate));
         put("consistency", serde_json::to_value(c)?);
     }
-    Ok(ModelMetrics { perplexity: e.perplexity.as_ref().map(|p| p.perplexity), extra })
+    Ok(ModelMetrics {
+        perplexity: e.perplexity.as_ref().map(|p| p.perplexity),
+        extra,
+    })
 }

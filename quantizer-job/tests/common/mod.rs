@@ -113,9 +113,11 @@ pub fn text(name: &str) -> PathBuf {
     data_dir().join("text").join(name)
 }
 
+/// A validation file of the example model volume (`manifests/examples/volume/`),
+/// the same files the README's example spec uses.
 pub fn test_data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
+        .join("../manifests/examples/volume")
         .join(name)
 }
 
