@@ -12,7 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, ServiceAccount,
+};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition};
@@ -191,6 +193,9 @@ pub struct TestEnv {
     pub client: Client,
     pub namespace: String,
     pub info: &'static ClusterInfo,
+    /// Cluster-scoped PersistentVolumes made by [`TestEnv::host_path_pvc`],
+    /// deleted with the namespace.
+    volumes: Vec<String>,
     deleted: bool,
 }
 
@@ -202,20 +207,17 @@ impl TestEnv {
         let client = client_from(&info.kubeconfig, None).await?;
         let suffix: u32 = rand::rng().random_range(0..0x100_0000);
         let namespace = format!("e2e-{prefix}-{suffix:06x}");
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
+        let ns: Namespace = from_json(serde_json::json!({
             "apiVersion": "v1",
             "kind": "Namespace",
             "metadata": { "name": namespace, "labels": { E2E_LABEL: "true" } },
-        }))
-        .map_err(|e| HarnessError::Api {
-            what: "building the namespace".into(),
-            source: kube::Error::SerdeError(e),
-        })?;
+        }))?;
         apply(&Api::<Namespace>::all(client.clone()), &namespace, &ns).await?;
         let env = Self {
             client,
             namespace,
             info,
+            volumes: Vec::new(),
             deleted: false,
         };
         // Pods are refused until the service-account controller has made
@@ -277,12 +279,85 @@ impl TestEnv {
         cmd
     }
 
+    /// Makes a PersistentVolumeClaim `name` bound to a hostPath
+    /// PersistentVolume whose directory is returned. The test node mounts a
+    /// claim at its PV's hostPath; the scheduler refuses pods with unbound
+    /// claims, and nothing provisions volumes here, so this is how tests
+    /// (and the operator's Jobs) get a model volume.
+    pub async fn host_path_pvc(&mut self, name: &str) -> Result<PathBuf> {
+        let dir = test_dir().join("volumes").join(&self.namespace).join(name);
+        let pv_name = format!("{}-{name}", self.namespace);
+        let pv: PersistentVolume = from_json(serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": { "name": pv_name, "labels": { E2E_LABEL: "true" } },
+            "spec": {
+                "capacity": { "storage": "10Gi" },
+                "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": { "path": dir, "type": "DirectoryOrCreate" },
+                "claimRef": { "namespace": self.namespace, "name": name }
+            }
+        }))?;
+        apply(
+            &Api::<PersistentVolume>::all(self.client.clone()),
+            &pv_name,
+            &pv,
+        )
+        .await?;
+        self.volumes.push(pv_name.clone());
+        let pvc: PersistentVolumeClaim = from_json(serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": { "name": name },
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": { "requests": { "storage": "10Gi" } }
+            }
+        }))?;
+        let pvcs: Api<PersistentVolumeClaim> = self.api();
+        apply(&pvcs, name, &pvc).await?;
+        let bound = |c: Option<&PersistentVolumeClaim>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.phase.as_deref())
+                == Some("Bound")
+        };
+        wait_for(&pvcs, name, bound, Duration::from_secs(60)).await?;
+        Ok(dir)
+    }
+
     /// Deletes the namespace (its contents go with it) and waits until it is
     /// gone, so the next test starts from a quiet cluster.
     pub async fn cleanup(mut self) -> Result<()> {
         self.deleted = true;
-        delete_namespace(&self.client, &self.namespace).await
+        delete_namespace(&self.client, &self.namespace).await?;
+        delete_volumes(&self.client, &self.volumes).await
     }
+}
+
+fn from_json<K: DeserializeOwned>(v: serde_json::Value) -> Result<K> {
+    serde_json::from_value(v).map_err(|source| HarnessError::Api {
+        what: "building an object".into(),
+        source: kube::Error::SerdeError(source),
+    })
+}
+
+async fn delete_volumes(client: &Client, names: &[String]) -> Result<()> {
+    let api = Api::<PersistentVolume>::all(client.clone());
+    for name in names {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(HarnessError::Api {
+                    what: format!("deleting PersistentVolume {name}"),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for TestEnv {
@@ -294,6 +369,7 @@ impl Drop for TestEnv {
             return;
         }
         let ns = self.namespace.clone();
+        let volumes = std::mem::take(&mut self.volumes);
         let kubeconfig = self.info.kubeconfig.clone();
         let joined = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -305,7 +381,10 @@ impl Drop for TestEnv {
             };
             rt.block_on(async {
                 let result = match client_from(&kubeconfig, None).await {
-                    Ok(client) => delete_namespace(&client, &ns).await,
+                    Ok(client) => match delete_namespace(&client, &ns).await {
+                        Ok(()) => delete_volumes(&client, &volumes).await,
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
