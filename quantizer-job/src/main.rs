@@ -12,6 +12,7 @@ use quantizer_job::layout::Layout;
 use quantizer_job::stages::{self, Stage, StageInput};
 use quantizer_job::termination::TerminationLog;
 use quantops_api::StageSummary;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
