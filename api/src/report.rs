@@ -86,17 +86,17 @@ impl StageSummary {
             summary.gates.clear();
             text = encode(&summary);
         }
-        if text.len() > TERMINATION_MESSAGE_LIMIT {
-            if let Some(error) = summary.error.as_mut() {
-                let excess = text.len() - TERMINATION_MESSAGE_LIMIT + 3;
-                let mut keep = error.len().saturating_sub(excess);
-                while !error.is_char_boundary(keep) {
-                    keep -= 1;
-                }
-                error.truncate(keep);
-                error.push_str("...");
-                text = encode(&summary);
+        if text.len() > TERMINATION_MESSAGE_LIMIT
+            && let Some(error) = summary.error.as_mut()
+        {
+            let excess = text.len() - TERMINATION_MESSAGE_LIMIT + 3;
+            let mut keep = error.len().saturating_sub(excess);
+            while !error.is_char_boundary(keep) {
+                keep -= 1;
             }
+            error.truncate(keep);
+            error.push_str("...");
+            text = encode(&summary);
         }
         text
     }
