@@ -14,7 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -201,6 +201,102 @@ async fn read_summary(apis: &Apis, job_name: &str) -> Result<Option<String>, Err
     Ok(termination_message(&pods.items))
 }
 
+/// How often a running stage is looked at, to keep `status.progress` fresh.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The last `progress:` line of the worker's log (plain or JSON lines), as
+/// `quantize layer 14/32`, cut to a length fit for `kubectl get`.
+pub fn last_progress(logs: &str) -> Option<String> {
+    logs.lines().rev().find_map(|line| {
+        let message = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["fields"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| line.to_string());
+        let (_, progress) = message.split_once("progress: ")?;
+        Some(progress.trim().chars().take(120).collect())
+    })
+}
+
+/// The running worker's latest progress line; unavailable logs are not an
+/// error (the pod may not have started yet).
+async fn running_progress(apis: &Apis, job_name: &str) -> Option<String> {
+    let pods = apis
+        .pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .ok()?;
+    let pod = pods
+        .items
+        .iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))?;
+    let params = LogParams {
+        container: Some("quantizer".to_string()),
+        tail_lines: Some(50),
+        ..LogParams::default()
+    };
+    match apis.pods.logs(&pod.name_any(), &params).await {
+        Ok(logs) => last_progress(&logs),
+        Err(error) => {
+            tracing::debug!(%error, job = job_name, "cannot read the worker's log");
+            None
+        }
+    }
+}
+
+/// Deletes this model's Jobs that are still running for a spec that no
+/// longer applies (their stage hash changed), so an edited spec does not
+/// leave a GPU busy with a stale run. Only Jobs this model controls are
+/// touched; finished ones stay for their logs and are collected with the model.
+async fn delete_stale_jobs(qm: &QuantizedModel, ctx: &Context, apis: &Apis) -> Result<(), Error> {
+    let model = qm.name_any();
+    let expected: Vec<String> = Stage::PIPELINE
+        .iter()
+        .map(|stage| job::job_name(&model, *stage, &pipeline::stage_hash(&qm.spec, *stage)))
+        .collect();
+    let selector = format!("{}={}", job::MODEL_LABEL, job::model_label(&model));
+    let jobs = apis
+        .jobs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .during(|| format!("listing the Jobs of QuantizedModel {model}"))?;
+    let uid = qm.uid();
+    for stale in jobs.items.iter().filter(|j| {
+        let owned = j
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref());
+        owned
+            && j.metadata.deletion_timestamp.is_none()
+            && !expected.contains(&j.name_any())
+            && job_state(j) == JobState::Running
+    }) {
+        let name = stale.name_any();
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match apis.jobs.delete(&name, &params).await {
+            Ok(_) => {
+                ctx.event(
+                    qm,
+                    EventType::Normal,
+                    "StaleJobDeleted",
+                    format!("deleted Job {name}: the spec it ran for has changed"),
+                )
+                .await;
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("deleting stale Job {name}"),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies an object with server-side apply as the `quantops` field manager.
 async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
 where
@@ -312,6 +408,7 @@ async fn drive(
 ) -> Result<Action, Error> {
     let policy = ctx.config.retry;
     let model = qm.name_any();
+    delete_stale_jobs(qm, ctx, apis).await?;
     for stage in Stage::PIPELINE {
         let hash = pipeline::stage_hash(&qm.spec, stage);
         let job_name = job::job_name(&model, stage, &hash);
@@ -347,7 +444,14 @@ async fn drive(
         match job_state(&existing) {
             JobState::Running => {
                 pipeline::mark_running(status, stage, &format!("Job {job_name} running"), obs);
-                return Ok(Action::requeue(ctx.config.resync));
+                if let Some(progress) = running_progress(apis, &job_name).await {
+                    status.progress = Some(if progress.starts_with(stage.name()) {
+                        progress
+                    } else {
+                        format!("{stage}: {progress}")
+                    });
+                }
+                return Ok(Action::requeue(PROGRESS_INTERVAL.min(ctx.config.resync)));
             }
             JobState::Succeeded => {
                 let message = read_summary(apis, &job_name).await?;
@@ -406,6 +510,12 @@ async fn drive(
                 }
             }
             JobState::Failed(reason) => {
+                if pipeline::gave_up(status, stage, &policy) {
+                    // Already counted and given up on; the failed Job stays
+                    // for its logs until the spec changes.
+                    status.phase = Some(Phase::Failed.as_str().to_string());
+                    return Ok(Action::await_change());
+                }
                 let message = read_summary(apis, &job_name).await?;
                 let error = match message.as_deref().map(parse_summary) {
                     Some(Ok(StageSummary {
@@ -479,17 +589,13 @@ async fn broken(
     }
 }
 
-/// Whether reconciling changed the stage's condition (other than its time).
+/// Whether reconciling changed the stage's condition, ignoring its time and
+/// generation: a stage that re-runs passes through `Running` first, so a
+/// result seen again under a new generation is not counted twice.
 fn condition_changed(old: &QuantizedModelStatus, new: &QuantizedModelStatus, stage: Stage) -> bool {
     let key = |s: &QuantizedModelStatus| {
-        crate::conditions::find(&s.conditions, stage.condition_type()).map(|c| {
-            (
-                c.status.clone(),
-                c.reason.clone(),
-                c.message.clone(),
-                c.observed_generation,
-            )
-        })
+        crate::conditions::find(&s.conditions, stage.condition_type())
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
     key(old) != key(new)
 }
@@ -592,5 +698,114 @@ async fn count_phases(store: kube::runtime::reflector::Store<QuantizedModel>, me
                 .set(count);
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job_with(type_: &str, status: &str, message: Option<&str>) -> Job {
+        Job {
+            status: Some(JobStatus {
+                conditions: Some(vec![JobCondition {
+                    type_: type_.to_string(),
+                    status: status.to_string(),
+                    reason: Some("BackoffLimitExceeded".to_string()),
+                    message: message.map(str::to_string),
+                    ..JobCondition::default()
+                }]),
+                ..JobStatus::default()
+            }),
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn job_states() {
+        assert_eq!(job_state(&Job::default()), JobState::Running);
+        assert_eq!(
+            job_state(&job_with("Complete", "True", None)),
+            JobState::Succeeded
+        );
+        assert_eq!(
+            job_state(&job_with("Complete", "False", None)),
+            JobState::Running
+        );
+        assert_eq!(
+            job_state(&job_with(
+                "Failed",
+                "True",
+                Some("Job has reached the specified backoff limit")
+            )),
+            JobState::Failed(Some(
+                "BackoffLimitExceeded: Job has reached the specified backoff limit".to_string()
+            ))
+        );
+    }
+
+    fn pod(message: &str, finished: i64) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "quantizer".to_string(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            message: Some(message.to_string()),
+                            finished_at: Timestamp::from_second(finished).ok().map(Time),
+                            ..ContainerStateTerminated::default()
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn newest_termination_message_wins_and_parses() {
+        let pods = [
+            pod("old", 10),
+            pod(
+                r#"{"stage":"quantize","variant":"v","artifact_digest":"sha256:ab"}"#,
+                20,
+            ),
+        ];
+        let message = termination_message(&pods).unwrap_or_default();
+        let summary = parse_summary(&message).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(summary.artifact_digest.as_deref(), Some("sha256:ab"));
+        assert_eq!(termination_message(&[]), None);
+    }
+
+    #[test]
+    fn log_fallback_becomes_the_error() {
+        let error = parse_summary("thread 'main' panicked at src/main.rs: out of memory").err();
+        assert!(error.is_some_and(|e| e.contains("out of memory")));
+    }
+
+    #[test]
+    fn progress_from_json_and_plain_logs() {
+        let json = concat!(
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"progress: quantize layer 13/32","stage":"quantize"}}"#,
+            "\n",
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"progress: quantize layer 14/32","stage":"quantize"}}"#,
+            "\n",
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"saving"}}"#,
+        );
+        assert_eq!(last_progress(json).as_deref(), Some("quantize layer 14/32"));
+        let plain = "2026 INFO progress: baseline window 3/64 stage=baseline\nother";
+        assert_eq!(
+            last_progress(plain).as_deref(),
+            Some("baseline window 3/64 stage=baseline")
+        );
+        assert_eq!(last_progress("nothing here"), None);
     }
 }
