@@ -193,7 +193,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .context("cannot reach the Kubernetes API server")?;
 
     let (leader_tx, mut leader_rx) = watch::channel(args.no_leader_election);
-    if !args.no_leader_election {
+    // Without election this replica leads for good; the sender is kept alive
+    // here so that the "lost leadership" watch below never fires.
+    let _always_leader = if args.no_leader_election {
+        Some(leader_tx)
+    } else {
         let namespace = args
             .lease_namespace
             .clone()
@@ -210,13 +214,14 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             ElectorConfig::new(args.lease_name.clone(), identity),
             leader_tx,
         ));
-    }
+        None
+    };
     ready.store(true, Ordering::Relaxed);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
     loop {
-        // Passive: wait to become leader (or for a signal).
+        // Passive: keep serving probes and wait to become leader (or for a signal).
         metrics.leader.set(0);
         tokio::select! {
             changed = leader_rx.wait_for(|leader| *leader) => {
@@ -228,28 +233,28 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         metrics.leader.set(1);
         tracing::info!("leading: starting the controllers");
         let mut lost = leader_rx.clone();
-        let stop = async move {
-            let _ = lost.wait_for(|leader| !*leader).await;
-        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let controller = quantops_operator::run(
-            client.clone(),
-            config.clone(),
-            metrics.clone(),
-            async move {
-                tokio::select! {
-                    _ = stop => {}
-                    _ = stop_rx => {}
-                }
-            },
-        );
-        tokio::select! {
-            _ = controller => {
-                tracing::warn!("lost leadership: the controllers stopped");
+        let stop = async move {
+            tokio::select! {
+                _ = lost.wait_for(|leader| !*leader) => {}
+                _ = stop_rx => {}
             }
-            _ = tokio::signal::ctrl_c() => { let _ = stop_tx.send(()); break; }
-            _ = terminate.recv() => { let _ = stop_tx.send(()); break; }
+        };
+        let controller =
+            quantops_operator::run(client.clone(), config.clone(), metrics.clone(), stop);
+        tokio::pin!(controller);
+        let signalled = tokio::select! {
+            _ = &mut controller => false,
+            _ = tokio::signal::ctrl_c() => true,
+            _ = terminate.recv() => true,
+        };
+        if signalled {
+            // Let in-flight reconciliations finish before exiting.
+            let _ = stop_tx.send(());
+            controller.await;
+            break;
         }
+        tracing::warn!("lost leadership: the controllers stopped");
     }
     tracing::info!("shutting down");
     server.abort();

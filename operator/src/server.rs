@@ -56,3 +56,45 @@ pub async fn serve(addr: SocketAddr, state: ServerState) -> std::io::Result<()> 
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, router(state)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics_answer() -> Result<(), Box<dyn std::error::Error>> {
+        let state = ServerState {
+            metrics: Metrics::new()?,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let ready = state.ready.clone();
+        let metrics = state.metrics.clone();
+        let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+
+        assert!(get(addr, "/healthz").await?.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await?.starts_with("HTTP/1.1 503"));
+        ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
+        metrics.leader.set(1);
+        let body = get(addr, "/metrics").await?;
+        assert!(body.contains("quantops_leader 1"), "{body}");
+        server.abort();
+        Ok(())
+    }
+}
