@@ -387,7 +387,20 @@ async fn reconcile_inner(qm: &QuantizedModel, ctx: &Context) -> Result<Action, E
     let old = qm.status.clone().unwrap_or_default();
     let mut status = old.clone();
     pipeline::observe_generation(&mut status, &obs);
-    let action = drive(qm, ctx, &apis, &mut status, &old, &obs).await?;
+    let action = match quantops_api::spec_file::validate(qm) {
+        Ok(()) => drive(qm, ctx, &apis, &mut status, &old, &obs).await?,
+        Err((field, expected)) => {
+            let message = pipeline::record_invalid(&mut status, field, expected, &obs);
+            let ready = |s: &QuantizedModelStatus| {
+                crate::conditions::find(&s.conditions, pipeline::READY).map(|c| c.message.clone())
+            };
+            if ready(&old) != ready(&status) {
+                ctx.event(qm, EventType::Warning, "InvalidSpec", message)
+                    .await;
+            }
+            Action::await_change()
+        }
+    };
     if status != old {
         write_status(&apis, qm, &status).await?;
     }

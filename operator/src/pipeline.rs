@@ -241,6 +241,37 @@ pub fn observe_generation(status: &mut QuantizedModelStatus, obs: &Observation) 
     }
 }
 
+/// Records a spec the API server accepted but the pipeline cannot run
+/// (the rules `spec_file::validate` has beyond the CRD's CEL rules): a
+/// refusal, not retried until the spec changes.
+pub fn record_invalid(
+    status: &mut QuantizedModelStatus,
+    field: &str,
+    expected: &str,
+    obs: &Observation,
+) -> String {
+    let message = format!("{field}: expected {expected}");
+    obs.set(status, READY, FALSE, "InvalidSpec", message.clone());
+    status.phase = Some(Phase::Failed.as_str().to_string());
+    status.progress = None;
+    message
+}
+
+/// Forgets the results of `stage` and of every later stage, which a re-run
+/// is about to replace; stale figures must not sit beside a running stage.
+fn clear_results_from(status: &mut QuantizedModelStatus, stage: Stage) {
+    if stage == Stage::Baseline {
+        status.baseline_perplexity = None;
+    }
+    if matches!(stage, Stage::Baseline | Stage::Quantize) {
+        status.artifact_path = None;
+        status.artifact_digest = None;
+    }
+    status.quantized_perplexity = None;
+    status.perplexity_delta = None;
+    status.gates.clear();
+}
+
 /// Records that `stage` is running (its Job exists, or its process started).
 pub fn mark_running(
     status: &mut QuantizedModelStatus,
@@ -248,6 +279,7 @@ pub fn mark_running(
     detail: &str,
     obs: &Observation,
 ) {
+    clear_results_from(status, stage);
     status.phase = Some(stage.phase().as_str().to_string());
     if status.progress.is_none()
         || !status
@@ -654,6 +686,33 @@ mod tests {
             },
         );
         assert!(!gave_up(&status, Stage::Quantize, &policy));
+    }
+
+    #[test]
+    fn rerun_forgets_stale_results_and_invalid_spec_is_refused() {
+        let mut status = QuantizedModelStatus {
+            baseline_perplexity: Some(20.0),
+            quantized_perplexity: Some(21.0),
+            perplexity_delta: Some("+5.00%".into()),
+            artifact_path: Some("a".into()),
+            gates: vec![gate("perplexity", false)],
+            ..Default::default()
+        };
+        mark_running(&mut status, Stage::Quantize, "job", &obs(1));
+        assert_eq!(status.baseline_perplexity, Some(20.0));
+        assert_eq!(status.artifact_path, None);
+        assert!(status.gates.is_empty() && status.perplexity_delta.is_none());
+
+        let message = record_invalid(
+            &mut status,
+            "spec.version",
+            "a non-empty version without '/'",
+            &obs(2),
+        );
+        assert!(message.starts_with("spec.version"));
+        assert_eq!(status.phase.as_deref(), Some("Failed"));
+        let ready = conditions::find(&status.conditions, READY);
+        assert_eq!(ready.map(|c| c.reason.as_str()), Some("InvalidSpec"));
     }
 
     #[test]
