@@ -1,14 +1,19 @@
 //! The `QuantizedModel` custom resource: one quantized variant of a base model.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One quantized variant of a base model: what to quantize, how, with which
 /// calibration data, and which quality gates the result must pass.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+///
+/// The cross-field rules of `spec_file::validate` are repeated here as CEL
+/// rules, so that the API server refuses what local mode refuses; each
+/// message names its field.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(self.quantization.method in ['gptq', 'awq']) || has(self.calibration)").message("spec.calibration: calibration data is required for gptq and awq"))]
 #[kube(
     group = "quantops.dev",
     version = "v1alpha1",
@@ -100,15 +105,19 @@ impl std::fmt::Display for Method {
 }
 
 /// The recipe: method, bit width, grouping and which layers stay in full precision.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(self.method in ['int8', 'fp8']) || self.bits == 8").message("spec.quantization.bits: must be 8 for int8 and fp8"))]
+#[x_kube(validation = Rule::new("self.method != 'fp8' || self.groupSize == -1").message("spec.quantization.groupSize: must be -1 for fp8 (per-channel scales)"))]
 #[serde(rename_all = "camelCase")]
 pub struct QuantizationSpec {
     pub method: Method,
     /// Weight bits: 4 or 8 in production, 2 and 3 for experiments; 8 for int8 and fp8.
     #[serde(default = "default_bits")]
+    #[schemars(extend("enum" = [2, 3, 4, 8]))]
     pub bits: u8,
     /// Columns sharing one scale; -1 means one scale per output channel.
     #[serde(default = "default_group_size")]
+    #[schemars(extend("enum" = [-1, 32, 64, 128]))]
     pub group_size: i32,
     /// Symmetric (no zero point) or asymmetric (scale and zero point) integer grid.
     #[serde(default = "default_true")]
@@ -118,6 +127,7 @@ pub struct QuantizationSpec {
     pub act_order: bool,
     /// GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean.
     #[serde(default = "default_damp")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub damp_percent: f64,
     /// Linear layers left in full precision, matched by name suffix (e.g. `lm_head`).
     #[serde(default = "default_ignore")]
@@ -197,17 +207,21 @@ pub struct ConsistencySpec {
 }
 
 /// Thresholds each check must meet for the variant to leave experiment.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.maxPerplexityIncreasePercent >= 0.0 && self.maxPerplexityIncreasePercent <= 10.0").message("spec.validation.gates.maxPerplexityIncreasePercent: must be between 0 and 10 (the hard ceiling)"))]
 #[serde(rename_all = "camelCase")]
 pub struct GatesSpec {
     #[serde(default = "default_max_ppl_increase")]
     pub max_perplexity_increase_percent: f64,
     #[serde(default = "default_max_task_drop")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub max_task_drop_percent: f64,
     #[serde(default = "default_min_greedy_match")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub min_greedy_match_rate: f64,
     /// Share of system tests that passed on the baseline and must pass on the variant.
     #[serde(default = "default_min_system_test_pass_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub min_system_test_pass_rate: f64,
 }
 

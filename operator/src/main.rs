@@ -1,4 +1,288 @@
-//! The quantops operator (not yet built: see the README's status table).
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the operator is not built yet; see README.md")
+//! `quantops`: the operator (`quantops controller`), its CRDs (`quantops
+//! crds`) and local mode (`quantops run FILE.yaml`).
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::coordination::v1::Lease;
+use quantops_operator::config::{JobSettings, OperatorConfig};
+use quantops_operator::leader::{self, ElectorConfig};
+use quantops_operator::local::{self, LocalOptions, Outcome};
+use quantops_operator::metrics::Metrics;
+use quantops_operator::server::{self, ServerState};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(version, about = "Quantize LLM checkpoints on Kubernetes, or locally")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: `json` for log pipelines, `text` for people.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "QUANTOPS_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print both CustomResourceDefinitions as YAML.
+    Crds,
+    /// Run the operator against the cluster of the current kubeconfig or service account.
+    Controller(ControllerArgs),
+    /// Run the pipeline locally, with no cluster, as child processes of the worker.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "QUANTOPS_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// The worker image the Jobs run.
+    #[arg(long, env = "QUANTOPS_WORKER_IMAGE", default_value = concat!("quantops/quantizer-job:", env!("CARGO_PKG_VERSION")))]
+    worker_image: String,
+    /// The PVC holding checkpoints, data and artifacts, mounted at /models in the Jobs.
+    #[arg(long, env = "QUANTOPS_MODEL_CLAIM", default_value = "quantops-models")]
+    model_claim: String,
+    /// Node selector of the Jobs, `key=value[,key=value]`; empty for none.
+    #[arg(
+        long,
+        env = "QUANTOPS_NODE_SELECTOR",
+        default_value = "quantops.dev/gpu-node=true"
+    )]
+    node_selector: String,
+    /// Service account of the Jobs' pods.
+    #[arg(long, env = "QUANTOPS_WORKER_SERVICE_ACCOUNT")]
+    worker_service_account: Option<String>,
+    /// Runs of a broken stage before the model is Failed.
+    #[arg(long, env = "QUANTOPS_MAX_STAGE_ATTEMPTS", default_value_t = 3)]
+    max_stage_attempts: u32,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "QUANTOPS_LEASE_NAME", default_value = "quantops-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE).
+    #[arg(long, env = "QUANTOPS_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Skip leader election (a single replica, or a test).
+    #[arg(long, env = "QUANTOPS_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "QUANTOPS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The QuantizedModel YAML.
+    spec: PathBuf,
+    /// Base of the spec's relative paths (default: the spec's directory).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Base of spec.output.path when it must differ from --root.
+    #[arg(long)]
+    output_root: Option<PathBuf>,
+    /// The worker binary (default: quantizer-job beside this binary).
+    #[arg(long)]
+    worker: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Crds => print_crds(),
+        Command::Run(args) => run_local(args),
+        Command::Controller(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run_controller(args))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "quantops failed");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_crds() -> anyhow::Result<ExitCode> {
+    let yaml = quantops_operator::crds::render_all().context("cannot render the CRDs")?;
+    print!("{yaml}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_local(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let worker = local::find_worker(args.worker)?;
+    let options = LocalOptions {
+        spec: args.spec.clone(),
+        root: args.root,
+        output_root: args.output_root,
+        worker,
+        scratch: std::env::temp_dir(),
+    };
+    let mut stdout = std::io::stdout();
+    let (_, outcome) = local::run_pipeline(&options, &mut stdout)
+        .with_context(|| format!("cannot run the pipeline of {}", args.spec.display()))?;
+    Ok(match outcome {
+        Outcome::Ready => ExitCode::SUCCESS,
+        Outcome::GatesFailed(_) => ExitCode::from(2),
+        Outcome::Broken(_) => ExitCode::FAILURE,
+    })
+}
+
+/// Parses `key=value[,key=value]`.
+fn parse_selector(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("node selector entry {pair:?} is not key=value"))
+        })
+        .collect()
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let metrics = Metrics::new().context("cannot register the metrics")?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let server_state = ServerState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let addr = args.metrics_addr;
+    let server = tokio::spawn(async move {
+        if let Err(error) = server::serve(addr, server_state).await {
+            tracing::error!(%error, %addr, "the metrics server stopped");
+        }
+    });
+
+    let config = OperatorConfig {
+        namespace: args.namespace.clone(),
+        jobs: JobSettings {
+            image: args.worker_image.clone(),
+            model_claim: args.model_claim.clone(),
+            node_selector: parse_selector(&args.node_selector)?,
+            service_account: args.worker_service_account.clone(),
+        },
+        retry: quantops_operator::pipeline::RetryPolicy {
+            max_attempts: args.max_stage_attempts.max(1),
+            ..Default::default()
+        },
+        ..OperatorConfig::default()
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client from the kubeconfig or service account")?;
+    client
+        .apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+
+    let (leader_tx, mut leader_rx) = watch::channel(args.no_leader_election);
+    // Without election this replica leads for good; the sender is kept alive
+    // here so that the "lost leadership" watch below never fires.
+    let _always_leader = if args.no_leader_election {
+        Some(leader_tx)
+    } else {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("quantops-{}", std::process::id()));
+        let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &namespace);
+        tracing::info!(lease = %args.lease_name, %namespace, %identity, "joining leader election");
+        tokio::spawn(leader::run(
+            leases,
+            ElectorConfig::new(args.lease_name.clone(), identity),
+            leader_tx,
+        ));
+        None
+    };
+    ready.store(true, Ordering::Relaxed);
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    loop {
+        // Passive: keep serving probes and wait to become leader (or for a signal).
+        metrics.leader.set(0);
+        tokio::select! {
+            changed = leader_rx.wait_for(|leader| *leader) => {
+                changed.context("the leader elector stopped")?;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+        metrics.leader.set(1);
+        tracing::info!("leading: starting the controllers");
+        let mut lost = leader_rx.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            tokio::select! {
+                _ = lost.wait_for(|leader| !*leader) => {}
+                _ = stop_rx => {}
+            }
+        };
+        let controller =
+            quantops_operator::run(client.clone(), config.clone(), metrics.clone(), stop);
+        tokio::pin!(controller);
+        let signalled = tokio::select! {
+            _ = &mut controller => false,
+            _ = tokio::signal::ctrl_c() => true,
+            _ = terminate.recv() => true,
+        };
+        if signalled {
+            // Let in-flight reconciliations finish before exiting.
+            let _ = stop_tx.send(());
+            controller.await;
+            break;
+        }
+        tracing::warn!("lost leadership: the controllers stopped");
+    }
+    tracing::info!("shutting down");
+    server.abort();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_parses() -> anyhow::Result<()> {
+        let selector = parse_selector("quantops.dev/gpu-node=true, zone = a")?;
+        assert_eq!(selector.get("zone").map(String::as_str), Some("a"));
+        assert!(parse_selector("")?.is_empty());
+        assert!(parse_selector("novalue").is_err());
+        Ok(())
+    }
 }

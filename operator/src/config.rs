@@ -1,0 +1,55 @@
+//! The operator's settings, from flags and environment (see `main.rs`);
+//! kept free of clap so that tests and the e2e harness can build one directly.
+
+use crate::pipeline::RetryPolicy;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How the pipeline Jobs are rendered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSettings {
+    /// The worker image, e.g. `quantops/quantizer-job:0.1.0`.
+    pub image: String,
+    /// The PVC holding checkpoints, data and artifacts, mounted at `/models`.
+    pub model_claim: String,
+    /// Where the Jobs' pods may run (GPU nodes).
+    pub node_selector: BTreeMap<String, String>,
+    /// Service account of the Jobs' pods; the namespace default when unset.
+    pub service_account: Option<String>,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            image: format!("quantops/quantizer-job:{}", env!("CARGO_PKG_VERSION")),
+            model_claim: "quantops-models".to_string(),
+            node_selector: BTreeMap::from([(
+                "quantops.dev/gpu-node".to_string(),
+                "true".to_string(),
+            )]),
+            service_account: None,
+        }
+    }
+}
+
+/// Everything `run` needs besides a client.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Watch only this namespace; every namespace when `None`.
+    pub namespace: Option<String>,
+    pub jobs: JobSettings,
+    pub retry: RetryPolicy,
+    /// How often a running stage is looked at even without a watch event.
+    pub resync: Duration,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            namespace: None,
+            jobs: JobSettings::default(),
+            retry: RetryPolicy::default(),
+            resync: Duration::from_secs(300),
+        }
+    }
+}

@@ -1,0 +1,824 @@
+//! The QuantizedModel reconciler: drives baseline → quantize → validate as
+//! Jobs of the worker, one at a time, and records every result in status.
+//!
+//! Level-triggered: each reconciliation recomputes the stage hashes from the
+//! spec, looks for the Jobs those hashes name and acts on what it finds, so a
+//! restarted operator adopts the Jobs it created before, and a changed spec
+//! re-runs exactly the stages whose hash changed.
+
+use crate::config::OperatorConfig;
+use crate::job::{self, RenderError};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Next, Observation, Phase, Stage};
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use quantops_api::{QuantizedModel, QuantizedModelStatus, StageSummary};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The field manager of every object and status the operator applies.
+pub const FIELD_MANAGER: &str = "quantops";
+/// The controller's name in metrics and events.
+pub const CONTROLLER: &str = "quantizedmodel";
+
+/// Why a reconciliation failed; the controller requeues it with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error("QuantizedModel {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// A bounded label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Render(_) => "render",
+            Error::NoNamespace(_) => "namespace",
+        }
+    }
+}
+
+/// Adds what was being done to a kube error.
+trait KubeContext<T> {
+    fn during(self, action: impl FnOnce() -> String) -> Result<T, Error>;
+}
+
+impl<T> KubeContext<T> for Result<T, kube::Error> {
+    fn during(self, action: impl FnOnce() -> String) -> Result<T, Error> {
+        self.map_err(|source| Error::Kube {
+            action: action(),
+            source,
+        })
+    }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    pub client: Client,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Consecutive failed reconciliations per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        metrics: Metrics,
+        instance: Option<String>,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: "quantops".to_string(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an event on the model; a failure to publish is logged, not
+    /// fatal, since events are advisory.
+    async fn event(&self, qm: &QuantizedModel, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &qm.object_ref(&())).await {
+            tracing::warn!(%error, model = %qm.name_any(), reason, "cannot publish event");
+        }
+    }
+}
+
+/// The APIs one reconciliation uses, all in the model's namespace.
+struct Apis {
+    models: Api<QuantizedModel>,
+    jobs: Api<Job>,
+    config_maps: Api<ConfigMap>,
+    pods: Api<Pod>,
+}
+
+/// Where a stage's Job stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    /// Failed, with the Job's own reason when it gave one.
+    Failed(Option<String>),
+}
+
+/// Reads the Job's terminal conditions (`Complete`, `Failed`).
+pub fn job_state(job: &Job) -> JobState {
+    let conditions = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for condition in conditions {
+        if condition.status != "True" {
+            continue;
+        }
+        match condition.type_.as_str() {
+            "Complete" => return JobState::Succeeded,
+            "Failed" => {
+                let reason = [condition.reason.as_deref(), condition.message.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": ");
+                return JobState::Failed((!reason.is_empty()).then_some(reason));
+            }
+            _ => {}
+        }
+    }
+    JobState::Running
+}
+
+/// The worker's termination message from a Job's pods: the newest
+/// terminated `quantizer` container's, as raw text.
+pub fn termination_message(pods: &[Pod]) -> Option<String> {
+    let mut terminated: Vec<(Option<Timestamp>, String)> = pods
+        .iter()
+        .flat_map(|pod| pod.status.iter())
+        .flat_map(|status| status.container_statuses.iter().flatten())
+        .filter(|c| c.name == "quantizer")
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .filter_map(|t| Some((t.finished_at.as_ref().map(|f| f.0), t.message.clone()?)))
+        .collect();
+    terminated.sort_by_key(|(finished, _)| *finished);
+    terminated.pop().map(|(_, message)| message)
+}
+
+/// Parses a termination message: a `StageSummary`, or (with
+/// `FallbackToLogsOnError`) the log tail of a worker that died before
+/// writing one, returned as the error.
+pub fn parse_summary(message: &str) -> Result<StageSummary, String> {
+    serde_json::from_str::<StageSummary>(message.trim()).map_err(|_| {
+        let tail: String = message
+            .chars()
+            .rev()
+            .take(800)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("no stage summary; last output: {}", tail.trim())
+    })
+}
+
+async fn read_summary(apis: &Apis, job_name: &str) -> Result<Option<String>, Error> {
+    let pods = apis
+        .pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .during(|| format!("listing the pods of Job {job_name}"))?;
+    Ok(termination_message(&pods.items))
+}
+
+/// How often a running stage is looked at, to keep `status.progress` fresh.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The last `progress:` line of the worker's log (plain or JSON lines), as
+/// `quantize layer 14/32`, cut to a length fit for `kubectl get`.
+pub fn last_progress(logs: &str) -> Option<String> {
+    logs.lines().rev().find_map(|line| {
+        let message = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["fields"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| line.to_string());
+        let (_, progress) = message.split_once("progress: ")?;
+        Some(progress.trim().chars().take(120).collect())
+    })
+}
+
+/// The running worker's latest progress line; unavailable logs are not an
+/// error (the pod may not have started yet).
+async fn running_progress(apis: &Apis, job_name: &str) -> Option<String> {
+    let pods = apis
+        .pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .ok()?;
+    let pod = pods
+        .items
+        .iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))?;
+    let params = LogParams {
+        container: Some("quantizer".to_string()),
+        tail_lines: Some(50),
+        ..LogParams::default()
+    };
+    match apis.pods.logs(&pod.name_any(), &params).await {
+        Ok(logs) => last_progress(&logs),
+        Err(error) => {
+            tracing::debug!(%error, job = job_name, "cannot read the worker's log");
+            None
+        }
+    }
+}
+
+/// Deletes this model's Jobs that are still running for a spec that no
+/// longer applies (their stage hash changed), so an edited spec does not
+/// leave a GPU busy with a stale run. Only Jobs this model controls are
+/// touched; finished ones stay for their logs and are collected with the model.
+async fn delete_stale_jobs(qm: &QuantizedModel, ctx: &Context, apis: &Apis) -> Result<(), Error> {
+    let model = qm.name_any();
+    let expected: Vec<String> = Stage::PIPELINE
+        .iter()
+        .map(|stage| job::job_name(&model, *stage, &pipeline::stage_hash(&qm.spec, *stage)))
+        .collect();
+    let selector = format!("{}={}", job::MODEL_LABEL, job::model_label(&model));
+    let jobs = apis
+        .jobs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .during(|| format!("listing the Jobs of QuantizedModel {model}"))?;
+    let uid = qm.uid();
+    for stale in jobs.items.iter().filter(|j| {
+        let owned = j
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref());
+        owned
+            && j.metadata.deletion_timestamp.is_none()
+            && !expected.contains(&j.name_any())
+            && job_state(j) == JobState::Running
+    }) {
+        let name = stale.name_any();
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match apis.jobs.delete(&name, &params).await {
+            Ok(_) => {
+                ctx.event(
+                    qm,
+                    EventType::Normal,
+                    "StaleJobDeleted",
+                    format!("deleted Job {name}: the spec it ran for has changed"),
+                )
+                .await;
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("deleting stale Job {name}"),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies an object with server-side apply as the `quantops` field manager.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .during(|| format!("applying {} {name}", K::kind(&())))
+}
+
+/// Writes the status with server-side apply on the status subresource;
+/// fields the operator stops setting are removed because it owns them.
+async fn write_status(
+    apis: &Apis,
+    qm: &QuantizedModel,
+    status: &QuantizedModelStatus,
+) -> Result<(), Error> {
+    let name = qm.name_any();
+    let patch = serde_json::json!({
+        "apiVersion": format!("{}/{}", quantops_api::GROUP, quantops_api::VERSION),
+        "kind": "QuantizedModel",
+        "status": status,
+    });
+    apis.models
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .during(|| format!("writing the status of QuantizedModel {name}"))?;
+    Ok(())
+}
+
+/// One reconciliation of a QuantizedModel.
+pub async fn reconcile(qm: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[CONTROLLER])
+        .inc();
+    let result = reconcile_inner(&qm, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&[CONTROLLER])
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok()
+        && let Ok(mut failures) = ctx.failures.lock()
+    {
+        failures.remove(&object_key(&qm));
+    }
+    result
+}
+
+fn object_key(qm: &QuantizedModel) -> String {
+    format!("{}/{}", qm.namespace().unwrap_or_default(), qm.name_any())
+}
+
+async fn reconcile_inner(qm: &QuantizedModel, ctx: &Context) -> Result<Action, Error> {
+    if qm.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the Jobs and ConfigMaps.
+        return Ok(Action::await_change());
+    }
+    let name = qm.name_any();
+    let namespace = qm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let client = ctx.client.clone();
+    let apis = Apis {
+        models: Api::namespaced(client.clone(), &namespace),
+        jobs: Api::namespaced(client.clone(), &namespace),
+        config_maps: Api::namespaced(client.clone(), &namespace),
+        pods: Api::namespaced(client, &namespace),
+    };
+    let obs = Observation {
+        generation: qm.metadata.generation,
+        now: Timestamp::now(),
+    };
+    let old = qm.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    pipeline::observe_generation(&mut status, &obs);
+    let action = match quantops_api::spec_file::validate(qm) {
+        Ok(()) => drive(qm, ctx, &apis, &mut status, &old, &obs).await?,
+        Err((field, expected)) => {
+            let message = pipeline::record_invalid(&mut status, field, expected, &obs);
+            let ready = |s: &QuantizedModelStatus| {
+                crate::conditions::find(&s.conditions, pipeline::READY).map(|c| c.message.clone())
+            };
+            if ready(&old) != ready(&status) {
+                ctx.event(qm, EventType::Warning, "InvalidSpec", message)
+                    .await;
+            }
+            Action::await_change()
+        }
+    };
+    if status != old {
+        write_status(&apis, qm, &status).await?;
+    }
+    if old.phase != status.phase {
+        tracing::info!(model = %name, namespace = %namespace, from = ?old.phase, to = ?status.phase, "phase changed");
+    }
+    Ok(action)
+}
+
+/// Walks the stages in order and acts on the first that is not done.
+async fn drive(
+    qm: &QuantizedModel,
+    ctx: &Context,
+    apis: &Apis,
+    status: &mut QuantizedModelStatus,
+    old: &QuantizedModelStatus,
+    obs: &Observation,
+) -> Result<Action, Error> {
+    let policy = ctx.config.retry;
+    let model = qm.name_any();
+    delete_stale_jobs(qm, ctx, apis).await?;
+    for stage in Stage::PIPELINE {
+        let hash = pipeline::stage_hash(&qm.spec, stage);
+        let job_name = job::job_name(&model, stage, &hash);
+        let existing = apis
+            .jobs
+            .get_opt(&job_name)
+            .await
+            .during(|| format!("reading Job {job_name}"))?;
+        let Some(existing) = existing else {
+            if pipeline::gave_up(status, stage, &policy) {
+                status.phase = Some(Phase::Failed.as_str().to_string());
+                return Ok(Action::await_change());
+            }
+            if let Some(wait) = pipeline::retry_wait(status, stage, &policy, obs.now) {
+                return Ok(Action::requeue(wait));
+            }
+            apply(&apis.config_maps, &job::render_config_map(qm, stage)?).await?;
+            apply(&apis.jobs, &job::render_job(qm, stage, &ctx.config.jobs)?).await?;
+            pipeline::mark_running(status, stage, &format!("Job {job_name} started"), obs);
+            ctx.event(
+                qm,
+                EventType::Normal,
+                "StageStarted",
+                format!("{stage}: started Job {job_name}"),
+            )
+            .await;
+            return Ok(Action::requeue(ctx.config.resync));
+        };
+        if existing.metadata.deletion_timestamp.is_some() {
+            // A retried stage's old Job is still going away.
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        match job_state(&existing) {
+            JobState::Running => {
+                pipeline::mark_running(status, stage, &format!("Job {job_name} running"), obs);
+                if let Some(progress) = running_progress(apis, &job_name).await {
+                    status.progress = Some(if progress.starts_with(stage.name()) {
+                        progress
+                    } else {
+                        format!("{stage}: {progress}")
+                    });
+                }
+                return Ok(Action::requeue(PROGRESS_INTERVAL.min(ctx.config.resync)));
+            }
+            JobState::Succeeded => {
+                let message = read_summary(apis, &job_name).await?;
+                let summary = match message.as_deref().map(parse_summary) {
+                    Some(Ok(summary)) if summary.error.is_none() => summary,
+                    Some(Ok(summary)) => {
+                        let error = summary.error.unwrap_or_default();
+                        return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
+                    }
+                    Some(Err(error)) => {
+                        return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
+                    }
+                    None => {
+                        let error = "the Job succeeded but its pod's termination message is gone";
+                        return broken(qm, ctx, apis, status, stage, &job_name, error, obs).await;
+                    }
+                };
+                let next = pipeline::record_success(status, stage, &summary, obs);
+                let changed = condition_changed(old, status, stage);
+                if changed {
+                    record_result_metrics(&ctx.metrics, stage, &summary);
+                }
+                match next {
+                    Next::Run(_) => {
+                        if changed {
+                            ctx.event(
+                                qm,
+                                EventType::Normal,
+                                "StageSucceeded",
+                                format!("{stage} finished (Job {job_name})"),
+                            )
+                            .await;
+                        }
+                        continue;
+                    }
+                    Next::Ready => {
+                        if changed {
+                            ctx.event(
+                                qm,
+                                EventType::Normal,
+                                "Ready",
+                                "validated: every gate passed".to_string(),
+                            )
+                            .await;
+                        }
+                        return Ok(Action::await_change());
+                    }
+                    Next::GatesFailed(message) => {
+                        if changed {
+                            ctx.event(qm, EventType::Warning, "GatesFailed", message)
+                                .await;
+                        }
+                        return Ok(Action::await_change());
+                    }
+                    Next::RetryAfter(_) | Next::GaveUp(_) => return Ok(Action::await_change()),
+                }
+            }
+            JobState::Failed(reason) => {
+                if pipeline::gave_up(status, stage, &policy) {
+                    // Already counted and given up on; the failed Job stays
+                    // for its logs until the spec changes.
+                    status.phase = Some(Phase::Failed.as_str().to_string());
+                    return Ok(Action::await_change());
+                }
+                let message = read_summary(apis, &job_name).await?;
+                let error = match message.as_deref().map(parse_summary) {
+                    Some(Ok(StageSummary {
+                        error: Some(error), ..
+                    })) => error,
+                    Some(Err(logs)) => logs,
+                    _ => reason.unwrap_or_else(|| "the Job failed".to_string()),
+                };
+                return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// A stage broke: count it, record it, and delete its Job so the retry
+/// (after the backoff) can create it again under the same name.
+#[allow(clippy::too_many_arguments)]
+async fn broken(
+    qm: &QuantizedModel,
+    ctx: &Context,
+    apis: &Apis,
+    status: &mut QuantizedModelStatus,
+    stage: Stage,
+    job_name: &str,
+    error: &str,
+    obs: &Observation,
+) -> Result<Action, Error> {
+    let next = pipeline::record_broken(status, stage, error, &ctx.config.retry, obs);
+    ctx.metrics
+        .stage_results
+        .with_label_values(&[stage.name(), "broken"])
+        .inc();
+    // The attempt is recorded before the Job goes, so that a crash in
+    // between cannot lose the count.
+    write_status(apis, qm, status).await?;
+    match next {
+        Next::RetryAfter(delay) => {
+            ctx.event(
+                qm,
+                EventType::Warning,
+                "StageFailed",
+                format!(
+                    "{stage} (Job {job_name}) failed, retrying in {}s: {error}",
+                    delay.as_secs()
+                ),
+            )
+            .await;
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            };
+            match apis.jobs.delete(job_name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: format!("deleting failed Job {job_name}"),
+                        source,
+                    });
+                }
+            }
+            Ok(Action::requeue(delay))
+        }
+        Next::GaveUp(message) => {
+            ctx.event(qm, EventType::Warning, "StageFailed", message)
+                .await;
+            Ok(Action::await_change())
+        }
+        _ => Ok(Action::await_change()),
+    }
+}
+
+/// Whether reconciling changed the stage's condition, ignoring its time and
+/// generation: a stage that re-runs passes through `Running` first, so a
+/// result seen again under a new generation is not counted twice.
+fn condition_changed(old: &QuantizedModelStatus, new: &QuantizedModelStatus, stage: Stage) -> bool {
+    let key = |s: &QuantizedModelStatus| {
+        crate::conditions::find(&s.conditions, stage.condition_type())
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    key(old) != key(new)
+}
+
+fn record_result_metrics(metrics: &Metrics, stage: Stage, summary: &StageSummary) {
+    metrics
+        .stage_results
+        .with_label_values(&[stage.name(), "succeeded"])
+        .inc();
+    if let Some(seconds) = summary.seconds {
+        metrics
+            .stage_duration
+            .with_label_values(&[stage.name()])
+            .observe(seconds);
+    }
+    for gate in &summary.gates {
+        let result = if gate.passed { "passed" } else { "failed" };
+        metrics
+            .gate_results
+            .with_label_values(&[gate.name.as_str(), result])
+            .inc();
+    }
+}
+
+/// Requeues a failed reconciliation, backing off exponentially per object
+/// (5s, 10s, ... up to 5 minutes); never stops the controller.
+pub fn error_policy(qm: Arc<QuantizedModel>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[CONTROLLER, error.kind()])
+        .inc();
+    let failures = match ctx.failures.lock() {
+        Ok(mut map) => {
+            let count = map.entry(object_key(&qm)).or_insert(0);
+            *count = count.saturating_add(1);
+            *count
+        }
+        Err(_) => 1,
+    };
+    let delay = Duration::from_secs(5u64.saturating_mul(1u64 << failures.min(6).saturating_sub(1)))
+        .min(Duration::from_secs(300));
+    tracing::warn!(model = %object_key(&qm), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the QuantizedModel controller until `shutdown` resolves. Exposed in
+/// the library so that end-to-end tests can start it in-process.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (models, jobs): (Api<QuantizedModel>, Api<Job>) = match &config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let instance = std::env::var("POD_NAME").ok();
+    let ctx = Arc::new(Context::new(client, config, metrics.clone(), instance));
+    let controller = Controller::new(models, watcher::Config::default()).owns(
+        jobs,
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=quantops"),
+    );
+    let store = controller.store();
+    let phases = tokio::spawn(count_phases(store, metrics));
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(model = %object.name, "reconciled"),
+                Err(error) => tracing::debug!(%error, "reconcile error"),
+            }
+        })
+        .await;
+    phases.abort();
+}
+
+/// Keeps the objects-per-phase gauge current from the controller's cache.
+async fn count_phases(store: kube::runtime::reflector::Store<QuantizedModel>, metrics: Metrics) {
+    loop {
+        let mut counts: HashMap<&'static str, i64> =
+            Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
+        for qm in store.state() {
+            let phase = qm
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .and_then(|p| Phase::ALL.iter().find(|x| x.as_str() == p))
+                .map_or(Phase::Pending.as_str(), |p| p.as_str());
+            *counts.entry(phase).or_insert(0) += 1;
+        }
+        for (phase, count) in counts {
+            metrics
+                .objects_by_phase
+                .with_label_values(&[phase])
+                .set(count);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job_with(type_: &str, status: &str, message: Option<&str>) -> Job {
+        Job {
+            status: Some(JobStatus {
+                conditions: Some(vec![JobCondition {
+                    type_: type_.to_string(),
+                    status: status.to_string(),
+                    reason: Some("BackoffLimitExceeded".to_string()),
+                    message: message.map(str::to_string),
+                    ..JobCondition::default()
+                }]),
+                ..JobStatus::default()
+            }),
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn job_states() {
+        assert_eq!(job_state(&Job::default()), JobState::Running);
+        assert_eq!(
+            job_state(&job_with("Complete", "True", None)),
+            JobState::Succeeded
+        );
+        assert_eq!(
+            job_state(&job_with("Complete", "False", None)),
+            JobState::Running
+        );
+        assert_eq!(
+            job_state(&job_with(
+                "Failed",
+                "True",
+                Some("Job has reached the specified backoff limit")
+            )),
+            JobState::Failed(Some(
+                "BackoffLimitExceeded: Job has reached the specified backoff limit".to_string()
+            ))
+        );
+    }
+
+    fn pod(message: &str, finished: i64) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "quantizer".to_string(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            message: Some(message.to_string()),
+                            finished_at: Timestamp::from_second(finished).ok().map(Time),
+                            ..ContainerStateTerminated::default()
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn newest_termination_message_wins_and_parses() {
+        let pods = [
+            pod("old", 10),
+            pod(
+                r#"{"stage":"quantize","variant":"v","artifact_digest":"sha256:ab"}"#,
+                20,
+            ),
+        ];
+        let message = termination_message(&pods).unwrap_or_default();
+        let summary = parse_summary(&message).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(summary.artifact_digest.as_deref(), Some("sha256:ab"));
+        assert_eq!(termination_message(&[]), None);
+    }
+
+    #[test]
+    fn log_fallback_becomes_the_error() {
+        let error = parse_summary("thread 'main' panicked at src/main.rs: out of memory").err();
+        assert!(error.is_some_and(|e| e.contains("out of memory")));
+    }
+
+    #[test]
+    fn progress_from_json_and_plain_logs() {
+        let json = concat!(
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"progress: quantize layer 13/32","stage":"quantize"}}"#,
+            "\n",
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"progress: quantize layer 14/32","stage":"quantize"}}"#,
+            "\n",
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"saving"}}"#,
+        );
+        assert_eq!(last_progress(json).as_deref(), Some("quantize layer 14/32"));
+        let plain = "2026 INFO progress: baseline window 3/64 stage=baseline\nother";
+        assert_eq!(
+            last_progress(plain).as_deref(),
+            Some("baseline window 3/64 stage=baseline")
+        );
+        assert_eq!(last_progress("nothing here"), None);
+    }
+}

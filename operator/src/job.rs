@@ -1,0 +1,258 @@
+//! Rendering of a stage's Job and the ConfigMap carrying its spec. Pure
+//! functions of the QuantizedModel, the stage and the settings, so the names
+//! are deterministic: a restarted operator computes the same name, finds the
+//! Job it created before and adopts it instead of starting a second.
+
+use crate::config::JobSettings;
+use crate::pipeline::{self, Stage};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use quantops_api::QuantizedModel;
+use std::collections::BTreeMap;
+
+/// Where the spec ConfigMap is mounted in the worker's pod.
+pub const SPEC_DIR: &str = "/etc/quantops";
+/// The spec file inside [`SPEC_DIR`].
+pub const SPEC_FILE: &str = "spec.yaml";
+/// Where the model volume is mounted in the worker's pod.
+pub const MODEL_DIR: &str = "/models";
+/// Label naming the QuantizedModel a Job belongs to.
+pub const MODEL_LABEL: &str = "quantops.dev/model";
+/// Label naming the stage a Job runs.
+pub const STAGE_LABEL: &str = "quantops.dev/stage";
+/// Label carrying the stage hash the Job was rendered for.
+pub const HASH_LABEL: &str = "quantops.dev/spec-hash";
+/// The GPU extended resource of the NVIDIA device plugin.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Why a Job could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("QuantizedModel {0} has no uid yet, so it cannot own a Job")]
+    NoUid(String),
+    #[error("QuantizedModel {0} has no namespace")]
+    NoNamespace(String),
+    #[error("cannot render the spec of QuantizedModel {name} as YAML: {source}")]
+    Spec {
+        name: String,
+        source: serde_yaml::Error,
+    },
+}
+
+/// Longest name of a Job (and of a label value).
+const MAX_NAME: usize = 63;
+
+/// `{qm}-{stage}-{hash}`, at most 63 characters. The hash covers the model's
+/// full name and the stage hash, so two models whose names share a cut
+/// prefix still get different Jobs.
+pub fn job_name(model: &str, stage: Stage, stage_hash: &str) -> String {
+    let hash = pipeline::short_hash(&format!("{model}/{stage}/{stage_hash}"), 8);
+    let suffix = format!("-{stage}-{hash}");
+    format!("{}{suffix}", truncated(model, MAX_NAME - suffix.len()))
+}
+
+/// A label-safe form of a model name: itself when short enough, otherwise cut
+/// and made unique with a hash.
+pub fn model_label(model: &str) -> String {
+    if model.len() <= MAX_NAME {
+        return model.to_string();
+    }
+    let hash = pipeline::short_hash(model, 8);
+    format!("{}-{hash}", truncated(model, MAX_NAME - 9))
+}
+
+/// Cuts a DNS-1123 name to `max` bytes without leaving a trailing `-` or `.`.
+fn truncated(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].trim_end_matches(['-', '.'])
+}
+
+/// The labels of every object rendered for a stage.
+pub fn labels(model: &str, stage: Stage, stage_hash: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "quantops".to_string(),
+        ),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "quantizer-job".to_string(),
+        ),
+        (MODEL_LABEL.to_string(), model_label(model)),
+        (STAGE_LABEL.to_string(), stage.name().to_string()),
+        (HASH_LABEL.to_string(), stage_hash.to_string()),
+    ])
+}
+
+/// Metadata shared by the Job and its ConfigMap: name, namespace, labels and
+/// the controller owner reference that ties them to the QuantizedModel (and
+/// lets Kubernetes delete them with it).
+fn owned_meta(
+    qm: &QuantizedModel,
+    stage: Stage,
+    stage_hash: &str,
+) -> Result<ObjectMeta, RenderError> {
+    let name = qm.name_any();
+    let namespace = qm
+        .namespace()
+        .ok_or_else(|| RenderError::NoNamespace(name.clone()))?;
+    let owner = qm
+        .controller_owner_ref(&())
+        .ok_or_else(|| RenderError::NoUid(name.clone()))?;
+    Ok(ObjectMeta {
+        name: Some(job_name(&name, stage, stage_hash)),
+        namespace: Some(namespace),
+        labels: Some(labels(&name, stage, stage_hash)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// The QuantizedModel as the worker reads it: apiVersion, kind, name and
+/// spec, without status or server-managed metadata.
+pub fn spec_yaml(qm: &QuantizedModel) -> Result<String, serde_yaml::Error> {
+    let mut clean = QuantizedModel::new(&qm.name_any(), qm.spec.clone());
+    clean.metadata.namespace = qm.namespace();
+    serde_yaml::to_string(&clean)
+}
+
+/// The ConfigMap holding the spec a stage's Job runs with; named like the Job.
+pub fn render_config_map(qm: &QuantizedModel, stage: Stage) -> Result<ConfigMap, RenderError> {
+    let hash = pipeline::stage_hash(&qm.spec, stage);
+    let yaml = spec_yaml(qm).map_err(|source| RenderError::Spec {
+        name: qm.name_any(),
+        source,
+    })?;
+    Ok(ConfigMap {
+        metadata: owned_meta(qm, stage, &hash)?,
+        data: Some(BTreeMap::from([(SPEC_FILE.to_string(), yaml)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// The Job running one stage of the worker for `qm`.
+pub fn render_job(
+    qm: &QuantizedModel,
+    stage: Stage,
+    settings: &JobSettings,
+) -> Result<Job, RenderError> {
+    let hash = pipeline::stage_hash(&qm.spec, stage);
+    let metadata = owned_meta(qm, stage, &hash)?;
+    let config_map = metadata.name.clone();
+    let pod_labels = labels(&qm.name_any(), stage, &hash);
+
+    let resources = &qm.spec.resources;
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if resources.gpus > 0 {
+        // Extended resources are requested through limits (requests must equal them).
+        let gpus = Quantity(resources.gpus.to_string());
+        requests.insert(GPU_RESOURCE.to_string(), gpus.clone());
+        limits.insert(GPU_RESOURCE.to_string(), gpus);
+    }
+    if let Some(memory) = &resources.memory {
+        requests.insert("memory".to_string(), Quantity(memory.clone()));
+        limits.insert("memory".to_string(), Quantity(memory.clone()));
+    }
+    if let Some(cpu) = &resources.cpu {
+        requests.insert("cpu".to_string(), Quantity(cpu.clone()));
+    }
+    let tolerations = (resources.gpus > 0).then(|| {
+        vec![Toleration {
+            key: Some(GPU_RESOURCE.to_string()),
+            operator: Some("Exists".to_string()),
+            effect: Some("NoSchedule".to_string()),
+            ..Toleration::default()
+        }]
+    });
+
+    let container = Container {
+        name: "quantizer".to_string(),
+        image: Some(settings.image.clone()),
+        command: Some(vec![
+            "quantizer-job".to_string(),
+            stage.name().to_string(),
+            "--spec".to_string(),
+            format!("{SPEC_DIR}/{SPEC_FILE}"),
+            "--root".to_string(),
+            MODEL_DIR.to_string(),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "QUANTOPS_LOG_FORMAT".to_string(),
+            value: Some("json".to_string()),
+            ..EnvVar::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: (!requests.is_empty()).then_some(requests),
+            limits: (!limits.is_empty()).then_some(limits),
+            ..ResourceRequirements::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "spec".to_string(),
+                mount_path: SPEC_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "models".to_string(),
+                mount_path: MODEL_DIR.to_string(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+
+    Ok(Job {
+        metadata,
+        spec: Some(JobSpec {
+            // The operator retries broken stages itself, with its own backoff.
+            backoff_limit: Some(0),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_string()),
+                    containers: vec![container],
+                    node_selector: (!settings.node_selector.is_empty())
+                        .then(|| settings.node_selector.clone()),
+                    tolerations,
+                    service_account_name: settings.service_account.clone(),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "spec".to_string(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: config_map.unwrap_or_default(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "models".to_string(),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: settings.model_claim.clone(),
+                                read_only: Some(false),
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,19 @@
+//! The quantops operator as a library: the QuantizedModel reconciler, the
+//! pipeline state machine it shares with local mode, Job rendering, leader
+//! election, metrics and the CRD generator. The `quantops` binary is a thin
+//! command line over these; tests start the controller in-process with
+//! [`controller::run`].
+
+pub mod conditions;
+pub mod config;
+pub mod controller;
+pub mod crds;
+pub mod job;
+pub mod leader;
+pub mod local;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+
+pub use config::{JobSettings, OperatorConfig};
+pub use controller::run;

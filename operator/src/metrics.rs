@@ -1,0 +1,134 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the operator exports, registered in its own registry so that
+/// tests can build as many as they like.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    pub stage_duration: HistogramVec,
+    pub stage_results: IntCounterVec,
+    pub gate_results: IntCounterVec,
+    pub objects_by_phase: IntGaugeVec,
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("quantops".to_string()), None)?;
+        let reconciles = IntCounterVec::new(
+            Opts::new("reconciles_total", "Reconciliations, per controller"),
+            &["controller"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "reconcile_errors_total",
+                "Failed reconciliations, per controller and error kind",
+            ),
+            &["controller", "error"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "reconcile_duration_seconds",
+                "Time spent in one reconciliation",
+            )
+            .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            &["controller"],
+        )?;
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "stage_duration_seconds",
+                "Run time of a pipeline stage, as the worker measured it",
+            )
+            .buckets(vec![
+                1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
+            ]),
+            &["stage"],
+        )?;
+        let stage_results = IntCounterVec::new(
+            Opts::new(
+                "stage_results_total",
+                "Finished stage runs, by stage and result (succeeded, broken)",
+            ),
+            &["stage", "result"],
+        )?;
+        let gate_results = IntCounterVec::new(
+            Opts::new(
+                "gate_results_total",
+                "Quality gate verdicts, by gate and result (passed, failed)",
+            ),
+            &["gate", "result"],
+        )?;
+        let objects_by_phase = IntGaugeVec::new(
+            Opts::new(
+                "quantizedmodels",
+                "QuantizedModels known to this replica, by phase",
+            ),
+            &["phase"],
+        )?;
+        let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(stage_duration.clone()))?;
+        registry.register(Box::new(stage_results.clone()))?;
+        registry.register(Box::new(gate_results.clone()))?;
+        registry.register(Box::new(objects_by_phase.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        Ok(Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            stage_duration,
+            stage_results,
+            gate_results,
+            objects_by_phase,
+            leader,
+        })
+    }
+
+    /// The text exposition format of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics() -> Result<(), prometheus::Error> {
+        let metrics = Metrics::new()?;
+        metrics
+            .reconciles
+            .with_label_values(&["quantizedmodel"])
+            .inc();
+        metrics
+            .gate_results
+            .with_label_values(&["perplexity", "failed"])
+            .inc();
+        metrics.leader.set(1);
+        let text = metrics.render()?;
+        assert!(
+            text.contains("quantops_reconciles_total{controller=\"quantizedmodel\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("quantops_gate_results_total{gate=\"perplexity\",result=\"failed\"} 1")
+        );
+        assert!(text.contains("quantops_leader 1"));
+        Ok(())
+    }
+}
