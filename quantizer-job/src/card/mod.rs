@@ -243,9 +243,18 @@ fn recommendations(spec: &QuantizedModelSpec, report: &Report) -> Vec<String> {
             .filter(|g| !g.passed)
             .map(|g| g.name.as_str())
             .collect();
+        let remedy = if matches!(q.method, Method::Rtn) {
+            "Try GPTQ or AWQ, more bits or a smaller group size."
+        } else {
+            "Try more bits, a smaller group size or more calibration samples."
+        };
         out.push(format!(
-            "Do not promote: failed gate(s) {}. Try more bits, a smaller group size, or GPTQ/AWQ instead of RTN.",
-            if failed.is_empty() { "none evaluated".to_string() } else { failed.join(", ") }
+            "Do not promote: failed gate(s) {}. {remedy}",
+            if failed.is_empty() {
+                "none evaluated".to_string()
+            } else {
+                failed.join(", ")
+            }
         ));
     }
     if q.bits < 4 && matches!(q.method, Method::Rtn | Method::Gptq | Method::Awq) {
