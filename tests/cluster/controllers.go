@@ -13,28 +13,37 @@ import (
 	scheduleroptions "k8s.io/kubernetes/cmd/kube-scheduler/app/options"
 )
 
+// componentFlags are the flags the controller manager and the scheduler
+// share: the admin kubeconfig for API access and for delegated authentication
+// and authorization, a loopback secure port with its own certificate
+// directory, and no leader election (one instance each).
+func componentFlags(c *cluster, name string, port int) []string {
+	return []string{
+		"--kubeconfig=" + c.kubeconfig,
+		"--authentication-kubeconfig=" + c.kubeconfig,
+		"--authorization-kubeconfig=" + c.kubeconfig,
+		"--bind-address=127.0.0.1",
+		"--secure-port=" + strconv.Itoa(port),
+		"--cert-dir=" + filepath.Join(c.dir, name),
+		"--leader-elect=false",
+	}
+}
+
 // controllerManagerCommand prepares the upstream kube-controller-manager with
 // every default controller (job, namespace, garbage collector, service-account
 // and token controllers among them). It must be built before the API server's
 // command: building it changes a feature-gate default, which panics once
 // another component has added the gates to its flags.
 func controllerManagerCommand(c *cluster) *cobra.Command {
-	args := []string{
-		"--kubeconfig=" + c.kubeconfig,
-		"--authentication-kubeconfig=" + c.kubeconfig,
-		"--authorization-kubeconfig=" + c.kubeconfig,
-		"--bind-address=127.0.0.1",
-		"--secure-port=" + strconv.Itoa(c.kcmPort),
-		"--cert-dir=" + filepath.Join(c.dir, "controller-manager"),
-		"--leader-elect=false",
+	args := append(componentFlags(c, "controller-manager", c.kcmPort),
 		"--controllers=*",
-		"--service-account-private-key-file=" + c.pki.SAKey,
-		"--root-ca-file=" + c.pki.CACert,
-		"--cluster-signing-cert-file=" + c.pki.CACert,
-		"--cluster-signing-key-file=" + c.pki.CAKey,
-		"--service-cluster-ip-range=" + serviceCIDR,
+		"--service-account-private-key-file="+c.pki.SAKey,
+		"--root-ca-file="+c.pki.CACert,
+		"--cluster-signing-cert-file="+c.pki.CACert,
+		"--cluster-signing-key-file="+c.pki.CAKey,
+		"--service-cluster-ip-range="+serviceCIDR,
 		"--v=0",
-	}
+	)
 	cmd := kcmapp.NewControllerManagerCommand()
 	cmd.SetArgs(args)
 	return cmd
@@ -57,15 +66,7 @@ func schedulerOptions(c *cluster) (*scheduleroptions.Options, error) {
 	for _, f := range opts.Flags.FlagSets {
 		fs.AddFlagSet(f)
 	}
-	args := []string{
-		"--kubeconfig=" + c.kubeconfig,
-		"--authentication-kubeconfig=" + c.kubeconfig,
-		"--authorization-kubeconfig=" + c.kubeconfig,
-		"--bind-address=127.0.0.1",
-		"--secure-port=" + strconv.Itoa(c.schedPort),
-		"--cert-dir=" + filepath.Join(c.dir, "scheduler"),
-		"--leader-elect=false",
-	}
+	args := componentFlags(c, "scheduler", c.schedPort)
 	if err := fs.Parse(args); err != nil {
 		return nil, fmt.Errorf("kube-scheduler flags: %w", err)
 	}
