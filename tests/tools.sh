@@ -1,6 +1,8 @@
 # Installs the toolchains the tests need when the machine lacks them, from the
 # package registries only (Debian, crates.io, the Go module proxy).
 
+HELM_VERSION=${HELM_VERSION:-v3.16.4}
+
 # Go >= 1.24 is needed to build the test control plane from k8s.io/kubernetes.
 GO_TOOLCHAIN_VERSION=${GO_TOOLCHAIN_VERSION:-1.24.4}
 
@@ -34,4 +36,17 @@ ensure_go() {
   dir=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "$mod" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
   export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
   go version
+}
+
+# helm lints and renders the chart (charts/check) and the operator's
+# end-to-end tests install its RBAC from `helm template`. No registry ships
+# a helm binary, so it is built from its Go module (needs ensure_go first).
+ensure_helm() {
+  export PATH="$PATH:$HOME/go/bin"
+  if command -v helm >/dev/null; then
+    return 0
+  fi
+  echo "building helm $HELM_VERSION from its Go module (a cold build takes minutes)..." >&2
+  (cd /tmp && GOBIN="$HOME/go/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
+  helm version --short
 }

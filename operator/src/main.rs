@@ -67,6 +67,9 @@ struct ControllerArgs {
     /// Runs of a broken stage before the model is Failed.
     #[arg(long, env = "QUANTOPS_MAX_STAGE_ATTEMPTS", default_value_t = 3)]
     max_stage_attempts: u32,
+    /// Seconds before the first retry of a broken stage; doubled for each further one.
+    #[arg(long, env = "QUANTOPS_STAGE_RETRY_DELAY", default_value_t = 30)]
+    stage_retry_delay: u64,
     /// Name of the leader-election Lease.
     #[arg(long, env = "QUANTOPS_LEASE_NAME", default_value = "quantops-operator")]
     lease_name: String,
@@ -180,7 +183,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         },
         retry: quantops_operator::pipeline::RetryPolicy {
             max_attempts: args.max_stage_attempts.max(1),
-            ..Default::default()
+            base_delay: std::time::Duration::from_secs(args.stage_retry_delay),
         },
         ..OperatorConfig::default()
     };

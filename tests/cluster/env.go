@@ -25,6 +25,9 @@ func (a *nodeAgent) containerEnv(ctx context.Context, pod *corev1.Pod, ctr *core
 		"KUBERNETES_SERVICE_HOST":       "127.0.0.1",
 		"KUBERNETES_SERVICE_PORT":       strconv.Itoa(a.c.apiPort),
 		"KUBERNETES_SERVICE_PORT_HTTPS": strconv.Itoa(a.c.apiPort),
+		// Only the test node sets this: it lets one local command stand for
+		// several images (the simulated worker reads its stage time from the tag).
+		"QUANTOPS_TEST_IMAGE": ctr.Image,
 	}
 	var order []string
 	set := func(k, v string) {

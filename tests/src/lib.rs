@@ -23,6 +23,8 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
+pub mod operator;
+
 /// The field manager of everything the tests create with server-side apply.
 pub const FIELD_MANAGER: &str = "quantops-e2e";
 
@@ -50,6 +52,11 @@ pub enum HarnessError {
     Kubeconfig {
         path: PathBuf,
         source: kube::config::KubeconfigError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
     },
     #[error("building a client: {0}")]
     Client(#[source] kube::Error),
