@@ -41,6 +41,9 @@ pub struct OperatorConfig {
     pub retry: RetryPolicy,
     /// How often a running stage is looked at even without a watch event.
     pub resync: Duration,
+    /// Reconciliations running at once: bounds the load the operator puts
+    /// on the API server when thousands of models change together.
+    pub max_concurrent_reconciles: u16,
 }
 
 impl Default for OperatorConfig {
@@ -50,6 +53,7 @@ impl Default for OperatorConfig {
             jobs: JobSettings::default(),
             retry: RetryPolicy::default(),
             resync: Duration::from_secs(300),
+            max_concurrent_reconciles: 16,
         }
     }
 }

@@ -15,8 +15,10 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PropagationPolicy};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use quantops_api::{QuantizedModel, QuantizedModelStatus, StageSummary};
@@ -75,8 +77,20 @@ pub struct Context {
     pub config: OperatorConfig,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// The operator's Jobs and their pods as last watched: scanning them here
+    /// instead of listing them from the API server keeps a reconciliation's
+    /// cost independent of how many models share the namespace.
+    caches: Caches,
     /// Consecutive failed reconciliations per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Reflector caches of the objects the operator creates (labelled
+/// `app.kubernetes.io/managed-by=quantops`).
+#[derive(Clone)]
+pub struct Caches {
+    pub jobs: Store<Job>,
+    pub pods: Store<Pod>,
 }
 
 impl Context {
@@ -84,6 +98,7 @@ impl Context {
         client: Client,
         config: OperatorConfig,
         metrics: Metrics,
+        caches: Caches,
         instance: Option<String>,
     ) -> Context {
         let reporter = Reporter {
@@ -95,6 +110,7 @@ impl Context {
             client,
             config,
             metrics,
+            caches,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -117,10 +133,28 @@ impl Context {
 
 /// The APIs one reconciliation uses, all in the model's namespace.
 struct Apis {
+    namespace: String,
     models: Api<QuantizedModel>,
     jobs: Api<Job>,
     config_maps: Api<ConfigMap>,
     pods: Api<Pod>,
+}
+
+/// The cached pods of a Job, by the label the Job controller puts on them.
+fn cached_pods(caches: &Caches, namespace: &str, job_name: &str) -> Vec<Pod> {
+    caches
+        .pods
+        .state()
+        .into_iter()
+        .filter(|pod| pod.namespace().as_deref() == Some(namespace))
+        .filter(|pod| {
+            pod.labels()
+                .get("batch.kubernetes.io/job-name")
+                .map(String::as_str)
+                == Some(job_name)
+        })
+        .map(|pod| (*pod).clone())
+        .collect()
 }
 
 /// Where a stage's Job stands.
@@ -192,7 +226,14 @@ pub fn parse_summary(message: &str) -> Result<StageSummary, String> {
     })
 }
 
-async fn read_summary(apis: &Apis, job_name: &str) -> Result<Option<String>, Error> {
+/// The stage's summary from its pod: from the cache when it has the
+/// terminated container already, else from the API server (the pod watch
+/// may lag behind the Job's).
+async fn read_summary(ctx: &Context, apis: &Apis, job_name: &str) -> Result<Option<String>, Error> {
+    if let Some(message) = termination_message(&cached_pods(&ctx.caches, &apis.namespace, job_name))
+    {
+        return Ok(Some(message));
+    }
     let pods = apis
         .pods
         .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
@@ -219,14 +260,9 @@ pub fn last_progress(logs: &str) -> Option<String> {
 
 /// The running worker's latest progress line; unavailable logs are not an
 /// error (the pod may not have started yet).
-async fn running_progress(apis: &Apis, job_name: &str) -> Option<String> {
-    let pods = apis
-        .pods
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
-        .await
-        .ok()?;
+async fn running_progress(ctx: &Context, apis: &Apis, job_name: &str) -> Option<String> {
+    let pods = cached_pods(&ctx.caches, &apis.namespace, job_name);
     let pod = pods
-        .items
         .iter()
         .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))?;
     let params = LogParams {
@@ -253,14 +289,17 @@ async fn delete_stale_jobs(qm: &QuantizedModel, ctx: &Context, apis: &Apis) -> R
         .iter()
         .map(|stage| job::job_name(&model, *stage, &pipeline::stage_hash(&qm.spec, *stage)))
         .collect();
-    let selector = format!("{}={}", job::MODEL_LABEL, job::model_label(&model));
-    let jobs = apis
+    let label = job::model_label(&model);
+    let jobs: Vec<Arc<Job>> = ctx
+        .caches
         .jobs
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .during(|| format!("listing the Jobs of QuantizedModel {model}"))?;
+        .state()
+        .into_iter()
+        .filter(|j| j.namespace().as_deref() == Some(apis.namespace.as_str()))
+        .filter(|j| j.labels().get(job::MODEL_LABEL) == Some(&label))
+        .collect();
     let uid = qm.uid();
-    for stale in jobs.items.iter().filter(|j| {
+    for stale in jobs.iter().filter(|j| {
         let owned = j
             .owner_references()
             .iter()
@@ -375,6 +414,7 @@ async fn reconcile_inner(qm: &QuantizedModel, ctx: &Context) -> Result<Action, E
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let client = ctx.client.clone();
     let apis = Apis {
+        namespace: namespace.clone(),
         models: Api::namespaced(client.clone(), &namespace),
         jobs: Api::namespaced(client.clone(), &namespace),
         config_maps: Api::namespaced(client.clone(), &namespace),
@@ -457,7 +497,7 @@ async fn drive(
         match job_state(&existing) {
             JobState::Running => {
                 pipeline::mark_running(status, stage, &format!("Job {job_name} running"), obs);
-                if let Some(progress) = running_progress(apis, &job_name).await {
+                if let Some(progress) = running_progress(ctx, apis, &job_name).await {
                     status.progress = Some(if progress.starts_with(stage.name()) {
                         progress
                     } else {
@@ -467,7 +507,7 @@ async fn drive(
                 return Ok(Action::requeue(PROGRESS_INTERVAL.min(ctx.config.resync)));
             }
             JobState::Succeeded => {
-                let message = read_summary(apis, &job_name).await?;
+                let message = read_summary(ctx, apis, &job_name).await?;
                 let summary = match message.as_deref().map(parse_summary) {
                     Some(Ok(summary)) if summary.error.is_none() => summary,
                     Some(Ok(summary)) => {
@@ -529,7 +569,7 @@ async fn drive(
                     status.phase = Some(Phase::Failed.as_str().to_string());
                     return Ok(Action::await_change());
                 }
-                let message = read_summary(apis, &job_name).await?;
+                let message = read_summary(ctx, apis, &job_name).await?;
                 let error = match message.as_deref().map(parse_summary) {
                     Some(Ok(StageSummary {
                         error: Some(error), ..
@@ -669,12 +709,45 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
+    let pods: Api<Pod> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let ours = watcher::Config::default().labels(MANAGED_BY_QUANTOPS);
+    let (job_cache, job_writer) = reflector::store::<Job>();
+    let (pod_cache, pod_writer) = reflector::store::<Pod>();
+    let job_watch = tokio::spawn(drain(reflector(
+        job_writer,
+        watcher(jobs.clone(), ours.clone()),
+    )));
+    let pod_watch = tokio::spawn(drain(reflector(pod_writer, watcher(pods, ours.clone()))));
+    for (what, cache) in [
+        ("Jobs", job_cache.wait_until_ready().await),
+        ("pods", pod_cache.wait_until_ready().await),
+    ] {
+        if let Err(error) = cache {
+            tracing::error!(%error, what, "the cache never filled; stopping");
+            job_watch.abort();
+            pod_watch.abort();
+            return;
+        }
+    }
+    let caches = Caches {
+        jobs: job_cache,
+        pods: pod_cache,
+    };
     let instance = std::env::var("POD_NAME").ok();
-    let ctx = Arc::new(Context::new(client, config, metrics.clone(), instance));
-    let controller = Controller::new(models, watcher::Config::default()).owns(
-        jobs,
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=quantops"),
-    );
+    let concurrency = config.max_concurrent_reconciles;
+    let ctx = Arc::new(Context::new(
+        client,
+        config,
+        metrics.clone(),
+        caches,
+        instance,
+    ));
+    let controller = Controller::new(models, watcher::Config::default())
+        .owns(jobs, ours)
+        .with_config(controller::Config::default().concurrency(concurrency));
     let store = controller.store();
     let phases = tokio::spawn(count_phases(store, metrics));
     controller
@@ -688,6 +761,26 @@ pub async fn run(
         })
         .await;
     phases.abort();
+    job_watch.abort();
+    pod_watch.abort();
+}
+
+/// The label selector of everything the operator creates.
+const MANAGED_BY_QUANTOPS: &str = "app.kubernetes.io/managed-by=quantops";
+
+/// Keeps a reflector's watch running (its errors are retried with backoff).
+async fn drain<K, S>(stream: S)
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    stream
+        .default_backoff()
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                tracing::debug!(%error, "watch error; retrying");
+            }
+        })
+        .await;
 }
 
 /// Keeps the objects-per-phase gauge current from the controller's cache.

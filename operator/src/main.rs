@@ -70,6 +70,9 @@ struct ControllerArgs {
     /// Seconds before the first retry of a broken stage; doubled for each further one.
     #[arg(long, env = "QUANTOPS_STAGE_RETRY_DELAY", default_value_t = 30)]
     stage_retry_delay: u64,
+    /// Reconciliations running at once.
+    #[arg(long, env = "QUANTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    max_concurrent_reconciles: u16,
     /// Name of the leader-election Lease.
     #[arg(long, env = "QUANTOPS_LEASE_NAME", default_value = "quantops-operator")]
     lease_name: String,
@@ -185,6 +188,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             max_attempts: args.max_stage_attempts.max(1),
             base_delay: std::time::Duration::from_secs(args.stage_retry_delay),
         },
+        max_concurrent_reconciles: args.max_concurrent_reconciles.max(1),
         ..OperatorConfig::default()
     };
     let client = kube::Client::try_default()

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams};
 use quantops_api::QuantizedModel;
 use quantops_e2e::operator::{
     Operator, OperatorOptions, REAL_WORKER_IMAGE, install_chart, sim_worker_image,
