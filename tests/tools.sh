@@ -35,3 +35,16 @@ ensure_go() {
   export PATH="$dir/bin:$PATH" GOTOOLCHAIN=local
   go version
 }
+
+# nginx and fcgiwrap (Debian) serve `git http-backend` with basic auth for the
+# GitOps tests (tests/gitserver/up); openssl hashes the htpasswd entry.
+ensure_gitserver_tools() {
+  local missing=()
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+  command -v fcgiwrap >/dev/null || [[ -x /usr/sbin/fcgiwrap ]] || missing+=(fcgiwrap)
+  command -v openssl >/dev/null || missing+=(openssl)
+  [[ -x /usr/lib/git-core/git-http-backend ]] || missing+=(git)
+  if (( ${#missing[@]} )); then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
