@@ -166,6 +166,10 @@ struct GitServer {
     repos: PathBuf,
     user: String,
     password: String,
+    /// `ssh://user@127.0.0.1:port`; a repository's absolute path follows.
+    ssh_url: String,
+    ssh_client_key: String,
+    ssh_known_hosts: String,
 }
 
 /// The git server of `tests/gitserver/up`, started when it is not running.
@@ -196,6 +200,9 @@ fn git_server() -> &'static GitServer {
             repos: dir.join("repos"),
             user: read("user"),
             password: read("password"),
+            ssh_url: read("ssh_url"),
+            ssh_client_key: read("ssh/client_ed25519"),
+            ssh_known_hosts: read("ssh/known_hosts"),
         }
     })
 }
@@ -744,4 +751,110 @@ fn unreachable_servers_and_paths_are_network_errors() {
         .commit_promotion(&local_target(missing.display().to_string()), &commit)
         .expect_err("missing path");
     assert!(matches!(err, GitOpsError::Unreachable { .. }), "{err:?}");
+}
+
+/// SSH credentials as a Secret would hold them.
+fn ssh_target(bare: &Path, key: &str, known_hosts: &str) -> GitTarget {
+    let server = git_server();
+    let credentials = GitCredentials::from_secret_data(
+        "gitops-ssh",
+        &secret_data(&[("ssh-privatekey", key), ("known_hosts", known_hosts)]),
+    )
+    .expect("ssh credentials");
+    GitTarget {
+        url: format!("{}{}", server.ssh_url, bare.display()),
+        branch: "main".to_string(),
+        credentials,
+    }
+}
+
+#[test]
+fn over_ssh_with_a_key_and_known_hosts_a_commit_and_its_revert_land() {
+    let server = git_server();
+    let (bare, _) = http_repo("ssh");
+    let target = ssh_target(&bare, &server.ssh_client_key, &server.ssh_known_hosts);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let w = writer(tmp.path());
+    let commit = promotion_commit("tiny-llama", "v1.2", Environment::Test, promotion("ssh", 1));
+    let out = w
+        .commit_promotion(&target, &commit)
+        .expect("commit over ssh");
+    assert_eq!(out.status, CommitStatus::Created);
+    assert_eq!(git(&bare, &["rev-parse", "main"]).trim(), out.sha);
+    let again = w
+        .commit_promotion(&target, &commit)
+        .expect("again over ssh");
+    assert_eq!(again.status, CommitStatus::AlreadyPresent);
+    let reverted = w
+        .revert(
+            &target,
+            &RevertRequest {
+                promotion: promotion("ssh", 1),
+                commit: out.sha.clone(),
+                reason: "test".to_string(),
+            },
+        )
+        .expect("revert over ssh");
+    assert_eq!(reverted.status, CommitStatus::Created);
+    assert!(files_under(&bare, "main", "envs").is_empty());
+}
+
+#[test]
+fn over_ssh_an_unknown_key_or_host_is_refused() {
+    let server = git_server();
+    let (bare, _) = http_repo("ssh-refused");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let commit = promotion_commit(
+        "tiny-llama",
+        "v1",
+        Environment::Test,
+        promotion("ssh-bad", 1),
+    );
+
+    // A key the server does not know.
+    let key_path = tmp.path().join("other_ed25519");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key_path)
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other_key = std::fs::read_to_string(&key_path).expect("key");
+    let target = ssh_target(&bare, &other_key, &server.ssh_known_hosts);
+    let err = writer(&tmp.path().join("a"))
+        .commit_promotion(&target, &commit)
+        .expect_err("unknown key");
+    assert!(matches!(err, GitOpsError::AuthRefused { .. }), "{err:?}");
+
+    // A server whose host key is not the one known_hosts lists.
+    let other_pub = std::fs::read_to_string(key_path.with_extension("pub")).expect("pub");
+    let port = server.ssh_url.rsplit(':').next().expect("port");
+    let fields: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    let wrong_hosts = format!("[127.0.0.1]:{port} {}\n", fields.join(" "));
+    let target = ssh_target(&bare, &server.ssh_client_key, &wrong_hosts);
+    let err = writer(&tmp.path().join("b"))
+        .commit_promotion(&target, &commit)
+        .expect_err("unknown host key");
+    assert!(
+        matches!(err, GitOpsError::HostKeyRejected { .. }),
+        "{err:?}"
+    );
+    assert_eq!(commit_count_or_zero(&bare), 0);
+}
+
+fn commit_count_or_zero(bare: &Path) -> usize {
+    let out = Command::new("git")
+        .arg("--git-dir")
+        .arg(bare)
+        .args(["rev-list", "--count", "main"])
+        .output()
+        .expect("git");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
