@@ -50,3 +50,19 @@ ensure_helm() {
   (cd /tmp && GOBIN="$HOME/go/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
   helm version --short
 }
+
+# nginx and fcgiwrap (Debian) serve `git http-backend` with basic auth for the
+# GitOps tests (tests/gitserver/up), sshd serves the same repositories over
+# SSH; openssl hashes the htpasswd entry, ssh-keygen makes the test keys.
+ensure_gitserver_tools() {
+  local missing=()
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+  command -v fcgiwrap >/dev/null || [[ -x /usr/sbin/fcgiwrap ]] || missing+=(fcgiwrap)
+  command -v openssl >/dev/null || missing+=(openssl)
+  [[ -x /usr/lib/git-core/git-http-backend ]] || missing+=(git)
+  command -v sshd >/dev/null || [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+  command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+  if (( ${#missing[@]} )); then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}

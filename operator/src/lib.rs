@@ -1,6 +1,7 @@
 //! The quantops operator as a library: the QuantizedModel reconciler, the
 //! pipeline state machine it shares with local mode, Job rendering, leader
-//! election, metrics and the CRD generator. The `quantops` binary is a thin
+//! election, metrics, the CRD generator and the GitOps renderer and writer
+//! ([`gitops`]). The `quantops` binary is a thin
 //! command line over these; tests start the controller in-process with
 //! [`controller::run`].
 
@@ -8,6 +9,7 @@ pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod crds;
+pub mod gitops;
 pub mod job;
 pub mod leader;
 pub mod local;
