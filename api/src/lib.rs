@@ -10,7 +10,10 @@ pub mod report;
 pub mod spec_file;
 pub mod variant;
 
-pub use model_promotion::{ModelPromotion, ModelPromotionSpec, ModelPromotionStatus};
+pub use model_promotion::{
+    CanarySpec, CanaryStep, Environment, GitOpsSpec, ModelPromotion, ModelPromotionSpec,
+    ModelPromotionStatus, ModelRef, ServingSpec,
+};
 pub use quantized_model::{
     CalibrationSpec, EvalTextSpec, GatesSpec, Method, QuantizationSpec, QuantizedModel,
     QuantizedModelSpec, QuantizedModelStatus, ValidationSpec,

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.modelRef.name"}"#,
     printcolumn = r#"{"name":"Env","type":"string","jsonPath":".spec.environment"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Variant","type":"string","jsonPath":".status.variant","priority":1}"#,
     printcolumn = r#"{"name":"Commit","type":"string","jsonPath":".status.commit","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -128,6 +129,17 @@ pub struct ModelPromotionStatus {
     /// The revert commit's SHA, after a rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revert_commit: Option<String>,
+    /// The variant this promotion committed (the model's at commit time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Failed attempts at the current git write (commit or revert); reset
+    /// when one lands.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub git_attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn default_branch() -> String {

@@ -2,6 +2,7 @@
 //! kept free of clap so that tests and the e2e harness can build one directly.
 
 use crate::pipeline::RetryPolicy;
+use crate::promotion::PromotionSettings;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub struct OperatorConfig {
     /// Reconciliations running at once: bounds the load the operator puts
     /// on the API server when thousands of models change together.
     pub max_concurrent_reconciles: u16,
+    /// Where and how ModelPromotions commit and what they follow.
+    pub promotion: PromotionSettings,
 }
 
 impl Default for OperatorConfig {
@@ -54,6 +57,7 @@ impl Default for OperatorConfig {
             retry: RetryPolicy::default(),
             resync: Duration::from_secs(300),
             max_concurrent_reconciles: 16,
+            promotion: PromotionSettings::default(),
         }
     }
 }

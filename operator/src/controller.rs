@@ -694,9 +694,34 @@ pub fn error_policy(qm: Arc<QuantizedModel>, error: &Error, ctx: Arc<Context>) -
     Action::requeue(delay)
 }
 
-/// Runs the QuantizedModel controller until `shutdown` resolves. Exposed in
-/// the library so that end-to-end tests can start it in-process.
+/// Runs both controllers (QuantizedModel and ModelPromotion) until
+/// `shutdown` resolves.
 pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::FutureExt::shared(shutdown);
+    futures::join!(
+        run_models(
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            shutdown.clone()
+        ),
+        crate::promotion::controller::run(
+            client,
+            config.namespace.clone(),
+            config.promotion.clone(),
+            metrics,
+            shutdown,
+        ),
+    );
+}
+
+/// Runs the QuantizedModel controller until `shutdown` resolves.
+async fn run_models(
     client: Client,
     config: OperatorConfig,
     metrics: Metrics,

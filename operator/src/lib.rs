@@ -15,6 +15,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod pipeline;
+pub mod promotion;
 pub mod server;
 
 pub use config::{JobSettings, OperatorConfig};

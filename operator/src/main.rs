@@ -8,6 +8,7 @@ use quantops_operator::config::{JobSettings, OperatorConfig};
 use quantops_operator::leader::{self, ElectorConfig};
 use quantops_operator::local::{self, LocalOptions, Outcome};
 use quantops_operator::metrics::Metrics;
+use quantops_operator::promotion::PromotionSettings;
 use quantops_operator::server::{self, ServerState};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -73,6 +74,32 @@ struct ControllerArgs {
     /// Reconciliations running at once.
     #[arg(long, env = "QUANTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
     max_concurrent_reconciles: u16,
+    /// Namespace of the Argo CD Applications that ModelPromotions follow.
+    #[arg(long, env = "QUANTOPS_ARGOCD_NAMESPACE", default_value = "argocd")]
+    argocd_namespace: String,
+    /// Name of an environment's Application for a model (`{env}`, `{model}` replaced).
+    #[arg(
+        long,
+        env = "QUANTOPS_ARGOCD_APPLICATION",
+        default_value = "{env}-{model}"
+    )]
+    argocd_application: String,
+    /// Namespace of an environment (`{env}` replaced): where the Rollout runs.
+    #[arg(long, env = "QUANTOPS_ENVIRONMENT_NAMESPACE", default_value = "{env}")]
+    environment_namespace: String,
+    /// Where the GitOps repositories are cached (an emptyDir in the pod).
+    #[arg(
+        long,
+        env = "QUANTOPS_GIT_CACHE",
+        default_value = "/var/cache/quantops/git"
+    )]
+    git_cache: PathBuf,
+    /// The vLLM OpenAI-server image of the serving manifests.
+    #[arg(long, env = "QUANTOPS_VLLM_IMAGE")]
+    vllm_image: Option<String>,
+    /// The Prometheus the prod canary's analysis queries.
+    #[arg(long, env = "QUANTOPS_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<String>,
     /// Name of the leader-election Lease.
     #[arg(long, env = "QUANTOPS_LEASE_NAME", default_value = "quantops-operator")]
     lease_name: String,
@@ -162,6 +189,24 @@ fn parse_selector(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
+fn promotion_settings(args: &ControllerArgs) -> PromotionSettings {
+    let mut settings = PromotionSettings {
+        argocd_namespace: args.argocd_namespace.clone(),
+        application_name: args.argocd_application.clone(),
+        environment_namespace: args.environment_namespace.clone(),
+        ..PromotionSettings::default()
+    };
+    settings.git.cache_root = args.git_cache.clone();
+    if let Some(image) = &args.vllm_image {
+        settings.serving.vllm_image = image.clone();
+    }
+    if let Some(address) = &args.prometheus_address {
+        settings.serving.prometheus_address = address.clone();
+    }
+    settings.serving.model_claim = args.model_claim.clone();
+    settings
+}
+
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let metrics = Metrics::new().context("cannot register the metrics")?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -189,6 +234,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             base_delay: std::time::Duration::from_secs(args.stage_retry_delay),
         },
         max_concurrent_reconciles: args.max_concurrent_reconciles.max(1),
+        promotion: promotion_settings(&args),
         ..OperatorConfig::default()
     };
     let client = kube::Client::try_default()

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub stage_results: IntCounterVec,
     pub gate_results: IntCounterVec,
+    pub promotions: IntCounterVec,
     pub objects_by_phase: IntGaugeVec,
     pub leader: IntGauge,
 }
@@ -67,6 +68,13 @@ impl Metrics {
             ),
             &["gate", "result"],
         )?;
+        let promotions = IntCounterVec::new(
+            Opts::new(
+                "promotions_total",
+                "ModelPromotion outcomes, by environment and result (refused, committed, promoted, rolled_back)",
+            ),
+            &["environment", "result"],
+        )?;
         let objects_by_phase = IntGaugeVec::new(
             Opts::new(
                 "quantizedmodels",
@@ -81,6 +89,7 @@ impl Metrics {
         registry.register(Box::new(stage_duration.clone()))?;
         registry.register(Box::new(stage_results.clone()))?;
         registry.register(Box::new(gate_results.clone()))?;
+        registry.register(Box::new(promotions.clone()))?;
         registry.register(Box::new(objects_by_phase.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Metrics {
@@ -91,6 +100,7 @@ impl Metrics {
             stage_duration,
             stage_results,
             gate_results,
+            promotions,
             objects_by_phase,
             leader,
         })

@@ -22,12 +22,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{HarnessError, Result, TestEnv, repo_root, test_dir};
 
-/// The Helm release name the tests install: the chart's objects (the
-/// ServiceAccount, Role, RoleBinding, Deployment) are all named after it.
-pub const RELEASE: &str = "quantops";
-
-/// The ServiceAccount the chart creates for the operator.
-pub const SERVICE_ACCOUNT: &str = "quantops";
+/// The Helm release of a test namespace: `quantops-{namespace}`. Its objects,
+/// the ServiceAccount included, are named after it (the chart's fullname is
+/// the release name when that contains the chart's name), so the
+/// cluster-scoped ones (the Argo reader ClusterRole and its binding) of
+/// tests running side by side do not overwrite each other.
+pub fn release(env: &TestEnv) -> String {
+    format!("quantops-{}", env.namespace)
+}
 
 /// The simulated worker image: the test node runs `tests/cluster/sim-worker`
 /// for it, each stage lasting `seconds`.
@@ -65,7 +67,7 @@ pub async fn install_chart(env: &TestEnv, extra_values: &[&str]) -> Result<()> {
     let helm = helm_path();
     let mut args: Vec<String> = vec![
         "template".into(),
-        RELEASE.into(),
+        release(env),
         chart.display().to_string(),
         "--namespace".into(),
         env.namespace.clone(),
@@ -166,6 +168,8 @@ pub struct OperatorOptions {
     pub max_stage_attempts: u32,
     /// Seconds before the first retry of a broken stage.
     pub stage_retry_delay: u64,
+    /// More environment for the process (e.g. the promotion settings).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl OperatorOptions {
@@ -177,6 +181,7 @@ impl OperatorOptions {
             leader_election: true,
             max_stage_attempts: 3,
             stage_retry_delay: 30,
+            extra_env: Vec::new(),
         }
     }
 }
@@ -197,16 +202,17 @@ pub struct Operator {
 /// as the chart makes it.
 pub async fn service_account_kubeconfig(env: &TestEnv) -> Result<PathBuf> {
     let sas: Api<ServiceAccount> = env.api();
+    let account = release(env);
     let request: TokenRequest = serde_json::from_value(serde_json::json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"expirationSeconds": 7200}
     }))
     .map_err(HarnessError::Token)?;
     let token = sas
-        .create_token_request(SERVICE_ACCOUNT, &PostParams::default(), &request)
+        .create_token_request(&account, &PostParams::default(), &request)
         .await
         .map_err(|source| HarnessError::Api {
-            what: format!("requesting a token for ServiceAccount {SERVICE_ACCOUNT}"),
+            what: format!("requesting a token for ServiceAccount {account}"),
             source,
         })?
         .status
@@ -227,9 +233,9 @@ pub async fn service_account_kubeconfig(env: &TestEnv) -> Result<PathBuf> {
     let config = serde_json::json!({
         "apiVersion": "v1", "kind": "Config",
         "clusters": clusters,
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "users": [{"name": account, "user": {"token": token}}],
         "contexts": [{"name": "operator", "context": {
-            "cluster": cluster, "user": SERVICE_ACCOUNT, "namespace": env.namespace}}],
+            "cluster": cluster, "user": account, "namespace": env.namespace}}],
         "current-context": "operator",
     });
     let path = operator_dir(&env.namespace).join("kubeconfig");
@@ -314,6 +320,13 @@ impl Operator {
             .stdout(file)
             .stderr(file2)
             .kill_on_drop(true);
+        cmd.env(
+            "QUANTOPS_GIT_CACHE",
+            operator_dir(&namespace).join(format!("git-{}", options.identity)),
+        );
+        for (key, value) in &options.extra_env {
+            cmd.env(key, value);
+        }
         if !options.leader_election {
             cmd.env("QUANTOPS_NO_LEADER_ELECTION", "true");
         }

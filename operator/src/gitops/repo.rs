@@ -338,6 +338,33 @@ impl GitWriter {
         Ok(outcome)
     }
 
+    /// Whether `revision` (what Argo CD reports it synced) includes
+    /// `commit`: the same commit, or a descendant of it on the branch, as
+    /// when other promotions landed after ours before the sync. Fetches the
+    /// branch first; a revision the fetch does not bring is `false`.
+    pub fn contains(
+        &self,
+        target: &GitTarget,
+        revision: &str,
+        commit: &str,
+    ) -> Result<bool, GitOpsError> {
+        let (Ok(revision), Ok(commit)) =
+            (Oid::from_str(revision.trim()), Oid::from_str(commit.trim()))
+        else {
+            return Ok(false);
+        };
+        if revision == commit {
+            return Ok(true);
+        }
+        let (repo, _lock) = self.open_cache(target)?;
+        transport::fetch(&repo, &target.url, &target.branch, &target.credentials)?;
+        if repo.find_commit(revision).is_err() || repo.find_commit(commit).is_err() {
+            return Ok(false);
+        }
+        repo.graph_descendant_of(revision, commit)
+            .map_err(|e| git_error(&target.url, "walk history", e))
+    }
+
     fn signature(&self) -> Result<Signature<'static>, git2::Error> {
         Signature::now(&self.config.author_name, &self.config.author_email)
     }

@@ -1,0 +1,688 @@
+//! The ModelPromotion reconciler. Level-triggered like the QuantizedModel's:
+//! each pass reads the model, the promotion's status and the Argo objects
+//! and takes the one next step — refuse, commit, wait for the sync, follow
+//! the canary, or revert — recording it in status before anything else.
+//!
+//! Nothing is lost across restarts: a commit is found again by its trailers
+//! (the writer's idempotency), a revert likewise, and the SHA is written to
+//! status as soon as it lands.
+
+use super::admission::{self, Refusal};
+use super::argo::{self, AppState, CanaryState};
+use super::{
+    CANARY_HEALTHY, COMMITTED, GATES_PASSED, PROMOTED, Phase, PromotionSettings, SYNCED, card,
+};
+use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
+use crate::controller::FIELD_MANAGER;
+use crate::gitops::{
+    GitCredentials, GitOpsError, GitTarget, GitWriter, PromotionCommit, PromotionId, RevertRequest,
+    ServingInputs, render_serving_folder,
+};
+use crate::metrics::Metrics;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use quantops_api::{Environment, ModelPromotion, ModelPromotionStatus, QuantizedModel};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The controller's name in metrics and events.
+pub const CONTROLLER: &str = "modelpromotion";
+
+/// Why a reconciliation failed; requeued with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("ModelPromotion {0} has no namespace or uid")]
+    Incomplete(String),
+    #[error("the git worker thread stopped: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Incomplete(_) => "incomplete",
+            Error::Join(_) => "join",
+        }
+    }
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    pub client: Client,
+    pub settings: PromotionSettings,
+    pub writer: Arc<GitWriter>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+/// How often a promotion waiting on Argo is looked at again.
+const POLL: Duration = Duration::from_secs(10);
+/// How often a refused promotion is looked at again (the model may pass later).
+const BLOCKED_POLL: Duration = Duration::from_secs(30);
+
+/// One reconciliation's view: the promotion and its new status.
+struct Pass<'a> {
+    mp: &'a ModelPromotion,
+    ctx: &'a Context,
+    status: ModelPromotionStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+    namespace: String,
+}
+
+impl Pass<'_> {
+    fn set(&mut self, type_: &str, status: &str, reason: &str, message: impl Into<String>) {
+        conditions::set_condition(
+            &mut self.status.conditions,
+            ConditionUpdate {
+                type_,
+                status,
+                reason,
+                message: message.into(),
+            },
+            self.generation,
+            self.now,
+        );
+    }
+
+    fn phase(&mut self, phase: Phase) {
+        self.status.phase = Some(phase.as_str().to_string());
+    }
+
+    fn condition_is(&self, type_: &str, status: &str) -> bool {
+        conditions::find(&self.status.conditions, type_)
+            .is_some_and(|c| c.status == status && c.observed_generation == self.generation)
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Promote".to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.mp.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, promotion = %self.mp.name_any(), reason, "cannot publish event");
+        }
+    }
+
+    async fn write(&self) -> Result<(), Error> {
+        let name = self.mp.name_any();
+        let patch = serde_json::json!({
+            "apiVersion": format!("{}/{}", quantops_api::GROUP, quantops_api::VERSION),
+            "kind": "ModelPromotion",
+            "status": self.status,
+        });
+        Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace)
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "writing the status of ModelPromotion {name}"
+            )))?;
+        Ok(())
+    }
+}
+
+/// The model's short name: the folder, the served model name, the workload.
+pub fn serving_model_name(qm: &QuantizedModel) -> String {
+    let base = &qm.spec.base_model.name;
+    crate::gitops::render::resource_name(base.rsplit('/').next().unwrap_or(base))
+}
+
+/// Capped exponential backoff for failed git writes: 10 s, 20 s, ... 5 min.
+fn git_backoff(attempts: u32) -> Duration {
+    Duration::from_secs(10u64.saturating_mul(1 << attempts.saturating_sub(1).min(5)))
+        .min(Duration::from_secs(300))
+}
+
+pub async fn reconcile(mp: Arc<ModelPromotion>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[CONTROLLER])
+        .inc();
+    let result = reconcile_inner(&mp, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&[CONTROLLER])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(mp: &ModelPromotion, ctx: &Context) -> Result<Action, Error> {
+    if mp.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = mp
+        .namespace()
+        .ok_or_else(|| Error::Incomplete(mp.name_any()))?;
+    let old = mp.status.clone().unwrap_or_default();
+    let mut pass = Pass {
+        mp,
+        ctx,
+        status: old.clone(),
+        generation: mp.metadata.generation,
+        now: Timestamp::now(),
+        namespace,
+    };
+    pass.status.observed_generation = pass.generation;
+    let action = step(&mut pass).await?;
+    if pass.status != old {
+        pass.write().await?;
+    }
+    Ok(action)
+}
+
+/// The next step of a promotion.
+async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
+    // A rollback is final for this generation: a new spec starts over.
+    if pass.status.phase.as_deref() == Some(Phase::RolledBack.as_str())
+        && pass.condition_is(PROMOTED, FALSE)
+    {
+        return Ok(Action::await_change());
+    }
+    let committed = pass.status.commit.is_some() && pass.condition_is(COMMITTED, TRUE);
+    let qm = match admit(pass, committed).await? {
+        Ok(qm) => qm,
+        Err(action) => return Ok(action),
+    };
+    let model = serving_model_name(&qm);
+    let target = match git_target(pass).await? {
+        Ok(target) => target,
+        Err(action) => return Ok(action),
+    };
+    if !committed {
+        if let Err(action) = commit(pass, &qm, &model, &target).await? {
+            return Ok(action);
+        }
+    }
+    let Some(commit_sha) = pass.status.commit.clone() else {
+        return Ok(Action::requeue(POLL));
+    };
+    let environment = pass.mp.spec.environment;
+
+    // Argo CD: synced and healthy at a revision containing our commit.
+    let app_name = pass.ctx.settings.application_for(environment, &model);
+    let apps: Api<DynamicObject> = Api::namespaced_with(
+        pass.ctx.client.clone(),
+        &pass.ctx.settings.argocd_namespace,
+        &argo::application_resource(),
+    );
+    let app = apps
+        .get_opt(&app_name)
+        .await
+        .map_err(kube_err(format!("reading Argo CD Application {app_name}")))?;
+    let Some(app) = app else {
+        pass.set(
+            SYNCED,
+            FALSE,
+            "ApplicationNotFound",
+            format!(
+                "no Argo CD Application {app_name} in namespace {} yet",
+                pass.ctx.settings.argocd_namespace
+            ),
+        );
+        pass.phase(Phase::Syncing);
+        return Ok(Action::requeue(POLL));
+    };
+    match argo::application_state(&app) {
+        AppState::SyncedHealthy { revision } => {
+            let writer = pass.ctx.writer.clone();
+            let (t, r, c) = (target.clone(), revision.clone(), commit_sha.clone());
+            let contains = tokio::task::spawn_blocking(move || writer.contains(&t, &r, &c)).await?;
+            match contains {
+                Ok(true) => {
+                    if !pass.condition_is(SYNCED, TRUE) {
+                        pass.event(
+                            EventType::Normal,
+                            "Synced",
+                            format!("Application {app_name} synced and healthy at {revision}"),
+                        )
+                        .await;
+                    }
+                    pass.set(SYNCED, TRUE, "SyncedHealthy", format!(
+                        "Application {app_name} is synced and healthy at {revision}, which contains {commit_sha}"));
+                }
+                Ok(false) => {
+                    pass.set(SYNCED, FALSE, "OutOfSync", format!(
+                        "Application {app_name} is at {revision}, which does not contain {commit_sha} yet"));
+                    pass.phase(Phase::Syncing);
+                    return Ok(Action::requeue(POLL));
+                }
+                Err(error) => {
+                    pass.set(SYNCED, UNKNOWN, error.reason(), error.to_string());
+                    return Ok(Action::requeue(POLL));
+                }
+            }
+        }
+        AppState::Waiting(message) => {
+            pass.set(SYNCED, FALSE, "Progressing", message);
+            pass.phase(Phase::Syncing);
+            return Ok(Action::requeue(POLL));
+        }
+        AppState::Degraded(message) => {
+            pass.set(SYNCED, FALSE, "Degraded", message);
+            pass.phase(Phase::Syncing);
+            return Ok(Action::requeue(POLL));
+        }
+    }
+
+    if environment != Environment::Prod {
+        return Ok(promoted(pass, "synced and healthy").await);
+    }
+
+    // Prod: follow the Rollout's canary.
+    let rollouts: Api<DynamicObject> = Api::namespaced_with(
+        pass.ctx.client.clone(),
+        &pass.ctx.settings.namespace_for(environment),
+        &argo::rollout_resource(),
+    );
+    let rollout = rollouts
+        .get_opt(&model)
+        .await
+        .map_err(kube_err(format!("reading Rollout {model}")))?;
+    let Some(rollout) = rollout else {
+        pass.set(
+            CANARY_HEALTHY,
+            UNKNOWN,
+            "RolloutNotFound",
+            format!(
+                "no Rollout {model} in namespace {} yet",
+                pass.ctx.settings.namespace_for(environment)
+            ),
+        );
+        pass.phase(Phase::Canary);
+        return Ok(Action::requeue(POLL));
+    };
+    let variant = pass.status.variant.clone().unwrap_or_default();
+    match argo::rollout_state(&rollout, &crate::gitops::render::label_value(&variant)) {
+        CanaryState::Healthy => {
+            pass.set(
+                CANARY_HEALTHY,
+                TRUE,
+                "Healthy",
+                format!("Rollout {model} completed its canary and is healthy"),
+            );
+            Ok(promoted(pass, "canary completed").await)
+        }
+        CanaryState::Progressing(message) => {
+            pass.set(CANARY_HEALTHY, UNKNOWN, "Progressing", message);
+            pass.phase(Phase::Canary);
+            Ok(Action::requeue(POLL))
+        }
+        CanaryState::Failed { reason, message } => {
+            pass.set(CANARY_HEALTHY, FALSE, reason, message.clone());
+            roll_back(pass, &target, &commit_sha, reason, &message).await
+        }
+    }
+}
+
+/// Gates and order; `Err(action)` when refused (recorded in status).
+async fn admit(
+    pass: &mut Pass<'_>,
+    committed: bool,
+) -> Result<Result<QuantizedModel, Action>, Error> {
+    let models: Api<QuantizedModel> = Api::namespaced(pass.ctx.client.clone(), &pass.namespace);
+    let name = pass.mp.spec.model_ref.name.clone();
+    let qm = models
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading QuantizedModel {name}")))?;
+    let environment = pass.mp.spec.environment;
+    let verdict = match &qm {
+        None => Err(Refusal {
+            reason: "ModelNotFound",
+            message: format!(
+                "QuantizedModel {name} does not exist in namespace {}",
+                pass.namespace
+            ),
+        }),
+        Some(qm) => admission::check_model(qm, environment),
+    };
+    let verdict = match (verdict, &qm) {
+        (Ok(()), Some(qm)) if !committed => {
+            let variant = qm
+                .status
+                .as_ref()
+                .and_then(|s| s.variant.clone())
+                .unwrap_or_default();
+            let promotions: Api<ModelPromotion> =
+                Api::namespaced(pass.ctx.client.clone(), &pass.namespace);
+            let all = promotions
+                .list(&ListParams::default())
+                .await
+                .map_err(kube_err("listing ModelPromotions"))?;
+            admission::check_order(environment, &variant, &all.items)
+        }
+        (verdict, _) => verdict,
+    };
+    match (verdict, qm) {
+        (Ok(()), Some(qm)) => {
+            let gates = qm.status.as_ref().map_or(0, |s| s.gates.len());
+            pass.set(
+                GATES_PASSED,
+                TRUE,
+                "GatesPassed",
+                format!("QuantizedModel {name} is validated; all {gates} gates passed"),
+            );
+            Ok(Ok(qm))
+        }
+        (Err(refusal), Some(qm)) if committed => {
+            // Already committed: a later change of the model does not undo
+            // the commit; the promotion follows what it committed.
+            tracing::info!(promotion = %pass.mp.name_any(), reason = refusal.reason,
+                "the model changed after the commit; following the committed variant");
+            Ok(Ok(qm))
+        }
+        (Err(refusal), _) => {
+            let same = conditions::find(&pass.status.conditions, GATES_PASSED)
+                .is_some_and(|c| c.status == FALSE && c.message == refusal.message);
+            if !same {
+                pass.event(
+                    EventType::Warning,
+                    "PromotionRefused",
+                    refusal.message.clone(),
+                )
+                .await;
+                pass.ctx
+                    .metrics
+                    .promotions
+                    .with_label_values(&[environment.as_str(), "refused"])
+                    .inc();
+            }
+            pass.set(GATES_PASSED, FALSE, refusal.reason, refusal.message);
+            if !committed {
+                pass.phase(Phase::Blocked);
+            }
+            Ok(Err(Action::requeue(BLOCKED_POLL)))
+        }
+        (Ok(()), None) => Ok(Err(Action::requeue(BLOCKED_POLL))),
+    }
+}
+
+/// The repository, branch and credentials; `Err(action)` when the Secret is
+/// missing or unusable (recorded in status).
+async fn git_target(pass: &mut Pass<'_>) -> Result<Result<GitTarget, Action>, Error> {
+    let gitops = &pass.mp.spec.gitops;
+    let credentials = match &gitops.credentials_secret {
+        None => GitCredentials::Anonymous,
+        Some(secret_name) => {
+            let secrets: Api<Secret> = Api::namespaced(pass.ctx.client.clone(), &pass.namespace);
+            let secret = secrets
+                .get_opt(secret_name)
+                .await
+                .map_err(kube_err(format!("reading Secret {secret_name}")))?;
+            let data: BTreeMap<String, Vec<u8>> = secret
+                .and_then(|s| s.data)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            match GitCredentials::from_secret_data(secret_name, &data) {
+                Ok(credentials) => credentials,
+                Err(error) => {
+                    let message = format!("spec.gitops.credentialsSecret: {error}");
+                    if !pass.condition_is(COMMITTED, FALSE) {
+                        pass.event(EventType::Warning, "CredentialsInvalid", message.clone())
+                            .await;
+                    }
+                    pass.set(COMMITTED, FALSE, "CredentialsInvalid", message);
+                    pass.phase(Phase::Blocked);
+                    return Ok(Err(Action::requeue(BLOCKED_POLL)));
+                }
+            }
+        }
+    };
+    Ok(Ok(GitTarget {
+        url: gitops.url.clone(),
+        branch: gitops.branch.clone(),
+        credentials,
+    }))
+}
+
+/// Renders and commits; `Err(action)` when it could not (recorded).
+async fn commit(
+    pass: &mut Pass<'_>,
+    qm: &QuantizedModel,
+    model: &str,
+    target: &GitTarget,
+) -> Result<Result<(), Action>, Error> {
+    let environment = pass.mp.spec.environment;
+    let qm_status = qm.status.clone().unwrap_or_default();
+    let variant = qm_status.variant.clone().unwrap_or_default();
+    let promotion_name = format!("{}/{}", pass.namespace, pass.mp.name_any());
+    let inputs = ServingInputs {
+        model: model.to_string(),
+        namespace: pass.ctx.settings.namespace_for(environment),
+        environment,
+        variant: variant.clone(),
+        artifact_path: qm_status.artifact_path.clone().unwrap_or_default(),
+        quantization: qm.spec.quantization.clone(),
+        serving: pass.mp.spec.serving.clone(),
+        canary: pass.mp.spec.canary.clone(),
+        card: card::promotion_card(qm, environment, &promotion_name),
+    };
+    let folder = match render_serving_folder(&inputs, &pass.ctx.settings.serving) {
+        Ok(folder) => folder,
+        Err(error) => {
+            let message = format!("cannot render the serving manifests: {error}");
+            pass.event(EventType::Warning, "RenderFailed", message.clone())
+                .await;
+            pass.set(COMMITTED, FALSE, "RenderFailed", message);
+            pass.phase(Phase::Failed);
+            return Ok(Err(Action::await_change()));
+        }
+    };
+    let uid = pass
+        .mp
+        .uid()
+        .ok_or_else(|| Error::Incomplete(pass.mp.name_any()))?;
+    let request = PromotionCommit {
+        promotion: PromotionId {
+            namespace: pass.namespace.clone(),
+            name: pass.mp.name_any(),
+            uid,
+            generation: pass.generation.unwrap_or(0),
+        },
+        variant: variant.clone(),
+        environment,
+        folder,
+        gates: qm_status.gates.clone(),
+    };
+    let writer = pass.ctx.writer.clone();
+    let t = target.clone();
+    let outcome =
+        tokio::task::spawn_blocking(move || writer.commit_promotion(&t, &request)).await?;
+    match outcome {
+        Ok(outcome) => {
+            pass.status.commit = Some(outcome.sha.clone());
+            pass.status.variant = Some(variant.clone());
+            pass.status.revert_commit = None;
+            pass.status.git_attempts = 0;
+            let how = match outcome.status {
+                crate::gitops::CommitStatus::Created => "committed",
+                crate::gitops::CommitStatus::AlreadyPresent => "found already committed",
+                crate::gitops::CommitStatus::Unchanged => "already in the repository (no change)",
+            };
+            let message = format!("{variant} {how} as {} on {}", outcome.sha, target.branch);
+            pass.set(COMMITTED, TRUE, "Committed", message.clone());
+            pass.set(SYNCED, UNKNOWN, "Committed", "waiting for Argo CD");
+            pass.phase(Phase::Syncing);
+            // The SHA is recorded before anything else can fail.
+            pass.write().await?;
+            pass.event(EventType::Normal, "Committed", message).await;
+            pass.ctx
+                .metrics
+                .promotions
+                .with_label_values(&[environment.as_str(), "committed"])
+                .inc();
+            Ok(Ok(()))
+        }
+        Err(error) => Ok(Err(git_failed(pass, COMMITTED, &error).await)),
+    }
+}
+
+/// Counts a failed git write and decides: retry with backoff, or give up.
+async fn git_failed(pass: &mut Pass<'_>, condition: &str, error: &GitOpsError) -> Action {
+    pass.status.git_attempts = pass.status.git_attempts.saturating_add(1);
+    let attempts = pass.status.git_attempts;
+    let max = pass.ctx.settings.max_git_attempts.max(1);
+    let message = format!("{error} (attempt {attempts} of {max})");
+    pass.event(EventType::Warning, "GitWriteFailed", message.clone())
+        .await;
+    pass.set(condition, FALSE, error.reason(), message);
+    if attempts >= max {
+        pass.phase(Phase::Failed);
+        Action::await_change()
+    } else {
+        pass.phase(Phase::Blocked);
+        Action::requeue(git_backoff(attempts))
+    }
+}
+
+async fn promoted(pass: &mut Pass<'_>, how: &str) -> Action {
+    let environment = pass.mp.spec.environment;
+    if !pass.condition_is(PROMOTED, TRUE) {
+        let variant = pass.status.variant.clone().unwrap_or_default();
+        pass.event(
+            EventType::Normal,
+            "Promoted",
+            format!("{variant} serves in {}: {how}", environment.as_str()),
+        )
+        .await;
+        pass.ctx
+            .metrics
+            .promotions
+            .with_label_values(&[environment.as_str(), "promoted"])
+            .inc();
+    }
+    pass.set(
+        PROMOTED,
+        TRUE,
+        "Promoted",
+        format!("serving in {}: {how}", environment.as_str()),
+    );
+    pass.phase(Phase::Promoted);
+    // Keep an eye on it: a later degradation shows in the conditions.
+    Action::requeue(Duration::from_secs(300))
+}
+
+/// Reverts the promotion's commit (once) and ends in `RolledBack`.
+async fn roll_back(
+    pass: &mut Pass<'_>,
+    target: &GitTarget,
+    commit_sha: &str,
+    reason: &'static str,
+    message: &str,
+) -> Result<Action, Error> {
+    let uid = pass
+        .mp
+        .uid()
+        .ok_or_else(|| Error::Incomplete(pass.mp.name_any()))?;
+    let request = RevertRequest {
+        promotion: PromotionId {
+            namespace: pass.namespace.clone(),
+            name: pass.mp.name_any(),
+            uid,
+            generation: pass.generation.unwrap_or(0),
+        },
+        commit: commit_sha.to_string(),
+        reason: format!("{reason}: {message}"),
+    };
+    let writer = pass.ctx.writer.clone();
+    let t = target.clone();
+    let outcome = tokio::task::spawn_blocking(move || writer.revert(&t, &request)).await?;
+    match outcome {
+        Ok(outcome) => {
+            pass.status.revert_commit = Some(outcome.sha.clone());
+            pass.status.git_attempts = 0;
+            let note = format!(
+                "reverted {commit_sha} as {}: {reason}: {message}",
+                outcome.sha
+            );
+            pass.set(PROMOTED, FALSE, "RolledBack", note.clone());
+            pass.phase(Phase::RolledBack);
+            pass.write().await?;
+            pass.event(EventType::Warning, "RolledBack", note).await;
+            pass.ctx
+                .metrics
+                .promotions
+                .with_label_values(&[pass.mp.spec.environment.as_str(), "rolled_back"])
+                .inc();
+            Ok(Action::await_change())
+        }
+        Err(error) => Ok(git_failed(pass, PROMOTED, &error).await),
+    }
+}
+
+fn error_policy(mp: Arc<ModelPromotion>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[CONTROLLER, error.kind()])
+        .inc();
+    tracing::warn!(promotion = %mp.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the ModelPromotion controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    settings: PromotionSettings,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let promotions: Api<ModelPromotion> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let reporter = Reporter {
+        controller: "quantops".to_string(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        writer: Arc::new(GitWriter::new(settings.git.clone())),
+        client,
+        settings,
+        metrics,
+    });
+    Controller::new(promotions, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "promotion reconcile error");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,96 @@
+//! The ModelPromotion reconciler: a validated variant moves experiment →
+//! test → prod through the GitOps repository, and only through it.
+//!
+//! - [`admission`]: may this promotion go ahead (gates, environment order);
+//! - [`argo`]: what Argo CD's Application and Argo Rollouts' Rollout say;
+//! - [`card`]: the model card committed beside the serving manifests;
+//! - [`controller`]: the reconciler driving the [`crate::gitops`] writer.
+
+pub mod admission;
+pub mod argo;
+pub mod card;
+pub mod controller;
+
+use crate::gitops::{GitWriterConfig, ServingSettings};
+use quantops_api::Environment;
+
+/// Condition types of a ModelPromotion, in the order they turn true.
+pub const GATES_PASSED: &str = "GatesPassed";
+pub const COMMITTED: &str = "Committed";
+pub const SYNCED: &str = "Synced";
+pub const CANARY_HEALTHY: &str = "CanaryHealthy";
+pub const PROMOTED: &str = "Promoted";
+
+/// `status.phase` of a ModelPromotion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Refused for now (gates, order, credentials); retried.
+    Blocked,
+    /// Committed; waiting for Argo CD to sync it.
+    Syncing,
+    /// Synced in prod; the Rollout's canary is stepping.
+    Canary,
+    /// Serving, synced and healthy.
+    Promoted,
+    /// The canary failed and the promotion's commit was reverted.
+    RolledBack,
+    /// Gave up: git refused too often, or the manifests cannot be rendered.
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Blocked => "Blocked",
+            Phase::Syncing => "Syncing",
+            Phase::Canary => "Canary",
+            Phase::Promoted => "Promoted",
+            Phase::RolledBack => "RolledBack",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Where promotions go: names of the Argo CD objects followed and the
+/// environments' namespaces, the serving defaults and the git writer's.
+#[derive(Clone, Debug)]
+pub struct PromotionSettings {
+    /// Namespace of the Argo CD Applications.
+    pub argocd_namespace: String,
+    /// Name of an environment's Application for a model; `{env}` and
+    /// `{model}` are replaced (manifests/argocd's ApplicationSet makes
+    /// `{env}-{model}`).
+    pub application_name: String,
+    /// Namespace of an environment; `{env}` is replaced.
+    pub environment_namespace: String,
+    pub serving: ServingSettings,
+    pub git: GitWriterConfig,
+    /// Failed git writes (commit or revert) before the promotion is Failed.
+    pub max_git_attempts: u32,
+}
+
+impl Default for PromotionSettings {
+    fn default() -> Self {
+        PromotionSettings {
+            argocd_namespace: "argocd".to_string(),
+            application_name: "{env}-{model}".to_string(),
+            environment_namespace: "{env}".to_string(),
+            serving: ServingSettings::default(),
+            git: GitWriterConfig::default(),
+            max_git_attempts: 6,
+        }
+    }
+}
+
+impl PromotionSettings {
+    pub fn application_for(&self, environment: Environment, model: &str) -> String {
+        self.application_name
+            .replace("{env}", environment.as_str())
+            .replace("{model}", model)
+    }
+
+    pub fn namespace_for(&self, environment: Environment) -> String {
+        self.environment_namespace
+            .replace("{env}", environment.as_str())
+    }
+}
