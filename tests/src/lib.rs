@@ -23,6 +23,7 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
+pub mod gitops;
 pub mod operator;
 
 /// The field manager of everything the tests create with server-side apply.
@@ -66,6 +67,14 @@ pub enum HarnessError {
     Timeout { what: String, timeout: Duration },
     #[error("building a service-account kubeconfig user: {0}")]
     Token(#[source] serde_json::Error),
+    #[error("{what} failed ({status}):\n{output}")]
+    Command {
+        what: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+    #[error("{0}")]
+    Unexpected(String),
     #[error("{what}: the watch ended: {source}")]
     Wait {
         what: String,
@@ -406,7 +415,7 @@ impl Drop for TestEnv {
     }
 }
 
-async fn delete_namespace(client: &Client, name: &str) -> Result<()> {
+pub(crate) async fn delete_namespace(client: &Client, name: &str) -> Result<()> {
     let api = Api::<Namespace>::all(client.clone());
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => {}
