@@ -39,7 +39,7 @@ enum Command {
     /// Print both CustomResourceDefinitions as YAML.
     Crds,
     /// Run the operator against the cluster of the current kubeconfig or service account.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run the pipeline locally, with no cluster, as child processes of the worker.
     Run(RunArgs),
 }
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run_controller(args))),
+            .and_then(|rt| rt.block_on(run_controller(*args))),
     };
     match result {
         Ok(code) => code,

@@ -220,10 +220,8 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
         Ok(target) => target,
         Err(action) => return Ok(action),
     };
-    if !committed {
-        if let Err(action) = commit(pass, &qm, &model, &target).await? {
-            return Ok(action);
-        }
+    if !committed && let Err(action) = commit(pass, &qm, &model, &target).await? {
+        return Ok(action);
     }
     let Some(commit_sha) = pass.status.commit.clone() else {
         return Ok(Action::requeue(POLL));
