@@ -381,16 +381,10 @@ async fn write_status(
 
 /// One reconciliation of a QuantizedModel.
 pub async fn reconcile(qm: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    ctx.metrics
-        .reconciles
-        .with_label_values(&[CONTROLLER])
-        .inc();
-    let result = reconcile_inner(&qm, &ctx).await;
-    ctx.metrics
-        .reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .observe(started.elapsed().as_secs_f64());
+    let result = ctx
+        .metrics
+        .reconcile(CONTROLLER, reconcile_inner(&qm, &ctx))
+        .await;
     if result.is_ok()
         && let Ok(mut failures) = ctx.failures.lock()
     {

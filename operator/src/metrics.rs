@@ -106,6 +106,22 @@ impl Metrics {
         })
     }
 
+    /// Runs one reconciliation of `controller`, counting it and timing it,
+    /// so that every controller reports the same way.
+    pub async fn reconcile<T>(
+        &self,
+        controller: &str,
+        reconciliation: impl Future<Output = T>,
+    ) -> T {
+        let started = std::time::Instant::now();
+        self.reconciles.with_label_values(&[controller]).inc();
+        let result = reconciliation.await;
+        self.reconcile_duration
+            .with_label_values(&[controller])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
     /// The text exposition format of every metric.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buffer = Vec::new();

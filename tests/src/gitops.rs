@@ -197,26 +197,13 @@ impl GitServer {
 async fn start_server() -> Result<GitServer> {
     let script = repo_root().join("tests/gitserver/up");
     let dir = git_server_dir();
-    let out = tokio::process::Command::new(&script)
-        .env("QUANTOPS_GITSERVER_DIR", &dir)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| HarnessError::Spawn {
-            script: script.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(HarnessError::Up {
-            script,
-            status: out.status,
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        });
-    }
+    crate::run_up_script(
+        tokio::process::Command::new(&script)
+            .env("QUANTOPS_GITSERVER_DIR", &dir)
+            .stdin(Stdio::null()),
+        &script,
+    )
+    .await?;
     let read = |file: &str| -> Result<String> {
         let path = dir.join(file);
         std::fs::read_to_string(&path)

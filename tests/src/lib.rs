@@ -139,17 +139,33 @@ async fn find_or_start() -> Result<ClusterInfo> {
     }
     let script = repo_root().join("tests/cluster/up");
     tracing::info!(?script, "starting the test cluster");
-    let out = tokio::process::Command::new(&script)
-        .env("QUANTOPS_TEST_DIR", test_dir())
+    run_up_script(
+        tokio::process::Command::new(&script).env("QUANTOPS_TEST_DIR", test_dir()),
+        &script,
+    )
+    .await?;
+    Ok(ClusterInfo {
+        kubeconfig: test_dir().join("kubeconfig"),
+        bin_dir: existing_bin_dir(),
+    })
+}
+
+/// Runs a start-up script (`tests/cluster/up`, `tests/gitserver/up`) to its
+/// end; a failure carries everything it printed.
+pub(crate) async fn run_up_script(
+    command: &mut tokio::process::Command,
+    script: &Path,
+) -> Result<std::process::Output> {
+    let out = command
         .output()
         .await
         .map_err(|source| HarnessError::Spawn {
-            script: script.clone(),
+            script: script.to_path_buf(),
             source,
         })?;
     if !out.status.success() {
         return Err(HarnessError::Up {
-            script,
+            script: script.to_path_buf(),
             status: out.status,
             output: format!(
                 "{}{}",
@@ -158,10 +174,7 @@ async fn find_or_start() -> Result<ClusterInfo> {
             ),
         });
     }
-    Ok(ClusterInfo {
-        kubeconfig: test_dir().join("kubeconfig"),
-        bin_dir: existing_bin_dir(),
-    })
+    Ok(out)
 }
 
 fn existing_bin_dir() -> Option<PathBuf> {

@@ -164,18 +164,11 @@ fn git_backoff(attempts: u32) -> Duration {
         .min(Duration::from_secs(300))
 }
 
+/// One reconciliation of a ModelPromotion.
 pub async fn reconcile(mp: Arc<ModelPromotion>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
     ctx.metrics
-        .reconciles
-        .with_label_values(&[CONTROLLER])
-        .inc();
-    let result = reconcile_inner(&mp, &ctx).await;
-    ctx.metrics
-        .reconcile_duration
-        .with_label_values(&[CONTROLLER])
-        .observe(started.elapsed().as_secs_f64());
-    result
+        .reconcile(CONTROLLER, reconcile_inner(&mp, &ctx))
+        .await
 }
 
 async fn reconcile_inner(mp: &ModelPromotion, ctx: &Context) -> Result<Action, Error> {
