@@ -66,3 +66,25 @@ ensure_gitserver_tools() {
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
+
+# NVRTC, so the tests compile the GPU kernels' CUDA C without a GPU or a
+# toolkit: the library alone, from NVIDIA's PyPI wheel, cached in $HOME.
+# The tests then require it (QUANTOPS_REQUIRE_NVRTC) instead of skipping.
+ensure_nvrtc() {
+  local dir="$HOME/.cache/quantops/nvrtc-13.0.88"
+  if [[ ! -e "$dir/nvidia/cu13/lib/libnvrtc.so.13" ]]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      apt-get update -qq && apt-get install -y -qq python3 python3-pip >/dev/null
+    fi
+    local wheels
+    wheels=$(mktemp -d)
+    python3 -m pip download -q --no-deps --only-binary=:all: \
+      --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 \
+      "nvidia-cuda-nvrtc==13.0.88" -d "$wheels"
+    mkdir -p "$dir"
+    python3 -m zipfile -e "$wheels"/nvidia_cuda_nvrtc-*.whl "$dir"
+    rm -rf "$wheels"
+  fi
+  export LD_LIBRARY_PATH="$dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export QUANTOPS_REQUIRE_NVRTC=1
+}

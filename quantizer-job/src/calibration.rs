@@ -102,6 +102,68 @@ pub struct CalibrationSet {
     pub stats: CalibrationStats,
 }
 
+/// Token ids written out by another tool: `{"input_ids": [[id, ...], ...]}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenFile {
+    pub input_ids: Vec<Vec<u32>>,
+}
+
+/// The calibration set of `path`: a JSON token file (`.json`, see
+/// [`TokenFile`]) is used as given — the first `samples` rows cut to
+/// `sequence_length`, checked against the model's vocabulary — so that two
+/// tools can be compared on identical inputs; any other file is text that is
+/// tokenized and sampled (see [`sample_from_file`]).
+pub fn load(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    model_vocab: usize,
+    samples: usize,
+    sequence_length: usize,
+    seed: u64,
+) -> Result<CalibrationSet, CalibrationError> {
+    if path.extension().is_none_or(|e| e != "json") {
+        return sample_from_file(path, tokenizer, samples, sequence_length, seed);
+    }
+    let read = |source| CalibrationError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    let file: TokenFile = serde_json::from_str(&text)
+        .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    let usable = file
+        .input_ids
+        .iter()
+        .filter(|row| row.len() >= sequence_length)
+        .count();
+    if samples == 0 || sequence_length == 0 || usable < samples {
+        return Err(CalibrationError::Shortfall {
+            path: path.to_path_buf(),
+            samples,
+            sequence_length,
+            requested: samples * sequence_length,
+            available_tokens: file.input_ids.iter().map(Vec::len).sum(),
+            available_windows: usable,
+        });
+    }
+    let drawn: Vec<Vec<u32>> = file
+        .input_ids
+        .into_iter()
+        .filter(|row| row.len() >= sequence_length)
+        .take(samples)
+        .map(|mut row| {
+            row.truncate(sequence_length);
+            row
+        })
+        .collect();
+    validate(&drawn, sequence_length, model_vocab)?;
+    let total = drawn.len() * sequence_length;
+    Ok(CalibrationSet {
+        stats: stats_for(&drawn, path, sequence_length, seed, total, Vec::new()),
+        samples: drawn,
+    })
+}
+
 /// Tokenizes `path` and draws samples from it (see [`draw_samples`]).
 pub fn sample_from_file(
     path: &Path,

@@ -147,6 +147,13 @@ struct TensorEntry {
     shape: Vec<usize>,
 }
 
+/// A tensor as stored: little-endian F32, F16 or BF16 bytes.
+pub struct RawTensor<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
 /// An opened, validated checkpoint directory.
 pub struct Checkpoint {
     dir: PathBuf,
@@ -329,8 +336,9 @@ impl Checkpoint {
         self.tensors.keys().map(String::as_str)
     }
 
-    /// Loads one tensor, converted to f32.
-    pub fn load_f32(&self, name: &str) -> Result<Tensor, CheckpointError> {
+    /// One tensor's stored bytes, dtype and shape, borrowed from the mapped
+    /// file: what the GPU path uploads as is and widens on the device.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, CheckpointError> {
         let entry = self
             .tensors
             .get(name)
@@ -347,19 +355,44 @@ impl Checkpoint {
             path: file.path.clone(),
             reason: e.to_string(),
         })?;
-        let values = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| {
-            CheckpointError::UnsupportedDtype {
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(CheckpointError::UnsupportedDtype {
                 name: name.to_string(),
                 file: file.name.clone(),
                 dtype: format!("{:?}", view.dtype()),
+            });
+        }
+        Ok(RawTensor {
+            bytes: view.data(),
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+        })
+    }
+
+    /// Loads one tensor, converted to f32.
+    pub fn load_f32(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let raw = self.raw(name)?;
+        let values = bytes_to_f32(raw.bytes, raw.dtype).ok_or_else(|| {
+            CheckpointError::UnsupportedDtype {
+                name: name.to_string(),
+                file: self.file_name_of(name),
+                dtype: format!("{:?}", raw.dtype),
             }
         })?;
-        Tensor::from_vec(values, view.shape(), &Device::Cpu).map_err(|source| {
+        Tensor::from_vec(values, raw.shape, &Device::Cpu).map_err(|source| {
             CheckpointError::Tensor {
                 name: name.to_string(),
                 source,
             }
         })
+    }
+
+    /// The weight file holding `name`, for messages.
+    fn file_name_of(&self, name: &str) -> String {
+        self.tensors
+            .get(name)
+            .map(|e| self.files[e.file].name.clone())
+            .unwrap_or_default()
     }
 
     /// Loads every tensor the forward pass needs, as f32, keyed by its
@@ -434,23 +467,26 @@ fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
 }
 
 /// Converts little-endian raw tensor bytes to f32; `None` for other dtypes.
+/// Parallel: for a multi-billion-parameter checkpoint this conversion is
+/// what the GPU pipeline waits on between layers.
 fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
     match dtype {
         Dtype::F32 => Some(
             bytes
-                .chunks_exact(4)
+                .par_chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         ),
         Dtype::F16 => Some(
             bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         ),
         Dtype::BF16 => Some(
             bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         ),

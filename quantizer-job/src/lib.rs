@@ -12,6 +12,7 @@ pub mod config;
 pub mod eval;
 pub mod format;
 pub mod gates;
+pub mod gpu;
 pub mod layout;
 pub mod llama_layers;
 pub mod model;

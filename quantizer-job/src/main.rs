@@ -8,6 +8,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use quantizer_job::gpu::{DeviceChoice, Gpu};
 use quantizer_job::layout::Layout;
 use quantizer_job::stages::{self, Stage, StageInput};
 use quantizer_job::termination::TerminationLog;
@@ -46,6 +47,9 @@ struct StageArgs {
     /// Where to write the compact summary. Default: /dev/termination-log when it exists.
     #[arg(long, env = "QUANTOPS_TERMINATION_LOG")]
     termination_log: Option<PathBuf>,
+    /// Where to compute: `auto` takes the GPU when one is visible.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, env = "QUANTOPS_DEVICE")]
+    device: DeviceChoice,
 }
 
 #[derive(Subcommand)]
@@ -60,12 +64,41 @@ enum Command {
     Card(StageArgs),
     /// Every stage in order.
     All(StageArgs),
+    /// Write the spec's calibration token ids as JSON (`{"input_ids": [...]}`),
+    /// so another tool can calibrate on exactly the same sequences.
+    CalibrationSet {
+        #[command(flatten)]
+        stage: StageArgs,
+        /// The JSON file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check the GPU backend against the CPU twin and time both (needs a GPU).
+    GpuCheck(quantizer_job::gpu::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let (stage, args) = match cli.command {
+        Command::CalibrationSet { stage, out } => {
+            return match write_calibration_set(&stage, &out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::GpuCheck(args) => {
+            return match quantizer_job::gpu::check::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Baseline(a) => (Stage::Baseline, a),
         Command::Quantize(a) => (Stage::Quantize, a),
         Command::Validate(a) => (Stage::Validate, a),
@@ -99,9 +132,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
+fn write_calibration_set(args: &StageArgs, out: &std::path::Path) -> anyhow::Result<()> {
     let qm = quantops_api::spec_file::load_quantized_model(&args.spec)?;
-    let root = match &args.root {
+    let layout = Layout::new(&qm.spec, &spec_root(args)?, args.output_root.as_deref());
+    let set = stages::calibration_set(&qm.spec, &layout)?;
+    let file = quantizer_job::calibration::TokenFile { input_ids: set };
+    std::fs::write(out, serde_json::to_string(&file)?)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// Base of the spec's relative paths: --root, else the spec's directory.
+fn spec_root(args: &StageArgs) -> anyhow::Result<PathBuf> {
+    Ok(match &args.root {
         Some(root) => root.clone(),
         None => args
             .spec
@@ -114,13 +156,19 @@ fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
                 }
             })
             .context("the spec path has no directory")?,
-    };
-    let layout = Layout::new(&qm.spec, &root, args.output_root.as_deref());
+    })
+}
+
+fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
+    let qm = quantops_api::spec_file::load_quantized_model(&args.spec)?;
+    let layout = Layout::new(&qm.spec, &spec_root(args)?, args.output_root.as_deref());
+    let gpu = Gpu::for_choice(args.device).context("--device")?;
     stages::run(
         stage,
         &StageInput {
             spec: &qm.spec,
             layout: &layout,
+            gpu: gpu.as_ref(),
         },
     )
 }

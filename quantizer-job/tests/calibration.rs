@@ -66,3 +66,52 @@ fn out_of_vocabulary_ids_are_rejected() {
         })
     ));
 }
+
+#[test]
+fn token_files_are_used_as_given_and_checked_against_the_model_vocabulary() {
+    let tok = common::tokenizer();
+    let path = common::scratch("token-file").join("calibration-tokens.json");
+    let file = serde_json::json!({"input_ids": [[1, 2, 3, 4, 5], [9, 8, 7, 6], [5, 5]]});
+    std::fs::write(&path, file.to_string()).expect("write");
+    // Rows shorter than the sequence length are skipped, longer ones cut.
+    let set = calibration::load(&path, tok, 100, 2, 4, 0).expect("token file");
+    assert_eq!(set.samples, vec![vec![1, 2, 3, 4], vec![9, 8, 7, 6]]);
+    assert_eq!(set.stats.unique_tokens, 8);
+    // Ids are checked against the model's vocabulary, not the tokenizer's.
+    let err = calibration::load(&path, tok, 5, 2, 4, 0).expect_err("id 9 >= 5");
+    assert!(
+        matches!(
+            err,
+            CalibrationError::OutOfVocabulary {
+                id: 9,
+                vocab: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = calibration::load(&path, tok, 100, 3, 4, 0).expect_err("two usable rows");
+    assert!(
+        matches!(
+            err,
+            CalibrationError::Shortfall {
+                samples: 3,
+                available_windows: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    std::fs::write(&path, "{\"input_ids\": \"no\"}").expect("write");
+    let err = calibration::load(&path, tok, 100, 1, 4, 0).expect_err("not a token file");
+    assert!(err.to_string().contains("calibration-tokens.json"), "{err}");
+}
+
+#[test]
+fn text_files_are_sampled_as_before() {
+    let tok = common::tokenizer();
+    let path = common::text("calibration.txt");
+    let a = calibration::load(&path, tok, 8192, 4, 128, 42).expect("text");
+    let b = calibration::sample_from_file(&path, tok, 4, 128, 42).expect("text");
+    assert_eq!(a, b);
+}

@@ -95,7 +95,12 @@ fn build(
 fn assert_round_trip(case: Case, max_shard_bytes: usize, expect_format: &str) {
     let all = load_all();
     let (dense, quantized) = build(case, &all, &[0, 1]);
-    let dir = scratch(&format!("rt-{}-{max_shard_bytes}", expect_format));
+    // One directory per case: tests run in parallel and several share a format.
+    let case_name: String = format!("{case:?}")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let dir = scratch(&format!("rt-{case_name}-{max_shard_bytes}-{expect_format}"));
     let options = CheckpointOptions {
         dtype: FloatDtype::F16,
         max_shard_bytes,

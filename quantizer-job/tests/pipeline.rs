@@ -71,6 +71,7 @@ fn baseline_json() -> &'static PathBuf {
             &StageInput {
                 spec: &qm.spec,
                 layout: &layout,
+                gpu: None,
             },
         )
         .expect("baseline stage runs");
@@ -87,6 +88,7 @@ fn run_variant(method: &str, bits: u8, group: i32, symmetric: bool) -> Report {
     let input = StageInput {
         spec: &qm.spec,
         layout: &layout,
+        gpu: None,
     };
     stages::run(Stage::Quantize, &input).expect("quantize stage runs");
     let summary = stages::run(Stage::Validate, &input).expect("validate stage runs");

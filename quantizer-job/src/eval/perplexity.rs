@@ -64,17 +64,40 @@ pub fn perplexity_of_tokens(
     window_tokens: usize,
     max_windows: usize,
 ) -> Result<PerplexityResult, EvalError> {
+    windowed_perplexity(
+        tokens,
+        window_tokens,
+        max_windows,
+        DEFAULT_BATCH_WINDOWS,
+        |batch| batch_nll(model, batch),
+    )
+}
+
+/// The one definition of perplexity every backend uses: the first
+/// `max_windows` non-overlapping windows of `window_tokens` ids, `exp` of
+/// the mean NLL over the `window_tokens − 1` predictions of each window.
+/// `batch_nll` sums the NLL of a batch of at most `per_batch` windows; how
+/// windows are batched does not change the sum.
+pub fn windowed_perplexity<E: From<EvalError>>(
+    tokens: &[u32],
+    window_tokens: usize,
+    max_windows: usize,
+    per_batch: usize,
+    mut batch_nll: impl FnMut(&[Vec<u32>]) -> Result<f64, E>,
+) -> Result<PerplexityResult, E> {
     if window_tokens < 2 {
         return Err(EvalError::Insufficient(format!(
             "window_tokens must be at least 2, got {window_tokens}"
-        )));
+        ))
+        .into());
     }
     let windows = (tokens.len() / window_tokens).min(max_windows);
     if windows == 0 {
         return Err(EvalError::Insufficient(format!(
             "the text has {} tokens, fewer than one window of {window_tokens}",
             tokens.len()
-        )));
+        ))
+        .into());
     }
     let start = Instant::now();
     let mut total_nll = 0.0f64;
@@ -83,8 +106,8 @@ pub fn perplexity_of_tokens(
         .take(windows)
         .map(<[u32]>::to_vec)
         .collect();
-    for batch in all.chunks(DEFAULT_BATCH_WINDOWS) {
-        total_nll += batch_nll(model, batch)?;
+    for batch in all.chunks(per_batch.max(1)) {
+        total_nll += batch_nll(batch)?;
         tracing::debug!(windows = batch.len(), "perplexity batch done");
     }
     let seconds = start.elapsed().as_secs_f64();

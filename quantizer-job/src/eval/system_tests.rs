@@ -196,6 +196,26 @@ pub fn run_suite(
     suite: &SystemTestSuite,
     baseline: Option<&SystemTestsResult>,
 ) -> Result<SystemTestsResult, EvalError> {
+    run_suite_with(
+        &mut |ids, max_new_tokens, eos| Ok(model.generate_greedy(ids, max_new_tokens, eos)?),
+        tokenizer,
+        suite,
+        baseline,
+    )
+}
+
+/// A greedy decoder: prompt ids, most new tokens and EOS to the generated
+/// ids, with the rules of [`LlamaModel::generate_greedy`].
+pub type Greedy<'g, E> = &'g mut dyn FnMut(&[u32], usize, Option<u32>) -> Result<Vec<u32>, E>;
+
+/// [`run_suite`] with any greedy decoder: how the GPU model runs the same
+/// suite with the same prompts and checks.
+pub fn run_suite_with<E: From<EvalError>>(
+    generate: Greedy<'_, E>,
+    tokenizer: &Tokenizer,
+    suite: &SystemTestSuite,
+    baseline: Option<&SystemTestsResult>,
+) -> Result<SystemTestsResult, E> {
     let eos = tokenizer.token_id(END_TOKEN);
     let mut outcomes = Vec::with_capacity(suite.tests.len());
     for test in &suite.tests {
@@ -205,9 +225,13 @@ pub fn run_suite(
         };
         let expect = expectation(test).map_err(invalid)?;
         let prompt = prompt_text(test).map_err(invalid)?;
-        let ids = tokenizer.encode(&prompt)?;
-        let generated = model.generate_greedy(&ids, suite.max_new_tokens, eos)?;
-        let answer = tokenizer.decode(&generated, true)?.trim().to_string();
+        let ids = tokenizer.encode(&prompt).map_err(EvalError::from)?;
+        let generated = generate(&ids, suite.max_new_tokens, eos)?;
+        let answer = tokenizer
+            .decode(&generated, true)
+            .map_err(EvalError::from)?
+            .trim()
+            .to_string();
         let passed = expect.check(&answer);
         let counted = if !test.edge_case {
             true

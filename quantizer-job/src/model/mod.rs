@@ -351,6 +351,26 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// The embedding table `[V, h]` (what a GPU copy of the model uploads).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// The final norm's weight `[h]`.
+    pub fn final_norm(&self) -> &Tensor {
+        &self.norm
+    }
+
+    /// The bias of a Linear named as in [`Self::linear_names`], when the
+    /// config gives it one (q/k/v of Qwen2, `attention_bias`).
+    pub fn linear_bias(&self, name: &str) -> Result<Option<&Tensor>> {
+        if name == LM_HEAD {
+            return Ok(None);
+        }
+        let id = self.linear_id(name)?;
+        Ok(self.layers[id.layer].linear(id.kind).bias.as_ref())
+    }
+
     /// Layer `index`'s `input_layernorm` weight `[h]`.
     pub fn input_layernorm(&self, index: usize) -> Result<&Tensor> {
         Ok(&self.layer(index)?.input_layernorm)

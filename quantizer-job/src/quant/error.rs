@@ -39,4 +39,7 @@ pub enum QuantError {
     /// The layer saw no calibration activations.
     #[error("layer {layer}: no calibration samples were accumulated")]
     NoSamples { layer: String },
+    /// The compute backend (the GPU) failed underneath the algorithm.
+    #[error("compute backend failed: {0}")]
+    Backend(String),
 }

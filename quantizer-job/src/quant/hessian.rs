@@ -73,6 +73,23 @@ impl Hessian {
         Ok(())
     }
 
+    /// Adds a batch's `xᵀx` computed elsewhere (the GPU backend), full
+    /// `[in, in]` row-major, over `rows` activation rows.
+    pub fn add_gram(&mut self, gram: &[f32], rows: usize) -> Result<(), QuantError> {
+        if gram.len() != self.dim * self.dim {
+            return Err(QuantError::Shape {
+                what: format!("{} Gram matrix", self.layer),
+                expected: format!("[{0}, {0}]", self.dim),
+                got: format!("{} values", gram.len()),
+            });
+        }
+        for (s, g) in self.sum.iter_mut().zip(gram) {
+            *s += f64::from(*g);
+        }
+        self.samples += rows;
+        Ok(())
+    }
+
     /// `H = 2/n Σ xᵀx` as a full symmetric f64 matrix `[in, in]`.
     pub fn finalize(&self) -> Result<Vec<f64>, QuantError> {
         if self.samples == 0 {

@@ -149,6 +149,8 @@ pub struct QuantizedLinear {
     /// Group of each input column (only for [`ActOrder::Group`]).
     pub g_idx: Option<Vec<i32>>,
     /// `(q - zp) · scale` (or `fp8(q) · scale`), bit-identical to what the reader returns.
+    /// Empty (0 × 0) when the GPU pipeline kept it on the device, where the
+    /// model continues with it; the writer only reads codes and scales.
     pub dequantized: Matrix,
 }
 

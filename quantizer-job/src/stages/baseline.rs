@@ -1,7 +1,7 @@
 //! The baseline stage: the FP16 model's figures, measured once and kept in
 //! the artifact directory for the validate stage to compare against.
 
-use super::evaluation::{BaselineRecord, baseline_inputs_digest, evaluate};
+use super::evaluation::{BaselineRecord, Evaluator, baseline_inputs_digest, evaluate};
 use super::{StageInput, write_json};
 use crate::checkpoint::Checkpoint;
 use crate::layout::files;
@@ -17,7 +17,8 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let (checkpoint, model_facts) = open_base_checkpoint(input)?;
     let model = LlamaModel::from_checkpoint(&checkpoint)?;
     let tokenizer = Tokenizer::from_dir(checkpoint.dir())?;
-    let evaluation = evaluate(&model, &tokenizer, input.spec, input.layout, None)?;
+    let evaluator = Evaluator::new(input.gpu, &model, &checkpoint);
+    let evaluation = evaluate(&evaluator, &tokenizer, input.spec, input.layout, None)?;
     let record = BaselineRecord {
         inputs_digest: baseline_inputs_digest(input.spec),
         model: model_facts,

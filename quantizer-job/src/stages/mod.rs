@@ -43,6 +43,8 @@ impl Stage {
 pub struct StageInput<'a> {
     pub spec: &'a QuantizedModelSpec,
     pub layout: &'a Layout,
+    /// The GPU to compute on; `None` runs the CPU twin.
+    pub gpu: Option<&'a crate::gpu::Gpu>,
 }
 
 /// Runs a stage and returns its summary for the termination message.
@@ -62,6 +64,23 @@ pub fn run(stage: Stage, input: &StageInput) -> anyhow::Result<StageSummary> {
     summary.stage = stage.name().to_string();
     summary.seconds = Some(started.elapsed().as_secs_f64());
     Ok(summary)
+}
+
+/// The calibration sequences the quantize stage would use (empty for
+/// methods without calibration), for handing the same set to another tool.
+pub fn calibration_set(
+    spec: &QuantizedModelSpec,
+    layout: &Layout,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let dir = layout.input(&spec.base_model.path);
+    let checkpoint = crate::checkpoint::Checkpoint::open(&dir)
+        .with_context(|| format!("spec.baseModel.path: cannot load {}", dir.display()))?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_dir(checkpoint.dir())?;
+    Ok(
+        quantize::calibration_for(spec, layout, &checkpoint, &tokenizer)?
+            .map(|(samples, _)| samples)
+            .unwrap_or_default(),
+    )
 }
 
 /// The summary of a run whose report exists.

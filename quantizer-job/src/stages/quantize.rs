@@ -8,6 +8,8 @@ use crate::checkpoint::Checkpoint;
 use crate::format::{
     CheckpointOptions, DenseTensor, quantization_config, write_checkpoint, write_model_config,
 };
+use crate::gpu;
+use crate::layout::Layout;
 use crate::layout::files;
 use crate::llama_layers::LlamaLayers;
 use crate::model::LlamaModel;
@@ -17,7 +19,7 @@ use crate::sequential::quantize_model;
 use crate::tokenizer::Tokenizer;
 use anyhow::Context;
 use candle_core::Tensor;
-use quantops_api::StageSummary;
+use quantops_api::{QuantizedModelSpec, StageSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -29,9 +31,16 @@ const CALIBRATION_BATCH: usize = 8;
 /// What the quantize stage leaves for the report.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct QuantizeRecord {
+    /// The whole stage: reading the checkpoint, quantizing, writing.
     pub seconds: f64,
+    /// Calibration and quantization alone (what llm-compressor's `oneshot` times).
+    #[serde(default)]
+    pub pipeline_seconds: f64,
     pub quantized_linears: usize,
     pub format: String,
+    /// Where it was computed: `cpu` or the GPU's name.
+    #[serde(default)]
+    pub device: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationFacts>,
 }
@@ -42,47 +51,44 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let recipe = &spec.quantization;
     let (checkpoint, facts) = open_base_checkpoint(input)?;
     let dtype = storage_dtype(&facts.dtype);
-    let mut model = LlamaModel::from_checkpoint(&checkpoint)?;
     let tokenizer = Tokenizer::from_dir(checkpoint.dir())?;
 
-    let (batches, calibration) = if recipe.method.needs_calibration() {
-        let c = spec
-            .calibration
-            .as_ref()
-            .context("spec.calibration: required by this method")?;
-        let path = input.layout.input(&c.path);
-        let set = calibration::sample_from_file(
-            &path,
-            &tokenizer,
-            c.samples as usize,
-            c.sequence_length as usize,
-            c.seed,
-        )
-        .with_context(|| format!("spec.calibration: {}", path.display()))?;
-        let mut batches = Vec::new();
-        for chunk in set.samples.chunks(CALIBRATION_BATCH) {
-            batches.push(model.embed(&model.token_tensor(chunk)?)?);
-        }
-        let facts = CalibrationFacts {
-            path: c.path.clone(),
-            samples: set.stats.samples,
-            sequence_length: set.stats.sequence_length,
-            seed: set.stats.seed,
-            unique_token_ratio: set.stats.unique_token_ratio,
-        };
-        (batches, Some(facts))
-    } else {
-        (Vec::new(), None)
-    };
+    let calibration = calibration_for(spec, input.layout, &checkpoint, &tokenizer)?;
+    let samples = calibration.as_ref().map_or(&[][..], |(s, _)| s.as_slice());
 
     let scheme = WeightScheme::from_spec(recipe, dtype);
-    let quantized = {
-        let mut layers = LlamaLayers { model: &mut model };
-        quantize_model(&mut layers, &CpuBackend, recipe, scheme, batches)?
+    let gpu = input.gpu.filter(|_| {
+        let ok = gpu::pipeline::supports(recipe.method);
+        if !ok {
+            tracing::warn!(method = ?recipe.method, "no GPU implementation of this method: quantizing on the CPU");
+        }
+        ok
+    });
+    let pipeline_started = Instant::now();
+    let (quantized, dense) = match gpu {
+        Some(gpu) => {
+            let quantized =
+                gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
+            let dense = dense_tensors(&checkpoint, None, &quantized)?;
+            (quantized, dense)
+        }
+        None => {
+            let mut model = LlamaModel::from_checkpoint(&checkpoint)?;
+            let mut batches = Vec::new();
+            for chunk in samples.chunks(CALIBRATION_BATCH) {
+                batches.push(model.embed(&model.token_tensor(chunk)?)?);
+            }
+            let quantized = {
+                let mut layers = LlamaLayers { model: &mut model };
+                quantize_model(&mut layers, &CpuBackend, recipe, scheme, batches)?
+            };
+            let dense = dense_tensors(&checkpoint, Some(&model), &quantized)?;
+            (quantized, dense)
+        }
     };
 
+    let pipeline_seconds = pipeline_started.elapsed().as_secs_f64();
     let dir = &input.layout.artifact_dir;
-    let dense = dense_tensors(&checkpoint, &model, &quantized)?;
     let options = CheckpointOptions {
         dtype,
         ..CheckpointOptions::default()
@@ -93,9 +99,11 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     write_recipe(input)?;
     let record = QuantizeRecord {
         seconds: started.elapsed().as_secs_f64(),
+        pipeline_seconds,
         quantized_linears: quantized.len(),
         format: crate::format::compressed_tensors::format_name(&scheme).to_string(),
-        calibration,
+        device: gpu.map_or_else(|| "cpu".to_string(), |g| g.name().to_string()),
+        calibration: calibration.map(|(_, facts)| facts),
     };
     write_json(&input.layout.artifact_file(files::QUANTIZE), &record)?;
     tracing::info!(
@@ -112,6 +120,41 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     })
 }
 
+/// The recipe's calibration sequences and their figures; `None` for methods
+/// that need none.
+pub(super) fn calibration_for(
+    spec: &QuantizedModelSpec,
+    layout: &Layout,
+    checkpoint: &Checkpoint,
+    tokenizer: &Tokenizer,
+) -> anyhow::Result<Option<(Vec<Vec<u32>>, CalibrationFacts)>> {
+    if !spec.quantization.method.needs_calibration() {
+        return Ok(None);
+    }
+    let c = spec
+        .calibration
+        .as_ref()
+        .context("spec.calibration: required by this method")?;
+    let path = layout.input(&c.path);
+    let set = calibration::load(
+        &path,
+        tokenizer,
+        checkpoint.config().vocab_size,
+        c.samples as usize,
+        c.sequence_length as usize,
+        c.seed,
+    )
+    .with_context(|| format!("spec.calibration: {}", path.display()))?;
+    let facts = CalibrationFacts {
+        path: c.path.clone(),
+        samples: set.stats.samples,
+        sequence_length: set.stats.sequence_length,
+        seed: set.stats.seed,
+        unique_token_ratio: set.stats.unique_token_ratio,
+    };
+    Ok(Some((set.samples, facts)))
+}
+
 /// Scales and unquantized tensors are stored in the base model's dtype.
 fn storage_dtype(dtypes: &str) -> FloatDtype {
     match dtypes {
@@ -125,7 +168,7 @@ fn storage_dtype(dtypes: &str) -> FloatDtype {
 /// have folded scales into the norms).
 fn dense_tensors(
     checkpoint: &Checkpoint,
-    model: &LlamaModel,
+    model: Option<&LlamaModel>,
     quantized: &BTreeMap<String, QuantizedLinear>,
 ) -> anyhow::Result<BTreeMap<String, DenseTensor>> {
     let mut dense = BTreeMap::new();
@@ -134,7 +177,11 @@ fn dense_tensors(
         if quantized.contains_key(module) {
             continue;
         }
-        let tensor = match norm_of(model, name)? {
+        let norm = match model {
+            Some(model) => norm_of(model, name)?,
+            None => None,
+        };
+        let tensor = match norm {
             Some(t) => t.clone(),
             None => checkpoint.load_f32(name)?,
         };

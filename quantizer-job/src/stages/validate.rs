@@ -2,15 +2,15 @@
 //! evaluated like the baseline and judged by the gates. Writes `report.json`
 //! and the model card.
 
-use super::evaluation::{BaselineRecord, baseline_inputs_digest, evaluate};
+use super::evaluation::{BaselineRecord, Evaluator, baseline_inputs_digest, evaluate};
 use super::quantize::QuantizeRecord;
 use super::{StageInput, read_json, summary_from_report, write_json};
 use crate::artifact::weights_digest;
 use crate::config::LlamaConfig;
 use crate::format::read_checkpoint;
 use crate::gates;
+use crate::gpu::llama::TensorMap;
 use crate::layout::files;
-use crate::model::LlamaModel;
 use crate::report_sections::{self, ArtifactFacts};
 use crate::tokenizer::Tokenizer;
 use anyhow::Context;
@@ -31,10 +31,12 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     }
     let quantize: QuantizeRecord = read_json(&layout.artifact_file(files::QUANTIZE), "quantize")?;
     let dir = &layout.artifact_dir;
-    let model = load_artifact(dir)?;
+    let weights = load_artifact(dir)?;
+    let model = weights.to_model()?;
     let tokenizer = Tokenizer::from_dir(dir)?;
+    let evaluator = Evaluator::new(input.gpu, &model, &weights);
     let evaluation = evaluate(
-        &model,
+        &evaluator,
         &tokenizer,
         input.spec,
         layout,
@@ -98,9 +100,10 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     Ok(summary_from_report(input, &report))
 }
 
-/// Reads the artifact back into a model through the compressed-tensors
-/// reader: what is evaluated is what was written, not what was in memory.
-fn load_artifact(dir: &std::path::Path) -> anyhow::Result<LlamaModel> {
+/// Reads the artifact back through the compressed-tensors reader: what is
+/// evaluated is what was written, not what was in memory. The tensors are
+/// the weight source of both the CPU model and its GPU copy.
+fn load_artifact(dir: &std::path::Path) -> anyhow::Result<TensorMap> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
     let loaded = read_checkpoint(dir)?;
     let mut tensors = HashMap::with_capacity(loaded.tensors.len());
@@ -109,7 +112,7 @@ fn load_artifact(dir: &std::path::Path) -> anyhow::Result<LlamaModel> {
             .with_context(|| format!("artifact tensor {name}"))?;
         tensors.insert(name, t);
     }
-    Ok(LlamaModel::from_tensors(config, tensors)?)
+    Ok(TensorMap::new(config, tensors))
 }
 
 /// The report's per-model figures: perplexity at the top (the contract's

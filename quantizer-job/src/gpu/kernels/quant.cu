@@ -1,0 +1,469 @@
+// quantops quantization kernels, compiled at run time by NVRTC.
+//
+// Each kernel is the device twin of a CPU function in quantizer-job/src/quant/
+// and follows its arithmetic operation for operation (IEEE division, rounding
+// half to even, scales rounded to the checkpoint's dtype before codes are
+// taken), so RTN, INT8 and FP8 codes equal the CPU's bit for bit. No headers:
+// NVRTC has no system include path where the binary runs.
+
+#define FULL_MASK 0xffffffffu
+#define GPTQ_BLOCK 128
+#define F32_INF __int_as_float(0x7f800000)
+
+// Scale dtypes, as FloatDtype: 0 = F16, 1 = BF16, 2 = F32.
+__device__ __forceinline__ float round_to_dtype(float v, int dtype) {
+    if (dtype == 0) {
+        unsigned short h;
+        float r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+        return r;
+    }
+    if (dtype == 1) {
+        unsigned short h;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        return __uint_as_float(((unsigned int)h) << 16);
+    }
+    return v;
+}
+
+struct GridParams {
+    float scale;
+    int zero;
+};
+
+// grid::params_from_range
+__device__ __forceinline__ GridParams params_from_range(float mn, float mx, int bits, int symmetric,
+                                                        int dtype, float eps) {
+    const int qmin = -(1 << (bits - 1));
+    const int qmax = (1 << (bits - 1)) - 1;
+    mn = fminf(mn, 0.0f);
+    mx = fmaxf(mx, 0.0f);
+    const float levels = (float)((1u << bits) - 1u);
+    float raw;
+    if (symmetric) {
+        raw = fmaxf(-mn, mx) / (levels / 2.0f);
+    } else {
+        raw = round_to_dtype(mx - mn, dtype) / levels;
+    }
+    float scale = round_to_dtype(raw, dtype);
+    if (scale == 0.0f) {
+        scale = eps;
+    }
+    int zero = 0;
+    if (!symmetric) {
+        float z = round_to_dtype((float)qmin - round_to_dtype(mn / scale, dtype), dtype);
+        z = fminf(fmaxf(z, (float)qmin), (float)qmax);
+        zero = (int)rintf(z);
+    }
+    GridParams p;
+    p.scale = scale;
+    p.zero = zero;
+    return p;
+}
+
+// grid::quantize
+__device__ __forceinline__ int quantize_code(float x, GridParams p, int bits) {
+    const int qmin = -(1 << (bits - 1));
+    const int qmax = (1 << (bits - 1)) - 1;
+    int q = (int)rintf(x / p.scale) + p.zero;
+    return min(max(q, qmin), qmax);
+}
+
+// grid::dequantize
+__device__ __forceinline__ float dequantize_code(int q, GridParams p) {
+    return (float)(q - p.zero) * p.scale;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float pow2(int e) {
+    // 2^e for e in the normal f32 range, exactly.
+    return __int_as_float((e + 127) << 23);
+}
+
+// fp8::f32_to_e4m3
+__device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
+    if (x != x) return 0x7F;
+    const unsigned char sign = (__float_as_uint(x) >> 31) ? 0x80 : 0;
+    const float a = fabsf(x);
+    if (a >= 448.0f) return sign | 0x7E;
+    if (a < 0.015625f) {
+        return sign | (unsigned char)rintf(a * 512.0f);
+    }
+    int e = (int)(__float_as_uint(a) >> 23) - 127;
+    int q = (int)rintf(a * pow2(3 - e));
+    if (q == 16) {
+        q = 8;
+        e += 1;
+    }
+    return sign | (unsigned char)((e + 7) << 3) | (unsigned char)(q - 8);
+}
+
+// fp8::e4m3_to_f32
+__device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
+    const float sign = (b & 0x80) ? -1.0f : 1.0f;
+    const int exp = (b >> 3) & 0x0F;
+    const float mant = (float)(b & 0x07);
+    if (exp == 0x0F && (b & 0x07) == 0x07) return __int_as_float(0x7fc00000);
+    if (exp == 0) return sign * mant * pow2(-9);
+    return sign * (8.0f + mant) * pow2(exp - 10);
+}
+
+// Items (a group of a row, or a row) are handled by a team of threads: a
+// warp for short items (several per block), the whole block for long ones,
+// so that per-channel rows of thousands of weights keep enough loads in
+// flight. `team_size` is 32 or blockDim.x; the launcher picks it.
+struct Team {
+    long long item;
+    int rank;
+    int size;
+};
+
+__device__ __forceinline__ Team team_of(int team_size) {
+    Team t;
+    t.size = team_size;
+    t.item = (long long)blockIdx.x * (blockDim.x / team_size) + threadIdx.x / team_size;
+    t.rank = threadIdx.x % team_size;
+    return t;
+}
+
+// Reduces over the team; for a block-wide team every thread must call it.
+__device__ __forceinline__ float team_reduce(float v, bool is_max, int team_size) {
+    v = is_max ? warp_max(v) : warp_min(v);
+    if (team_size == 32) return v;
+    __shared__ float partial[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float x = lane < (int)(blockDim.x >> 5) ? partial[lane] : (is_max ? -F32_INF : F32_INF);
+        x = is_max ? warp_max(x) : warp_min(x);
+        if (lane == 0) partial[0] = x;
+    }
+    __syncthreads();
+    return partial[0];
+}
+
+// Round-to-nearest onto each (row, group)'s min-max grid, one team per group.
+// `codes`/`deq` may be null (then only the grid parameters are written, as
+// GPTQ's static act order needs them from the original weight).
+extern "C" __global__ void rtn_int(const float* __restrict__ w, int rows, int cols, int group_size,
+                                   int bits, int symmetric, int dtype, float eps, int team_size,
+                                   signed char* __restrict__ codes, float* __restrict__ deq,
+                                   float* __restrict__ scales, int* __restrict__ zeros) {
+    const Team t = team_of(team_size);
+    const int groups = cols / group_size;
+    if (t.item >= (long long)rows * groups) return;
+    const long long r = t.item / groups;
+    const int g = (int)(t.item % groups);
+    const long long base = r * cols + (long long)g * group_size;
+    const bool vec = (group_size & 3) == 0;
+    float mn = F32_INF, mx = -F32_INF;
+    if (vec) {
+        const float4* src = reinterpret_cast<const float4*>(w + base);
+        for (int c = t.rank; c < group_size / 4; c += t.size) {
+            float4 v = src[c];
+            mn = fminf(fminf(fminf(mn, v.x), fminf(v.y, v.z)), v.w);
+            mx = fmaxf(fmaxf(fmaxf(mx, v.x), fmaxf(v.y, v.z)), v.w);
+        }
+    } else {
+        for (int c = t.rank; c < group_size; c += t.size) {
+            float v = w[base + c];
+            mn = fminf(mn, v);
+            mx = fmaxf(mx, v);
+        }
+    }
+    mn = team_reduce(mn, false, t.size);
+    mx = team_reduce(mx, true, t.size);
+    const GridParams p = params_from_range(mn, mx, bits, symmetric, dtype, eps);
+    if (t.rank == 0) {
+        scales[t.item] = p.scale;
+        zeros[t.item] = p.zero;
+    }
+    if (codes == nullptr) return;
+    if (vec) {
+        const float4* src = reinterpret_cast<const float4*>(w + base);
+        float4* dst = reinterpret_cast<float4*>(deq + base);
+        char4* cdst = reinterpret_cast<char4*>(codes + base);
+        for (int c = t.rank; c < group_size / 4; c += t.size) {
+            float4 v = src[c];
+            int qx = quantize_code(v.x, p, bits), qy = quantize_code(v.y, p, bits);
+            int qz = quantize_code(v.z, p, bits), qw = quantize_code(v.w, p, bits);
+            cdst[c] = make_char4((signed char)qx, (signed char)qy, (signed char)qz, (signed char)qw);
+            dst[c] = make_float4(dequantize_code(qx, p), dequantize_code(qy, p),
+                                 dequantize_code(qz, p), dequantize_code(qw, p));
+        }
+    } else {
+        for (int c = t.rank; c < group_size; c += t.size) {
+            int q = quantize_code(w[base + c], p, bits);
+            codes[base + c] = (signed char)q;
+            deq[base + c] = dequantize_code(q, p);
+        }
+    }
+}
+
+// FP8 E4M3 with one scale per output channel: one team per row.
+extern "C" __global__ void fp8_rows(const float* __restrict__ w, int rows, int cols, int dtype,
+                                    float eps, int team_size, unsigned char* __restrict__ codes,
+                                    float* __restrict__ deq, float* __restrict__ scales) {
+    const Team t = team_of(team_size);
+    if (t.item >= rows) return;
+    const long long base = t.item * cols;
+    const bool vec = (cols & 3) == 0;
+    float absmax = 0.0f;
+    if (vec) {
+        const float4* src = reinterpret_cast<const float4*>(w + base);
+        for (int c = t.rank; c < cols / 4; c += t.size) {
+            float4 v = src[c];
+            absmax = fmaxf(fmaxf(absmax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+        }
+    } else {
+        for (int c = t.rank; c < cols; c += t.size) absmax = fmaxf(absmax, fabsf(w[base + c]));
+    }
+    absmax = team_reduce(absmax, true, t.size);
+    float scale = round_to_dtype(absmax / 448.0f, dtype);
+    if (scale == 0.0f) scale = eps;
+    if (t.rank == 0) scales[t.item] = scale;
+    if (vec) {
+        const float4* src = reinterpret_cast<const float4*>(w + base);
+        float4* dst = reinterpret_cast<float4*>(deq + base);
+        uchar4* cdst = reinterpret_cast<uchar4*>(codes + base);
+        for (int c = t.rank; c < cols / 4; c += t.size) {
+            float4 v = src[c];
+            uchar4 b = make_uchar4(f32_to_e4m3(v.x / scale), f32_to_e4m3(v.y / scale),
+                                   f32_to_e4m3(v.z / scale), f32_to_e4m3(v.w / scale));
+            cdst[c] = b;
+            dst[c] = make_float4(e4m3_to_f32(b.x) * scale, e4m3_to_f32(b.y) * scale,
+                                 e4m3_to_f32(b.z) * scale, e4m3_to_f32(b.w) * scale);
+        }
+    } else {
+        for (int c = t.rank; c < cols; c += t.size) {
+            unsigned char b = f32_to_e4m3(w[base + c] / scale);
+            codes[base + c] = b;
+            deq[base + c] = e4m3_to_f32(b) * scale;
+        }
+    }
+}
+
+// The weight recomputed from integer codes: `(q - zp) * scale`, with the
+// column's group from `g_idx` when given (GPTQ's group act order).
+extern "C" __global__ void dequantize_int(const signed char* __restrict__ codes, long long rows,
+                                          int cols, int groups, const float* __restrict__ scales,
+                                          const int* __restrict__ zeros,
+                                          const int* __restrict__ g_idx, float* __restrict__ out) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= rows * cols) return;
+    const long long r = k / cols;
+    const int c = (int)(k % cols);
+    const int g = g_idx ? g_idx[c] : c / (cols / groups);
+    const long long pk = r * groups + g;
+    const int zp = zeros ? zeros[pk] : 0;
+    out[k] = (float)((int)codes[k] - zp) * scales[pk];
+}
+
+extern "C" __global__ void dequantize_fp8(const unsigned char* __restrict__ codes, long long rows,
+                                          int cols, const float* __restrict__ scales,
+                                          float* __restrict__ out) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= rows * cols) return;
+    out[k] = e4m3_to_f32(codes[k]) * scales[k / cols];
+}
+
+// --- GPTQ -------------------------------------------------------------------
+
+// H (f32 running sum of XᵀX, [n, n]) → finalized f64 `2/samples · sum`.
+extern "C" __global__ void hessian_finalize(const float* __restrict__ sum, long long count,
+                                            double factor, double* __restrict__ out) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < count) out[k] = (double)sum[k] * factor;
+}
+
+// Dead inputs (H_ii = 0): H_ii = 1 and the weight column zeroed, as GPTQ does.
+// One thread per column.
+extern "C" __global__ void gptq_dead_columns(double* __restrict__ h, float* __restrict__ w, int rows,
+                                             int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (h[(long long)i * n + i] == 0.0) {
+        h[(long long)i * n + i] = 1.0;
+        for (int r = 0; r < rows; ++r) w[(long long)r * n + i] = 0.0f;
+    }
+}
+
+// hp[a, b] = h[perm[a], perm[b]] + (a == b ? damp : 0).
+extern "C" __global__ void gptq_permute_damp(const double* __restrict__ h, const int* __restrict__ perm,
+                                             int n, double damp, double* __restrict__ hp) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (long long)n * n) return;
+    const int a = (int)(k / n), b = (int)(k % n);
+    double v = h[(long long)perm[a] * n + perm[b]];
+    if (a == b) v += damp;
+    hp[k] = v;
+}
+
+// wp[r, k] = w[r, perm[k]].
+extern "C" __global__ void permute_columns(const float* __restrict__ w, const int* __restrict__ perm,
+                                           long long rows, int n, float* __restrict__ wp) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= rows * n) return;
+    const long long r = k / n;
+    const int c = (int)(k % n);
+    wp[k] = w[r * n + perm[c]];
+}
+
+// Column-major lower triangle → full symmetric (cuSOLVER's potri fills one side).
+extern "C" __global__ void symmetrize_lower(double* __restrict__ a, int n) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (long long)n * n) return;
+    const int col = (int)(k / n), row = (int)(k % n);
+    if (row < col) a[k] = a[(long long)row * n + col];
+}
+
+// Column-major upper Cholesky factor (f64) → row-major upper f32 with zeros
+// below the diagonal: `u[i * n + j] = U[i][j]`.
+extern "C" __global__ void upper_to_row_major(const double* __restrict__ a, int n,
+                                              float* __restrict__ u) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (long long)n * n) return;
+    const int i = (int)(k / n), j = (int)(k % n);
+    u[k] = j >= i ? (float)a[(long long)j * n + i] : 0.0f;
+}
+
+// One lazy-update block of GPTQ, columns [i1, i2) of the permuted weight
+// (at most GPTQ_BLOCK), one warp per output row: lane l holds columns
+// i1 + 32k + l (k = 0..3) in registers. Column by column: fix the group's
+// grid when a group starts (min-max of the row's current values, in-block
+// ones from registers, later ones from memory), quantize, and push the scaled
+// error onto the block's later columns. The block's errors go to `err` for
+// the trailing update, done by cuBLAS after the launch.
+// act_order: 0 none, 1 static (grid from the original weight, natural
+// groups: static_scales/static_zeros), 2 group (groups along the order).
+extern "C" __global__ void gptq_block(float* __restrict__ w, int rows, int n, int i1, int i2,
+                                      const float* __restrict__ u, const int* __restrict__ perm,
+                                      int act_order, int group_size, int bits, int symmetric,
+                                      int dtype, float eps, const float* __restrict__ static_scales,
+                                      const int* __restrict__ static_zeros,
+                                      float* __restrict__ scales, int* __restrict__ zeros,
+                                      int* __restrict__ qperm, float* __restrict__ err) {
+    const long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const int groups = n / group_size;
+    float* row = w + r * n;
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int c = i1 + k * 32 + lane;
+        v[k] = c < i2 ? row[c] : 0.0f;
+    }
+    GridParams p;
+    p.scale = 1.0f;
+    p.zero = 0;
+    if (act_order != 1 && i1 % group_size != 0) {
+        // A group that began in an earlier block.
+        const int g = i1 / group_size;
+        p.scale = scales[r * groups + g];
+        p.zero = zeros[r * groups + g];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        for (int l = 0; l < 32; ++l) {
+            const int j = k * 32 + l;
+            const int i = i1 + j;
+            if (i >= i2) break;
+            if (act_order == 1) {
+                const int g = perm[i] / group_size;
+                p.scale = static_scales[r * groups + g];
+                p.zero = static_zeros[r * groups + g];
+            } else if (i % group_size == 0) {
+                const int end = i + group_size;
+                float mn = F32_INF, mx = -F32_INF;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    const int c = i1 + kk * 32 + lane;
+                    if (c >= i && c < end && c < i2) {
+                        mn = fminf(mn, v[kk]);
+                        mx = fmaxf(mx, v[kk]);
+                    }
+                }
+                for (int c = i2 + lane; c < end; c += 32) {
+                    const float x = row[c];
+                    mn = fminf(mn, x);
+                    mx = fmaxf(mx, x);
+                }
+                mn = warp_min(mn);
+                mx = warp_max(mx);
+                p = params_from_range(mn, mx, bits, symmetric, dtype, eps);
+                if (lane == 0) {
+                    scales[r * groups + i / group_size] = p.scale;
+                    zeros[r * groups + i / group_size] = p.zero;
+                }
+            }
+            const float x = __shfl_sync(FULL_MASK, v[k], l);
+            const int q = quantize_code(x, p, bits);
+            const float e = (x - dequantize_code(q, p)) / u[(long long)i * n + i];
+            if (lane == 0) {
+                qperm[r * n + i] = q;
+                err[r * GPTQ_BLOCK + j] = e;
+            }
+            const float* urow = u + (long long)i * n + i1;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const int c = kk * 32 + lane;
+                if (c > j && i1 + c < i2) v[kk] -= e * urow[c];
+            }
+        }
+    }
+}
+
+// codes[r, perm[k]] = qperm[r, k].
+extern "C" __global__ void unpermute_codes(const int* __restrict__ qperm, const int* __restrict__ perm,
+                                           long long rows, int n, signed char* __restrict__ codes) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= rows * n) return;
+    const long long r = k / n;
+    const int c = (int)(k % n);
+    codes[r * n + perm[c]] = (signed char)qperm[k];
+}
+
+// d[i] = a[i, i] of an n × n matrix.
+extern "C" __global__ void diagonal(const double* __restrict__ a, int n, double* __restrict__ d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) d[i] = a[(long long)i * n + i];
+}
+
+// Stored F16 (dtype 0) or BF16 (dtype 1) values widened to f32 on the device,
+// so checkpoints upload at their stored size.
+extern "C" __global__ void widen_to_f32(const unsigned short* __restrict__ src, int dtype,
+                                        long long n, float* __restrict__ dst) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    const unsigned short h = src[k];
+    if (dtype == 1) {
+        dst[k] = __uint_as_float(((unsigned int)h) << 16);
+    } else {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+        dst[k] = f;
+    }
+}
+
+// out[t, :] = table[ids[t], :]: the embedding of each calibration token.
+extern "C" __global__ void gather_rows(const float* __restrict__ table, const unsigned int* __restrict__ ids,
+                                       long long tokens, int width, float* __restrict__ out) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= tokens * width) return;
+    const long long t = k / width;
+    const int c = (int)(k % width);
+    out[k] = table[(long long)ids[t] * width + c];
+}

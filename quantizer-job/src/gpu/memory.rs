@@ -1,0 +1,173 @@
+//! What a quantization job will need, worked out before it starts, so that a
+//! GPU that is too small fails in the first second with the numbers instead
+//! of an out-of-memory error an hour in.
+//!
+//! The GPU pipeline holds at once: the calibration set's hidden states (in
+//! and out of the current layer), one decoder layer's weights, the forward
+//! pass's scratch for one batch, the layer's four Hessians and the working
+//! set of the largest Linear's GPTQ. Weights stream layer by layer, so the
+//! model's depth does not count; on the host the results (codes and the
+//! dequantized weights) and the embedding table do.
+
+use super::GpuError;
+use crate::config::LlamaConfig;
+
+const F32: u64 = 4;
+const F64: u64 = 8;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Peak memory of one job, in bytes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct MemoryEstimate {
+    pub gpu_bytes: u64,
+    pub host_bytes: u64,
+    /// The largest terms, for the error message.
+    pub detail: String,
+}
+
+impl MemoryEstimate {
+    /// GPU estimate in GiB.
+    pub fn gpu_gib(&self) -> f64 {
+        self.gpu_bytes as f64 / GIB
+    }
+
+    /// Host estimate in GiB.
+    pub fn host_gib(&self) -> f64 {
+        self.host_bytes as f64 / GIB
+    }
+}
+
+/// `[out, in]` of every Linear of one decoder layer.
+fn layer_linears(cfg: &LlamaConfig) -> [[u64; 2]; 7] {
+    let h = cfg.hidden_size as u64;
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let i = cfg.intermediate_size as u64;
+    [[q, h], [kv, h], [kv, h], [h, q], [i, h], [i, h], [h, i]]
+}
+
+/// Estimates a job that quantizes `cfg` with (`calibrated`) or without
+/// calibration: `samples × sequence_length` tokens in batches of `batch`
+/// sequences.
+pub fn estimate(
+    cfg: &LlamaConfig,
+    calibrated: bool,
+    samples: usize,
+    sequence_length: usize,
+    batch: usize,
+) -> MemoryEstimate {
+    let linears = layer_linears(cfg);
+    let layer_weights: u64 = linears.iter().map(|[o, i]| o * i * F32).sum();
+    let largest = linears.iter().map(|[o, i]| o * i).max().unwrap_or(0);
+    let h = cfg.hidden_size as u64;
+    let tokens = (samples * sequence_length) as u64;
+    let (hidden, scratch, hessians, gptq) = if calibrated {
+        let hidden = 2 * tokens * h * F32;
+        let batch_tokens = (batch.min(samples) * sequence_length) as u64;
+        let widths = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) as u64
+            * cfg.head_dim as u64
+            + 3 * cfg.intermediate_size as u64
+            + 4 * h;
+        let scores = (cfg.num_attention_heads as u64) * (sequence_length as u64).pow(2) * F32;
+        let scratch = batch_tokens * widths * F32 + scores;
+        let ins = [linears[0][1], linears[3][1], linears[4][1], linears[6][1]];
+        let hessians: u64 = ins.iter().map(|n| n * n * F32).sum();
+        let gptq = linears
+            .iter()
+            .map(|[o, n]| n * n * (2 * F64 + F32) + o * n * (4 * F32 + 1))
+            .max()
+            .unwrap_or(0);
+        (hidden, scratch, hessians, gptq)
+    } else {
+        (0, 0, 0, largest * (3 * F32 + 1))
+    };
+    let gpu_bytes = hidden + layer_weights + scratch + hessians + gptq;
+    let all_linears: u64 =
+        linears.iter().map(|[o, i]| o * i).sum::<u64>() * cfg.num_hidden_layers as u64;
+    let embedding = cfg.vocab_size as u64 * h * F32;
+    let host_bytes = all_linears * (F32 + 1) + embedding + tokens * 4;
+    let gib = |b: u64| b as f64 / GIB;
+    let detail = format!(
+        "hidden states {:.2} GiB, one layer's weights {:.2} GiB, forward scratch {:.2} GiB, Hessians {:.2} GiB, largest Linear's working set {:.2} GiB",
+        gib(hidden),
+        gib(layer_weights),
+        gib(scratch),
+        gib(hessians),
+        gib(gptq)
+    );
+    MemoryEstimate {
+        gpu_bytes,
+        host_bytes,
+        detail,
+    }
+}
+
+/// Whether the estimate fits `free` bytes of a `total`-byte GPU, leaving 5 %
+/// for the CUDA libraries' own workspaces; the error carries the breakdown.
+pub fn fits(estimate: &MemoryEstimate, free: usize, total: usize) -> Result<(), GpuError> {
+    if estimate.gpu_bytes as f64 > free as f64 * 0.95 {
+        return Err(GpuError::TooSmall {
+            needed_gib: estimate.gpu_gib(),
+            free_gib: free as f64 / GIB,
+            total_gib: total as f64 / GIB,
+            detail: estimate.detail.clone(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_gpu_is_refused_with_the_estimate() {
+        let e = estimate(&config(32, 4096, 14336, 32, 8), true, 128, 2048, 8);
+        let gib = 1usize << 30;
+        assert!(fits(&e, 80 * gib, 80 * gib).is_ok());
+        let err = fits(&e, 16 * gib, 16 * gib).unwrap_err().to_string();
+        assert!(err.contains("16.0 GiB free of 16.0 GiB"), "{err}");
+        assert!(
+            err.contains("hidden states") && err.contains("fewer calibration samples"),
+            "{err}"
+        );
+    }
+
+    fn config(layers: usize, hidden: usize, inter: usize, heads: usize, kv: usize) -> LlamaConfig {
+        let text = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "vocab_size": 128256,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 8192,
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, text.to_string()).expect("write");
+        LlamaConfig::from_file(&path).expect("config")
+    }
+
+    #[test]
+    fn depth_does_not_count_on_the_gpu_but_on_the_host() {
+        let shallow = estimate(&config(2, 4096, 14336, 32, 8), true, 128, 2048, 8);
+        let deep = estimate(&config(32, 4096, 14336, 32, 8), true, 128, 2048, 8);
+        assert_eq!(shallow.gpu_bytes, deep.gpu_bytes);
+        assert!(deep.host_bytes > 10 * shallow.host_bytes / 2);
+        // Llama-3-8B shapes with 128×2048 calibration tokens: the hidden
+        // states (2 × 4 GiB) and down_proj's GPTQ (14336² f64 twice) dominate;
+        // the whole must fit an 80 GB GPU but not a 16 GB one.
+        let gib = deep.gpu_gib();
+        assert!(gib > 16.0 && gib < 75.0, "{gib} GiB: {}", deep.detail);
+    }
+
+    #[test]
+    fn weight_only_needs_one_linear() {
+        let e = estimate(&config(32, 4096, 14336, 32, 8), false, 0, 0, 8);
+        assert!(e.gpu_gib() < 3.0, "{}", e.detail);
+        assert!(e.detail.contains("largest Linear"));
+    }
+}

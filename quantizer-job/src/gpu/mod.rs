@@ -1,0 +1,319 @@
+//! The CUDA backend: the same algorithms as [`crate::quant`]'s CPU twin, on
+//! an NVIDIA GPU through cudarc.
+//!
+//! Nothing here is linked at build time: cudarc loads libcuda, NVRTC, cuBLAS
+//! and cuSOLVER when [`Gpu::open`] is called, and the kernels are CUDA C
+//! compiled by NVRTC for the device at hand. So the one binary built on a
+//! machine without CUDA runs the CPU path there and the GPU path where a GPU
+//! is visible, and CI checks the kernels' source with NVRTC alone.
+
+mod backend;
+pub mod check;
+mod error;
+pub mod llama;
+mod memory;
+pub mod pipeline;
+mod quant;
+pub mod tensors;
+
+pub use backend::CudaBackend;
+pub use error::GpuError;
+pub use quant::{DeviceHessian, DeviceQuantizer};
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cusolver::DnHandle;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use error::DriverContext;
+
+/// Where the worker computes: `auto` takes a GPU when one is visible.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The GPU when libcuda loads and sees a device, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU, even when a GPU is visible.
+    Cpu,
+    /// The GPU; an error when none is usable.
+    Cuda,
+}
+
+/// The CUDA C source of the quantization kernels.
+pub const QUANT_KERNELS: &str = include_str!("kernels/quant.cu");
+
+/// One GPU, its stream, library handles and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    solver: DnHandle,
+    quant: Arc<CudaModule>,
+    name: String,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("name", &self.name).finish()
+    }
+}
+
+/// Restores cuBLAS's default f32 math when dropped (see [`Gpu::tf32`]).
+pub struct Tf32Guard<'g> {
+    gpu: &'g Gpu,
+}
+
+impl Drop for Tf32Guard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = set_math_mode(
+            &self.gpu.blas,
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+        ) {
+            tracing::warn!(error = %e, "could not restore cuBLAS's default math mode");
+        }
+    }
+}
+
+fn set_math_mode(blas: &CudaBlas, mode: cudarc::cublas::sys::cublasMath_t) -> Result<(), GpuError> {
+    // SAFETY: the handle is alive for as long as `blas`.
+    let status = unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) };
+    status.result().during("setting cuBLAS's math mode")
+}
+
+/// Fails with [`GpuError::MissingLibrary`] instead of cudarc's panic when a
+/// library cannot be loaded.
+fn require_libraries() -> Result<(), GpuError> {
+    // SAFETY: these only try `dlopen` on the library names cudarc would use.
+    let present = unsafe {
+        [
+            ("cuda", cudarc::driver::sys::is_culib_present()),
+            ("nvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ("cublas", cudarc::cublas::sys::is_culib_present()),
+            ("cusolver", cudarc::cusolver::sys::is_culib_present()),
+        ]
+    };
+    match present.iter().find(|(_, ok)| !ok) {
+        Some((library, _)) => Err(GpuError::MissingLibrary { library }),
+        None => Ok(()),
+    }
+}
+
+/// Compiles CUDA C for the given compute capability with NVRTC.
+pub fn compile(
+    module: &'static str,
+    source: &str,
+    arch: &'static str,
+) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        // IEEE division and square roots, no flush to zero: the codes must
+        // equal the CPU twin's bit for bit.
+        ftz: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        options: vec!["--std=c++17".to_string()],
+        name: Some(format!("{module}.cu")),
+        ..CompileOptions::default()
+    };
+    compile_ptx_with_opts(source, opts).map_err(|e| GpuError::Compile {
+        module,
+        log: e.to_string(),
+    })
+}
+
+/// NVRTC's architecture name for a compute capability NVRTC knows.
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        // A newer part runs the PTX of the newest architecture named here.
+        _ if major >= 9 => "sm_90",
+        _ => "sm_80",
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: loads the libraries, creates the context, the
+    /// stream and the library handles, and compiles the kernels.
+    pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        require_libraries()?;
+        // cuInit fails (CUDA_ERROR_NO_DEVICE) where the driver is installed
+        // but no GPU is visible: that is "no device", not a broken driver.
+        let count = CudaContext::device_count().unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "the CUDA driver reports no device");
+            0
+        });
+        if count <= ordinal as i32 {
+            return Err(GpuError::NoDevice);
+        }
+        let ctx = CudaContext::new(ordinal).during("creating the context")?;
+        let stream = ctx.new_stream().during("creating a stream")?;
+        let blas = CudaBlas::new(stream.clone()).during("creating the cuBLAS handle")?;
+        let solver = DnHandle::new(stream.clone()).map_err(|e| GpuError::Cusolver {
+            action: "creating the cuSOLVER handle".to_string(),
+            status: format!("{e:?}"),
+        })?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .during("reading the compute capability")?;
+        let ptx = compile("quant", QUANT_KERNELS, arch_name(major, minor))?;
+        let quant = ctx.load_module(ptx).during("loading the quant kernels")?;
+        let name = ctx.name().during("reading the device name")?;
+        tracing::info!(device = %name, compute_capability = format!("{major}.{minor}"), "GPU opened");
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            solver,
+            quant,
+            name,
+        })
+    }
+
+    /// The GPU the choice asks for, `None` for the CPU. `auto` falls back to
+    /// the CPU only when no GPU is usable, and says why.
+    pub fn for_choice(choice: DeviceChoice) -> Result<Option<Self>, GpuError> {
+        match choice {
+            DeviceChoice::Cpu => Ok(None),
+            DeviceChoice::Cuda => Self::open(0).map(Some),
+            DeviceChoice::Auto => match Self::open(0) {
+                Ok(gpu) => Ok(Some(gpu)),
+                Err(e @ (GpuError::MissingLibrary { .. } | GpuError::NoDevice)) => {
+                    tracing::info!(reason = %e, "no usable GPU: computing on the CPU");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx.mem_get_info().during("reading free memory")
+    }
+
+    /// The stream every operation of this backend runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle, bound to [`Gpu::stream`].
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// A function of the quantization kernels.
+    pub(crate) fn quant_fn(&self, name: &str) -> Result<CudaFunction, GpuError> {
+        self.quant
+            .load_function(name)
+            .during(format!("loading kernel {name}"))
+    }
+
+    /// Waits for the stream.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().during("synchronizing")
+    }
+
+    /// Loads another module of kernels compiled from `source` for this device.
+    pub fn load_module(
+        &self,
+        module: &'static str,
+        source: &str,
+    ) -> Result<Arc<CudaModule>, GpuError> {
+        let (major, minor) = self
+            .ctx
+            .compute_capability()
+            .during("reading the compute capability")?;
+        let ptx = compile(module, source, arch_name(major, minor))?;
+        self.ctx
+            .load_module(ptx)
+            .during(format!("loading the {module} kernels"))
+    }
+
+    /// Lets cuBLAS's f32 products use the tensor cores (TF32 inputs, f32
+    /// accumulation) until the guard is dropped. The quantization pipeline's
+    /// forward passes and Hessians take it: calibration statistics tolerate
+    /// TF32's 10-bit mantissas (llm-compressor runs this forward in bf16),
+    /// and it makes those products several times faster. Evaluation keeps
+    /// full f32.
+    pub fn tf32(&self) -> Result<Tf32Guard<'_>, GpuError> {
+        set_math_mode(
+            &self.blas,
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        )?;
+        Ok(Tf32Guard { gpu: self })
+    }
+
+    pub(crate) fn solver(&self) -> &DnHandle {
+        &self.solver
+    }
+}
+
+/// Whether NVRTC can be loaded here; tests that compile kernels skip
+/// without it unless `QUANTOPS_REQUIRE_NVRTC` is set (as CI sets it).
+#[cfg(test)]
+pub(crate) fn nvrtc_for_tests() -> bool {
+    // SAFETY: only tries to dlopen NVRTC.
+    let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    if !present {
+        assert!(
+            std::env::var_os("QUANTOPS_REQUIRE_NVRTC").is_none(),
+            "QUANTOPS_REQUIRE_NVRTC is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH)"
+        );
+        eprintln!("NVRTC not found: kernel compilation not checked");
+    }
+    present
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quant_kernels_compile_for_hopper_and_ampere() {
+        if !nvrtc_for_tests() {
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let ptx =
+                compile("quant", QUANT_KERNELS, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let text = ptx.to_src();
+            for kernel in [
+                "rtn_int",
+                "fp8_rows",
+                "gptq_block",
+                "unpermute_codes",
+                "diagonal",
+            ] {
+                assert!(
+                    text.contains(kernel),
+                    "{arch}: {kernel} missing from the PTX"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_is_chosen_without_a_driver_unless_cuda_is_demanded() {
+        // SAFETY: only tries to dlopen libcuda.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a GPU machine: nothing to check here
+        }
+        assert!(Gpu::for_choice(DeviceChoice::Auto).expect("auto").is_none());
+        assert!(Gpu::for_choice(DeviceChoice::Cpu).expect("cpu").is_none());
+        let err = Gpu::for_choice(DeviceChoice::Cuda).unwrap_err();
+        assert!(err.to_string().contains("--device cpu"), "{err}");
+    }
+}

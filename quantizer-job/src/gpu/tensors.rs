@@ -1,0 +1,91 @@
+//! Checkpoint tensors onto the device at their stored size: F16/BF16 bytes
+//! are uploaded as they are and widened to f32 by a kernel, which halves the
+//! host-to-device traffic and skips the host conversion that otherwise
+//! dominates a weight-only quantization.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use safetensors::Dtype;
+
+use super::error::DriverContext;
+use super::quant::per_element;
+use super::{Gpu, GpuError};
+use crate::checkpoint::{Checkpoint, CheckpointError};
+
+/// Why a checkpoint tensor did not reach the device.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
+
+/// Uploads checkpoint tensor `name` as f32, returning it with its shape.
+pub fn upload_f32(
+    gpu: &Gpu,
+    checkpoint: &Checkpoint,
+    name: &str,
+) -> Result<(CudaSlice<f32>, Vec<usize>), UploadError> {
+    let raw = checkpoint.raw(name)?;
+    let stream = gpu.stream();
+    let values = match raw.dtype {
+        Dtype::F32 => {
+            let host: Vec<f32> = raw
+                .bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            stream
+                .clone_htod(&host)
+                .during(format!("uploading {name}"))?
+        }
+        dtype => {
+            // The stored little-endian halves, as bytes: the kernel reads
+            // them as 16-bit values (x86-64 and the GPU are little-endian).
+            let src = stream
+                .clone_htod(raw.bytes)
+                .during(format!("uploading {name}"))?;
+            let n = raw.bytes.len() / 2;
+            let mut dst = stream
+                .alloc_zeros::<f32>(n)
+                .during(format!("allocating {name}"))?;
+            let code: i32 = if dtype == Dtype::BF16 { 1 } else { 0 };
+            let n_l = n as i64;
+            let f = gpu.quant_fn("widen_to_f32")?;
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(&src).arg(&code).arg(&n_l).arg(&mut dst);
+            // SAFETY: src holds 2n bytes (n halves), dst n values.
+            unsafe { launch.launch(per_element(n)) }.during("launching widen_to_f32")?;
+            dst
+        }
+    };
+    Ok((values, raw.shape))
+}
+
+/// The rows `ids` of a device table `[rows, width]`, as `[ids.len(), width]`.
+pub fn gather_rows(
+    gpu: &Gpu,
+    table: &CudaSlice<f32>,
+    width: usize,
+    ids: &[u32],
+) -> Result<CudaSlice<f32>, GpuError> {
+    let stream = gpu.stream();
+    let ids_dev = stream.clone_htod(ids).during("uploading token ids")?;
+    let n = ids.len() * width;
+    let mut out = stream
+        .alloc_zeros::<f32>(n)
+        .during("allocating embeddings")?;
+    let (tokens, width_i) = (ids.len() as i64, width as i32);
+    let f = gpu.quant_fn("gather_rows")?;
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(table)
+        .arg(&ids_dev)
+        .arg(&tokens)
+        .arg(&width_i)
+        .arg(&mut out);
+    // SAFETY: the caller checked every id against the table's rows; out
+    // holds tokens · width values.
+    unsafe { launch.launch(per_element(n)) }.during("launching gather_rows")?;
+    Ok(out)
+}
