@@ -149,6 +149,8 @@ struct TensorEntry {
 
 /// A tensor as stored: little-endian F32, F16 or BF16 bytes.
 pub struct RawTensor<'a> {
+    /// The weight file holding it, for messages.
+    pub file: &'a str,
     pub bytes: &'a [u8],
     pub dtype: Dtype,
     pub shape: Vec<usize>,
@@ -363,6 +365,7 @@ impl Checkpoint {
             });
         }
         Ok(RawTensor {
+            file: &file.name,
             bytes: view.data(),
             dtype: view.dtype(),
             shape: view.shape().to_vec(),
@@ -375,7 +378,7 @@ impl Checkpoint {
         let values = bytes_to_f32(raw.bytes, raw.dtype).ok_or_else(|| {
             CheckpointError::UnsupportedDtype {
                 name: name.to_string(),
-                file: self.file_name_of(name),
+                file: raw.file.to_string(),
                 dtype: format!("{:?}", raw.dtype),
             }
         })?;
@@ -385,14 +388,6 @@ impl Checkpoint {
                 source,
             }
         })
-    }
-
-    /// The weight file holding `name`, for messages.
-    fn file_name_of(&self, name: &str) -> String {
-        self.tensors
-            .get(name)
-            .map(|e| self.files[e.file].name.clone())
-            .unwrap_or_default()
     }
 
     /// Loads every tensor the forward pass needs, as f32, keyed by its

@@ -82,23 +82,9 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let (stage, args) = match cli.command {
         Command::CalibrationSet { stage, out } => {
-            return match write_calibration_set(&stage, &out) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("error: {error:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return exit_code(write_calibration_set(&stage, &out));
         }
-        Command::GpuCheck(args) => {
-            return match quantizer_job::gpu::check::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("error: {error:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::GpuCheck(args) => return exit_code(quantizer_job::gpu::check::run(&args)),
         Command::Baseline(a) => (Stage::Baseline, a),
         Command::Quantize(a) => (Stage::Quantize, a),
         Command::Validate(a) => (Stage::Validate, a),
@@ -127,6 +113,17 @@ fn main() -> ExitCode {
                 error: Some(format!("{error:#}")),
                 ..StageSummary::default()
             });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit code of a command that is not a stage (no termination message).
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{EvalError, read_jsonl};
+use super::{EvalError, Greedy, read_jsonl};
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
 
@@ -65,13 +65,31 @@ pub fn generate(
     max_new_tokens: usize,
     eos: Option<u32>,
 ) -> Result<Generations, EvalError> {
+    generate_with(
+        &mut |ids, max_new_tokens, eos| Ok(model.generate_greedy(ids, max_new_tokens, eos)?),
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        eos,
+    )
+}
+
+/// [`generate`] with any greedy decoder (the GPU model's, say): the prompts'
+/// encoding and the record stay the same whatever decodes.
+pub fn generate_with<E: From<EvalError>>(
+    decode: Greedy<'_, E>,
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    max_new_tokens: usize,
+    eos: Option<u32>,
+) -> Result<Generations, E> {
     let outputs = prompts
         .iter()
         .map(|p| {
-            let ids = tokenizer.encode(p)?;
-            Ok(model.generate_greedy(&ids, max_new_tokens, eos)?)
+            let ids = tokenizer.encode(p).map_err(EvalError::from)?;
+            decode(&ids, max_new_tokens, eos)
         })
-        .collect::<Result<Vec<_>, EvalError>>()?;
+        .collect::<Result<Vec<_>, E>>()?;
     Ok(Generations {
         max_new_tokens,
         prompts: prompts.to_vec(),

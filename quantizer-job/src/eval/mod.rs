@@ -9,6 +9,11 @@ pub mod tasks;
 use std::path::{Path, PathBuf};
 
 use crate::model::ModelError;
+
+/// A greedy decoder: prompt ids, most new tokens and EOS to the generated
+/// ids, with the rules of [`crate::model::LlamaModel::generate_greedy`]. The
+/// checks that generate take one, so the CPU and the GPU model run them alike.
+pub type Greedy<'g, E> = &'g mut dyn FnMut(&[u32], usize, Option<u32>) -> Result<Vec<u32>, E>;
 use crate::tokenizer::TokenizerError;
 
 /// Why an evaluation could not run.

@@ -8,6 +8,7 @@ use std::path::Path;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use super::Greedy;
 use super::{EvalError, read_text};
 use crate::model::LlamaModel;
 use crate::tokenizer::{ChatMessage, END_TOKEN, Tokenizer, apply_chat_template};
@@ -203,10 +204,6 @@ pub fn run_suite(
         baseline,
     )
 }
-
-/// A greedy decoder: prompt ids, most new tokens and EOS to the generated
-/// ids, with the rules of [`LlamaModel::generate_greedy`].
-pub type Greedy<'g, E> = &'g mut dyn FnMut(&[u32], usize, Option<u32>) -> Result<Vec<u32>, E>;
 
 /// [`run_suite`] with any greedy decoder: how the GPU model runs the same
 /// suite with the same prompts and checks.

@@ -51,17 +51,18 @@ fn to_quant(e: GpuError) -> QuantError {
 
 impl QuantBackend for CudaBackend<'_> {
     fn accumulate_hessian(&self, hessian: &mut Hessian, x: &Matrix) -> Result<(), QuantError> {
+        if x.cols != hessian.dim() {
+            // The CPU accumulator words the shape error; nothing is added.
+            return hessian.add_batch(x);
+        }
         let gpu = self.quantizer.gpu();
-        let run = || -> Result<Vec<f32>, GpuError> {
+        let gram = (|| -> Result<Vec<f32>, GpuError> {
             let xs = self.upload(x)?;
             let mut h = DeviceHessian::new(gpu, hessian.layer(), hessian.dim())?;
             h.add_batch(gpu, &xs, x.rows)?;
             h.download(gpu)
-        };
-        if x.cols != hessian.dim() {
-            return hessian.add_batch(x);
-        }
-        let gram = run().map_err(to_quant)?;
+        })()
+        .map_err(to_quant)?;
         hessian.add_gram(&gram, x.rows)
     }
 

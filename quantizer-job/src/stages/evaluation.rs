@@ -204,18 +204,15 @@ impl<'a> Evaluator<'a> {
             )?),
             Evaluator::Gpu(g) => {
                 let model = g.model()?;
-                let outputs = prompts
-                    .iter()
-                    .map(|p| {
-                        let ids = tokenizer.encode(p)?;
-                        Ok(model.generate_greedy(&ids, max_new_tokens, eos)?)
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(consistency::Generations {
+                consistency::generate_with(
+                    &mut |ids, max_new_tokens, eos| {
+                        Ok(model.generate_greedy(ids, max_new_tokens, eos)?)
+                    },
+                    tokenizer,
+                    prompts,
                     max_new_tokens,
-                    prompts: prompts.to_vec(),
-                    outputs,
-                })
+                    eos,
+                )
             }
         }
     }
