@@ -6,12 +6,13 @@
 
 use cudarc::driver::CudaSlice;
 
+use super::awq::DeviceAwq;
 use super::error::DriverContext;
 use super::quant::{DeviceHessian, DeviceQuantizer};
 use super::{Gpu, GpuError};
 use crate::quant::{
     ActOrder, AwqConfig, AwqResult, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend,
-    QuantError, QuantizedLinear, awq_search,
+    QuantError, QuantizedLinear,
 };
 
 /// The CUDA implementation of [`QuantBackend`].
@@ -109,7 +110,6 @@ impl QuantBackend for CudaBackend<'_> {
         run().map_err(to_quant)
     }
 
-    /// AWQ's scale search runs on the CPU twin: its device port is not written yet.
     fn quantize_awq(
         &self,
         layers: &[(&str, &Matrix)],
@@ -117,7 +117,8 @@ impl QuantBackend for CudaBackend<'_> {
         scheme: IntScheme,
         config: &AwqConfig,
     ) -> Result<AwqResult, QuantError> {
-        awq_search(layers, x, scheme, config)
+        let run = || DeviceAwq::new(&self.quantizer)?.search(layers, x, scheme, config);
+        run().map_err(to_quant)
     }
 
     fn quantize_fp8(

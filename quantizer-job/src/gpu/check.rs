@@ -6,7 +6,8 @@
 //! What must hold: RTN, INT8 and FP8 codes and scales identical to the CPU's;
 //! GPTQ's layer output error within a small relative bound of the CPU's and
 //! its dequantized weights close to the CPU's (the two accumulate rounding in
-//! different orders, so codes near a rounding boundary may differ).
+//! different orders, so codes near a rounding boundary may differ); AWQ's
+//! chosen α and scales identical, its search error within 0.1%.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,7 +21,7 @@ use super::error::DriverContext;
 use super::{CudaBackend, DeviceQuantizer, Gpu};
 use crate::checkpoint::Checkpoint;
 use crate::quant::{
-    ActOrder, Codes, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend,
+    ActOrder, AwqConfig, Codes, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend,
     QuantizedLinear, output_error,
 };
 
@@ -118,6 +119,26 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             cpu,
         )?);
     }
+    // AWQ on random Llama-3-8B Linear sets: the attention inputs (q, k, v;
+    // no clipping for q and k) and down_proj (clipped).
+    let x = random_activations(&mut rng, 512, 4096);
+    let qkv = [[4096, 4096], [1024, 4096], [1024, 4096]].map(|s| random_weight(&mut rng, s));
+    rows.push(compare_awq(
+        &backend,
+        "awq-w4g128 q,k,v_proj",
+        &["q_proj", "k_proj", "v_proj"],
+        &qkv,
+        &x,
+    )?);
+    let x = random_activations(&mut rng, 512, 14336);
+    let down = [random_weight(&mut rng, [4096, 14336])];
+    rows.push(compare_awq(
+        &backend,
+        "awq-w4g128 down_proj",
+        &["down_proj"],
+        &down,
+        &x,
+    )?);
     // The bundled model's own Linears.
     let checkpoint = Checkpoint::open(&args.model)
         .with_context(|| format!("--model {}", args.model.display()))?;
@@ -152,6 +173,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             &x,
             true,
         )?);
+        let case = format!("awq-w4g128 {module}");
+        rows.push(compare_awq(&backend, &case, &[module], &[w], &x)?);
     }
     // The Llama forward pass: logits of the bundled model on the GPU against
     // the CPU's (f32 both; summation order differs).
@@ -350,6 +373,59 @@ fn compare_gptq(
         // 2% of the CPU's, few codes off by one, scales (static grids) equal.
         pass: (ratio - 1.0).abs() < 0.02 && row.code_mismatch < 0.02 && err_gpu < err_rtn,
         ..row
+    })
+}
+
+fn compare_awq(
+    backend: &CudaBackend,
+    case: &str,
+    names: &[&str],
+    weights: &[Matrix],
+    x: &Matrix,
+) -> anyhow::Result<CheckRow> {
+    let scheme = IntScheme {
+        bits: 4,
+        symmetric: false,
+        group_size: Some(128),
+        scale_dtype: FloatDtype::F16,
+    };
+    let layers: Vec<(&str, &Matrix)> = names.iter().copied().zip(weights).collect();
+    let config = AwqConfig::default();
+    let gpu = backend.quantizer().gpu();
+    gpu.synchronize()?;
+    let t = Instant::now();
+    let g = backend.quantize_awq(&layers, x, scheme, &config)?;
+    gpu.synchronize()?;
+    let gpu_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let c = CpuBackend.quantize_awq(&layers, x, scheme, &config)?;
+    let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
+    // Codes, grids and weights over the whole set, as one row.
+    let mut mismatch = 0.0;
+    let mut scale_max_rel = 0.0f64;
+    let mut weight_rel = 0.0f64;
+    let total: usize = weights.iter().map(|w| w.rows * w.cols).sum();
+    for ((cl, gl), w) in c.layers.iter().zip(&g.layers).zip(weights) {
+        let row = compare_results(case, cl.shape, cl, gl, w);
+        mismatch += row.code_mismatch * (w.rows * w.cols) as f64 / total as f64;
+        scale_max_rel = scale_max_rel.max(row.scale_max_rel);
+        weight_rel = weight_rel.max(row.weight_rel);
+    }
+    let same_scales = c.alpha == g.alpha && c.scales == g.scales;
+    let ratio = g.search_error / c.search_error;
+    Ok(CheckRow {
+        case: format!("{case} (α {:?})", g.alpha),
+        shape: [weights.iter().map(|w| w.rows).sum(), x.cols],
+        cpu_ms: Some(cpu_ms),
+        gpu_ms,
+        gpu_gbps: None,
+        code_mismatch: mismatch,
+        scale_max_rel,
+        weight_rel,
+        output_error_ratio: Some(ratio),
+        // The same α and bit-identical scales; the search error within 0.1%
+        // (summation order); few codes off where a clip ratio tied.
+        pass: same_scales && (ratio - 1.0).abs() < 1e-3 && mismatch < 0.02,
     })
 }
 

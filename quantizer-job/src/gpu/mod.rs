@@ -7,6 +7,7 @@
 //! machine without CUDA runs the CPU path there and the GPU path where a GPU
 //! is visible, and CI checks the kernels' source with NVRTC alone.
 
+mod awq;
 mod backend;
 pub mod check;
 mod error;
@@ -296,6 +297,9 @@ mod tests {
                 "gptq_block",
                 "unpermute_codes",
                 "diagonal",
+                "awq_delta",
+                "awq_clip",
+                "sum_squares",
             ] {
                 assert!(
                     text.contains(kernel),

@@ -50,7 +50,8 @@ fn module_name(layer: usize, kind: LinearKind) -> String {
         .to_string()
 }
 
-/// Whether the device pipeline implements `method` (AWQ runs on the CPU twin).
+/// Whether the device pipeline implements `method`. AWQ does not: its search
+/// runs on the GPU through [`super::CudaBackend`], its forward passes on the CPU.
 pub fn supports(method: Method) -> bool {
     !matches!(method, Method::Awq)
 }

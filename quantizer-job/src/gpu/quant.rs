@@ -42,7 +42,7 @@ const TEAM_BLOCK: u32 = 256;
 
 /// Launch shape and team size for items of `len` values each: a warp per
 /// item for short ones, a block per item for long ones.
-fn per_team(items: usize, len: usize) -> (LaunchConfig, i32) {
+pub(crate) fn per_team(items: usize, len: usize) -> (LaunchConfig, i32) {
     if len < LONG_ITEM {
         return (per_warp(items), 32);
     }
@@ -67,7 +67,7 @@ pub(crate) fn per_element(items: usize) -> LaunchConfig {
     }
 }
 
-fn dtype_code(d: FloatDtype) -> i32 {
+pub(crate) fn dtype_code(d: FloatDtype) -> i32 {
     match d {
         FloatDtype::F16 => 0,
         FloatDtype::Bf16 => 1,

@@ -151,7 +151,8 @@ pub struct AwqResult {
     pub search_error: f64,
 }
 
-fn subsample(x: &Matrix, max: usize) -> Matrix {
+/// At most `max` rows of `x`, evenly spaced (all of them when `max` is 0).
+pub(crate) fn subsample(x: &Matrix, max: usize) -> Matrix {
     if x.rows <= max || max == 0 {
         return x.clone();
     }
@@ -186,13 +187,13 @@ fn unscale_columns(w: &Matrix, s: &[f32]) -> Matrix {
     out
 }
 
-/// Searches AWQ scales and clipping for Linears sharing the input `x`.
-pub fn awq_search(
+/// Checks that the Linears share `x`'s width and fit the scheme's groups;
+/// returns the group size. Both the CPU and the GPU search start here.
+pub(crate) fn check_inputs(
     layers: &[(&str, &Matrix)],
     x: &Matrix,
-    scheme: IntScheme,
-    config: &AwqConfig,
-) -> Result<AwqResult, QuantError> {
+    scheme: &IntScheme,
+) -> Result<usize, QuantError> {
     let Some((first, _)) = layers.first() else {
         return Err(QuantError::Shape {
             what: "AWQ layer set".to_string(),
@@ -215,8 +216,86 @@ pub fn awq_search(
                 got: format!("[{}, {}]", w.rows, w.cols),
             });
         }
-        group_size = grid::validate(&scheme, name, inp)?;
+        group_size = grid::validate(scheme, name, inp)?;
     }
+    Ok(group_size)
+}
+
+/// The candidate scales for exponent `alpha`: `x̄^α / w̄^(1−α)`, normalised
+/// so that the largest and smallest multiply to one.
+fn candidate_scales(x_mean: &[f32], w_mean: &[f32], alpha: f32) -> Vec<f32> {
+    let mut s: Vec<f32> = x_mean
+        .iter()
+        .zip(w_mean)
+        .map(|(xm, wm)| (xm.max(1e-12).powf(alpha) / wm.max(1e-12).powf(1.0 - alpha)).max(1e-4))
+        .collect();
+    let (lo, hi) = s
+        .iter()
+        .fold((f32::INFINITY, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
+    let norm = (lo * hi).sqrt();
+    for v in s.iter_mut() {
+        *v /= norm;
+    }
+    s
+}
+
+/// The scale search's winner: scales, exponent (`None` for the identity)
+/// and output error.
+pub(crate) struct ScaleChoice {
+    pub scales: Vec<f32>,
+    pub alpha: Option<f32>,
+    pub loss: f64,
+}
+
+/// Grid search over α: the identity scaling first, then each candidate,
+/// keeping the first strictly lowest `loss`. The CPU and the GPU differ only
+/// in how they compute `loss`, so both walk the same candidates.
+pub(crate) fn search_scales<E>(
+    x_mean: &[f32],
+    w_mean: &[f32],
+    config: &AwqConfig,
+    mut loss: impl FnMut(&[f32]) -> Result<f64, E>,
+) -> Result<ScaleChoice, E> {
+    let identity = vec![1.0f32; x_mean.len()];
+    let mut best = ScaleChoice {
+        loss: loss(&identity)?,
+        scales: identity,
+        alpha: None,
+    };
+    for i in 0..config.grid {
+        let alpha = i as f32 / config.grid as f32;
+        let s = candidate_scales(x_mean, w_mean, alpha);
+        let l = loss(&s)?;
+        if l < best.loss {
+            best = ScaleChoice {
+                scales: s,
+                alpha: Some(alpha),
+                loss: l,
+            };
+        }
+    }
+    Ok(best)
+}
+
+/// How many shrink ratios the clipping search tries.
+pub(crate) fn clip_steps(config: &AwqConfig) -> usize {
+    ((config.max_shrink * config.clip_grid as f32) as usize).max(1)
+}
+
+/// Whether the clipping search leaves this Linear alone.
+pub(crate) fn skips_clip(config: &AwqConfig, name: &str) -> bool {
+    config.skip_clip.iter().any(|s| name.ends_with(s.as_str()))
+}
+
+/// Searches AWQ scales and clipping for Linears sharing the input `x`.
+pub fn awq_search(
+    layers: &[(&str, &Matrix)],
+    x: &Matrix,
+    scheme: IntScheme,
+    config: &AwqConfig,
+) -> Result<AwqResult, QuantError> {
+    let group_size = check_inputs(layers, x, &scheme)?;
+    let inp = x.cols;
     let x = subsample(x, config.max_samples);
 
     // Mean |x| per input channel.
@@ -246,46 +325,23 @@ pub fn awq_search(
         .map(|m| (m / total_rows as f64) as f32)
         .collect();
 
-    let loss_for = |s: &[f32]| -> Result<f64, QuantError> {
+    let choice = search_scales(&x_mean, &w_mean, config, |s| {
         let mut total = 0.0;
         for (name, w) in layers {
             let q = rtn(name, &scale_columns(w, s), scheme)?;
             total += output_error(&x, w, &unscale_columns(&q.dequantized, s))?;
         }
         Ok(total)
-    };
-
-    let mut best_s = vec![1.0f32; inp];
-    let mut best_alpha = None;
-    let mut best_loss = loss_for(&best_s)?;
-    for i in 0..config.grid {
-        let alpha = i as f32 / config.grid as f32;
-        let mut s: Vec<f32> = x_mean
-            .iter()
-            .zip(&w_mean)
-            .map(|(xm, wm)| (xm.max(1e-12).powf(alpha) / wm.max(1e-12).powf(1.0 - alpha)).max(1e-4))
-            .collect();
-        let (lo, hi) = s
-            .iter()
-            .fold((f32::INFINITY, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
-        let norm = (lo * hi).sqrt();
-        for v in s.iter_mut() {
-            *v /= norm;
-        }
-        let loss = loss_for(&s)?;
-        if loss < best_loss {
-            (best_loss, best_s, best_alpha) = (loss, s, Some(alpha));
-        }
-    }
-    debug!(layer = first, alpha = ?best_alpha, loss = best_loss, "awq scale search");
+    })?;
+    let first = layers.first().map_or("", |(n, _)| n);
+    debug!(layer = first, alpha = ?choice.alpha, loss = choice.loss, "awq scale search");
 
     // Clipping search on the scaled weights with the scaled inputs.
-    let xs = unscale_columns(&x, &best_s);
+    let xs = unscale_columns(&x, &choice.scales);
     let mut out = Vec::with_capacity(layers.len());
     for (name, w) in layers {
-        let ws = scale_columns(w, &best_s);
-        let skip = config.skip_clip.iter().any(|s| name.ends_with(s.as_str()));
-        let clipped = if skip {
+        let ws = scale_columns(w, &choice.scales);
+        let clipped = if skips_clip(config, name) {
             ws
         } else {
             clip_search(&ws, &xs, group_size, scheme, config)
@@ -293,23 +349,23 @@ pub fn awq_search(
         out.push(rtn(name, &clipped, scheme)?);
     }
     Ok(AwqResult {
-        scales: best_s,
-        alpha: best_alpha,
+        scales: choice.scales,
+        alpha: choice.alpha,
         layers: out,
-        search_error: best_loss,
+        search_error: choice.loss,
     })
 }
 
 /// Per (row, group): the symmetric clamp `[-m, m]`, `m = r · max|w|`, whose
 /// rounded group minimises `Σ_t (x_t,g · (w_g − Q(clamp(w_g))))²`. Returns the clamped weight.
-fn clip_search(
+pub(crate) fn clip_search(
     w: &Matrix,
     x: &Matrix,
     group_size: usize,
     scheme: IntScheme,
     config: &AwqConfig,
 ) -> Matrix {
-    let steps = ((config.max_shrink * config.clip_grid as f32) as usize).max(1);
+    let steps = clip_steps(config);
     let inp = w.cols;
     let mut out = w.clone();
     out.data.par_chunks_mut(inp).for_each(|row| {

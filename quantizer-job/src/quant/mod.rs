@@ -10,7 +10,7 @@
 //! checkpoint writer stores and the `dequantized` weight that the pipeline puts
 //! back into the model so the next layers calibrate on quantized outputs.
 
-mod awq;
+pub(crate) mod awq;
 mod error;
 mod fp8;
 mod gptq;

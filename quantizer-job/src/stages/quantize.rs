@@ -13,13 +13,13 @@ use crate::layout::Layout;
 use crate::layout::files;
 use crate::llama_layers::LlamaLayers;
 use crate::model::LlamaModel;
-use crate::quant::{CpuBackend, FloatDtype, QuantizedLinear, WeightScheme};
+use crate::quant::{CpuBackend, FloatDtype, QuantBackend, QuantizedLinear, WeightScheme};
 use crate::report_sections::CalibrationFacts;
 use crate::sequential::quantize_model;
 use crate::tokenizer::Tokenizer;
 use anyhow::Context;
 use candle_core::Tensor;
-use quantops_api::{QuantizedModelSpec, StageSummary};
+use quantops_api::{QuantizationSpec, QuantizedModelSpec, StageSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -45,6 +45,32 @@ pub struct QuantizeRecord {
     pub calibration: Option<CalibrationFacts>,
 }
 
+/// The CPU driver: the model's forward passes with candle on the host, each
+/// Linear's algorithm on `backend` (the CPU twin, or the GPU for the
+/// methods whose driver is not on the device).
+fn quantize_on_host<B: QuantBackend>(
+    checkpoint: &Checkpoint,
+    backend: &B,
+    recipe: &QuantizationSpec,
+    scheme: WeightScheme,
+    samples: &[Vec<u32>],
+) -> anyhow::Result<(
+    BTreeMap<String, QuantizedLinear>,
+    BTreeMap<String, DenseTensor>,
+)> {
+    let mut model = LlamaModel::from_checkpoint(checkpoint)?;
+    let mut batches = Vec::new();
+    for chunk in samples.chunks(CALIBRATION_BATCH) {
+        batches.push(model.embed(&model.token_tensor(chunk)?)?);
+    }
+    let quantized = {
+        let mut layers = LlamaLayers { model: &mut model };
+        quantize_model(&mut layers, backend, recipe, scheme, batches)?
+    };
+    let dense = dense_tensors(checkpoint, Some(&model), &quantized)?;
+    Ok((quantized, dense))
+}
+
 pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let started = Instant::now();
     let spec = input.spec;
@@ -57,35 +83,22 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let samples = calibration.as_ref().map_or(&[][..], |(s, _)| s.as_slice());
 
     let scheme = WeightScheme::from_spec(recipe, dtype);
-    let gpu = input.gpu.filter(|_| {
-        let ok = gpu::pipeline::supports(recipe.method);
-        if !ok {
-            tracing::warn!(method = ?recipe.method, "no GPU implementation of this method: quantizing on the CPU");
-        }
-        ok
-    });
     let pipeline_started = Instant::now();
-    let (quantized, dense) = match gpu {
-        Some(gpu) => {
+    let (quantized, dense) = match input.gpu {
+        Some(gpu) if gpu::pipeline::supports(recipe.method) => {
             let quantized =
                 gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
             let dense = dense_tensors(&checkpoint, None, &quantized)?;
             (quantized, dense)
         }
-        None => {
-            let mut model = LlamaModel::from_checkpoint(&checkpoint)?;
-            let mut batches = Vec::new();
-            for chunk in samples.chunks(CALIBRATION_BATCH) {
-                batches.push(model.embed(&model.token_tensor(chunk)?)?);
-            }
-            let quantized = {
-                let mut layers = LlamaLayers { model: &mut model };
-                quantize_model(&mut layers, &CpuBackend, recipe, scheme, batches)?
-            };
-            let dense = dense_tensors(&checkpoint, Some(&model), &quantized)?;
-            (quantized, dense)
+        Some(gpu) => {
+            tracing::info!(method = ?recipe.method, "searching on the GPU, forward passes on the CPU");
+            let backend = gpu::CudaBackend::new(gpu)?;
+            quantize_on_host(&checkpoint, &backend, recipe, scheme, samples)?
         }
+        None => quantize_on_host(&checkpoint, &CpuBackend, recipe, scheme, samples)?,
     };
+    let gpu = input.gpu;
 
     let pipeline_seconds = pipeline_started.elapsed().as_secs_f64();
     let dir = &input.layout.artifact_dir;

@@ -467,3 +467,159 @@ extern "C" __global__ void gather_rows(const float* __restrict__ table, const un
     const int c = (int)(k % width);
     out[k] = table[(long long)ids[t] * width + c];
 }
+
+// ---- AWQ (quant/awq.rs) ----
+
+// acc[c] += Σ_r |x[r, c]|, one thread per column, rows in order: the same
+// f64 additions in the same order as the CPU twin's mean, so the means (and
+// the scales built from them) are bit-identical.
+extern "C" __global__ void column_abs_sum(const float* __restrict__ x, long long rows, int cols,
+                                          double* __restrict__ acc) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    double a = acc[c];
+    for (long long r = 0; r < rows; ++r) a += (double)fabsf(x[r * cols + c]);
+    acc[c] = a;
+}
+
+// |w| divided by its (row, group)'s max |w| + 1e-6, one team per group.
+extern "C" __global__ void group_normalized_abs(const float* __restrict__ w, int rows, int cols,
+                                                int group_size, int team_size,
+                                                float* __restrict__ out) {
+    const Team t = team_of(team_size);
+    const int groups = cols / group_size;
+    if (t.item >= (long long)rows * groups) return;
+    const long long base = (t.item / groups) * cols + (long long)(t.item % groups) * group_size;
+    float mx = 0.0f;
+    for (int c = t.rank; c < group_size; c += t.size) mx = fmaxf(mx, fabsf(w[base + c]));
+    mx = team_reduce(mx, true, t.size) + 1e-6f;
+    for (int c = t.rank; c < group_size; c += t.size) out[base + c] = fabsf(w[base + c]) / mx;
+}
+
+// x[r, c] · s[c], or x[r, c] / s[c] when `divide` (AWQ's scaled weights and
+// inputs), one thread per element.
+extern "C" __global__ void scale_columns(const float* __restrict__ x, long long n, int cols,
+                                         const float* __restrict__ s, int divide,
+                                         float* __restrict__ out) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float f = s[i % cols];
+    out[i] = divide ? x[i] / f : x[i] * f;
+}
+
+// delta = w − Q(w·s)/s per (row, group): the weight error of one AWQ
+// candidate, whose product with the inputs is the candidate's output error.
+extern "C" __global__ void awq_delta(const float* __restrict__ w, const float* __restrict__ s,
+                                     int rows, int cols, int group_size, int bits, int symmetric,
+                                     int dtype, float eps, int team_size,
+                                     float* __restrict__ delta) {
+    const Team t = team_of(team_size);
+    const int groups = cols / group_size;
+    if (t.item >= (long long)rows * groups) return;
+    const int g0 = (int)(t.item % groups) * group_size;
+    const long long base = (t.item / groups) * cols + g0;
+    float mn = F32_INF, mx = -F32_INF;
+    for (int c = t.rank; c < group_size; c += t.size) {
+        const float v = w[base + c] * s[g0 + c];
+        mn = fminf(mn, v);
+        mx = fmaxf(mx, v);
+    }
+    mn = team_reduce(mn, false, t.size);
+    mx = team_reduce(mx, true, t.size);
+    const GridParams p = params_from_range(mn, mx, bits, symmetric, dtype, eps);
+    for (int c = t.rank; c < group_size; c += t.size) {
+        const float f = s[g0 + c];
+        const float v = w[base + c];
+        delta[base + c] = v - dequantize_code(quantize_code(v * f, p, bits), p) / f;
+    }
+}
+
+__device__ __forceinline__ double block_sum_double(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    __shared__ double partial[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double x = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+        if (lane == 0) partial[0] = x;
+    }
+    __syncthreads();
+    return partial[0];
+}
+
+// *out += Σ y², in f64 (grid-stride, one atomic per block).
+extern "C" __global__ void sum_squares(const float* __restrict__ y, long long n,
+                                       double* __restrict__ out) {
+    double a = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const double v = (double)y[i];
+        a += v * v;
+    }
+    a = block_sum_double(a);
+    if (threadIdx.x == 0) atomicAdd(out, a);
+}
+
+// AWQ's clipping search, one block per (row, group): for each shrink ratio
+// 1 − i/clip_grid (i < steps) clamp the group to ±ratio·max|w|, round it,
+// and score the error d = w − Q(clamp(w)) by dᵀ G d, where G = Σ_t x_t x_tᵀ
+// over the group's input columns (the CPU twin sums (x_t·d)² over the rows
+// t: the same quantity). Writes the group clamped at the best ratio (the
+// first one on ties). Shared memory: 2 · group_size floats.
+extern "C" __global__ void awq_clip(const float* __restrict__ w, const float* __restrict__ gram,
+                                    int rows, int cols, int group_size, int steps, int clip_grid,
+                                    int bits, int symmetric, int dtype, float eps,
+                                    float* __restrict__ out) {
+    extern __shared__ float buffer[];
+    float* orig = buffer;
+    float* diff = buffer + group_size;
+    const int groups = cols / group_size;
+    const long long item = blockIdx.x;
+    if (item >= (long long)rows * groups) return;
+    const int g = (int)(item % groups);
+    const long long base = (item / groups) * cols + (long long)g * group_size;
+    const float* G = gram + (long long)g * group_size * group_size;
+    const int team = blockDim.x;
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < group_size; c += team) {
+        orig[c] = w[base + c];
+        amax = fmaxf(amax, fabsf(orig[c]));
+    }
+    const float max_val = team_reduce(amax, true, team);
+    double best_err = 1.0 / 0.0;
+    float best_m = max_val;
+    for (int i = 0; i < steps; ++i) {
+        const float m = max_val * (1.0f - (float)i / (float)clip_grid);
+        float mn = F32_INF, mx = -F32_INF;
+        for (int c = threadIdx.x; c < group_size; c += team) {
+            const float v = fminf(fmaxf(orig[c], -m), m);
+            mn = fminf(mn, v);
+            mx = fmaxf(mx, v);
+        }
+        mn = team_reduce(mn, false, team);
+        mx = team_reduce(mx, true, team);
+        const GridParams p = params_from_range(mn, mx, bits, symmetric, dtype, eps);
+        for (int c = threadIdx.x; c < group_size; c += team) {
+            const float v = fminf(fmaxf(orig[c], -m), m);
+            diff[c] = orig[c] - dequantize_code(quantize_code(v, p, bits), p);
+        }
+        __syncthreads();
+        double e = 0.0;
+        for (int k = threadIdx.x; k < group_size; k += team) {
+            float gd = 0.0f;
+            for (int j = 0; j < group_size; ++j) gd += G[(long long)j * group_size + k] * diff[j];
+            e += (double)gd * (double)diff[k];
+        }
+        e = block_sum_double(e);
+        if (e < best_err) {
+            best_err = e;
+            best_m = m;
+        }
+    }
+    for (int c = threadIdx.x; c < group_size; c += team) {
+        out[base + c] = fminf(fmaxf(orig[c], -best_m), best_m);
+    }
+}

@@ -1,0 +1,390 @@
+//! AWQ's search on the device: the twin of [`crate::quant::awq_search`].
+//!
+//! The expensive parts move to the GPU: each scale candidate's output error
+//! (a fake-quantize kernel, then `X · Δᵀ` by cuBLAS, then a sum of squares)
+//! and the per-group clipping search, which scores every shrink ratio by
+//! `dᵀ G d` with `G` the group's block of `Σ xᵀx` (one strided-batched GEMM)
+//! instead of re-multiplying the activations. The per-channel means are
+//! summed in the CPU's order, so the candidate scales are bit-identical;
+//! the errors differ by summation order only, so the chosen α and clips
+//! agree with the CPU except on near-ties (gpu-check bounds the difference).
+
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::Gpu;
+use super::error::{DriverContext, GpuError};
+use super::quant::{DeviceQuantizer, dtype_code, per_element, per_team};
+use crate::quant::awq::{check_inputs, clip_steps, search_scales, skips_clip, subsample};
+use crate::quant::{AwqConfig, AwqResult, IntScheme, Matrix};
+
+/// Largest group the clipping kernel holds in shared memory (two floats per
+/// weight; 48 KiB is every GPU's default limit).
+const MAX_CLIP_GROUP: usize = 4096;
+
+/// The AWQ kernels, next to the quantizer that rounds the result.
+pub struct DeviceAwq<'q, 'g> {
+    quantizer: &'q DeviceQuantizer<'g>,
+    column_abs_sum: CudaFunction,
+    group_normalized_abs: CudaFunction,
+    scale_columns: CudaFunction,
+    awq_delta: CudaFunction,
+    sum_squares: CudaFunction,
+    awq_clip: CudaFunction,
+}
+
+/// A host matrix on the device, with its shape.
+struct Uploaded<'a> {
+    name: &'a str,
+    data: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'q, 'g> DeviceAwq<'q, 'g> {
+    /// Loads the AWQ kernels from the GPU's compiled module.
+    pub fn new(quantizer: &'q DeviceQuantizer<'g>) -> Result<Self, GpuError> {
+        let gpu = quantizer.gpu();
+        Ok(Self {
+            quantizer,
+            column_abs_sum: gpu.quant_fn("column_abs_sum")?,
+            group_normalized_abs: gpu.quant_fn("group_normalized_abs")?,
+            scale_columns: gpu.quant_fn("scale_columns")?,
+            awq_delta: gpu.quant_fn("awq_delta")?,
+            sum_squares: gpu.quant_fn("sum_squares")?,
+            awq_clip: gpu.quant_fn("awq_clip")?,
+        })
+    }
+
+    fn gpu(&self) -> &'g Gpu {
+        self.quantizer.gpu()
+    }
+
+    fn upload<'a>(&self, name: &'a str, m: &Matrix) -> Result<Uploaded<'a>, GpuError> {
+        let data = self
+            .gpu()
+            .stream()
+            .clone_htod(&m.data)
+            .during("uploading an AWQ input")?;
+        Ok(Uploaded {
+            name,
+            data,
+            rows: m.rows,
+            cols: m.cols,
+        })
+    }
+
+    /// Searches scales and clipping for Linears sharing the input `x`, as
+    /// [`crate::quant::awq_search`] does, and rounds the result on the device.
+    pub fn search(
+        &self,
+        layers: &[(&str, &Matrix)],
+        x: &Matrix,
+        scheme: IntScheme,
+        config: &AwqConfig,
+    ) -> Result<AwqResult, GpuError> {
+        let group_size = check_inputs(layers, x, &scheme)?;
+        let x = subsample(x, config.max_samples);
+        let xs = self.upload("inputs", &x)?;
+        let weights = layers
+            .iter()
+            .map(|(name, w)| self.upload(name, w))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let x_mean = self.column_means(std::slice::from_ref(&xs), None)?;
+        let w_mean = self.column_means(&weights, Some(group_size))?;
+        let widest = weights.iter().map(|w| w.rows).max().unwrap_or(0);
+        let stream = self.gpu().stream();
+        let mut delta = stream
+            .alloc_zeros::<f32>(widest * x.cols)
+            .during("allocating AWQ's weight error")?;
+        let mut y = stream
+            .alloc_zeros::<f32>(widest * x.rows)
+            .during("allocating AWQ's output error")?;
+        let choice = search_scales(&x_mean, &w_mean, config, |s| {
+            self.output_error(&xs, &weights, s, group_size, &scheme, &mut delta, &mut y)
+        })?;
+        drop((delta, y));
+
+        let scales = stream
+            .clone_htod(&choice.scales)
+            .during("uploading AWQ's scales")?;
+        let scaled_x = self.scale(&xs, &scales, true)?;
+        let clipping = weights.iter().any(|w| !skips_clip(config, w.name));
+        let gram = if clipping && group_size <= MAX_CLIP_GROUP {
+            Some(self.group_grams(&scaled_x, group_size)?)
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(weights.len());
+        for w in &weights {
+            let mut ws = self.scale(w, &scales, false)?;
+            if !skips_clip(config, w.name) {
+                ws = match &gram {
+                    Some(gram) => self.clip(&ws, gram, group_size, &scheme, config)?,
+                    None => self.clip_on_host(&ws, &scaled_x, group_size, scheme, config)?,
+                };
+            }
+            let q = self
+                .quantizer
+                .rtn(w.name, &ws.data, [ws.rows, ws.cols], scheme)?;
+            out.push(q.linear);
+        }
+        Ok(AwqResult {
+            scales: choice.scales,
+            alpha: choice.alpha,
+            layers: out,
+            search_error: choice.loss,
+        })
+    }
+
+    /// Mean per column over all rows of `mats`: of `|x|`, or with a group
+    /// size of `|w|` over its (row, group)'s max, as the CPU twin computes them.
+    fn column_means(
+        &self,
+        mats: &[Uploaded],
+        group_size: Option<usize>,
+    ) -> Result<Vec<f32>, GpuError> {
+        let stream = self.gpu().stream();
+        let cols = mats.first().map_or(0, |m| m.cols);
+        let mut acc = stream
+            .alloc_zeros::<f64>(cols)
+            .during("allocating column sums")?;
+        let mut rows = 0usize;
+        for m in mats {
+            let normalized = match group_size {
+                Some(gs) => Some(self.normalized_abs(m, gs)?),
+                None => None,
+            };
+            let src = normalized.as_ref().unwrap_or(&m.data);
+            let (rows_i, cols_i) = (m.rows as i64, m.cols as i32);
+            let mut launch = stream.launch_builder(&self.column_abs_sum);
+            launch.arg(src).arg(&rows_i).arg(&cols_i).arg(&mut acc);
+            // SAFETY: src holds rows·cols values, acc cols; one thread per column.
+            unsafe { launch.launch(per_element(m.cols)) }.during("launching column_abs_sum")?;
+            rows += m.rows;
+        }
+        let sums = stream.clone_dtoh(&acc).during("downloading column sums")?;
+        Ok(sums.iter().map(|s| (s / rows as f64) as f32).collect())
+    }
+
+    fn normalized_abs(&self, w: &Uploaded, group_size: usize) -> Result<CudaSlice<f32>, GpuError> {
+        let stream = self.gpu().stream();
+        let mut out = stream
+            .alloc_zeros::<f32>(w.data.len())
+            .during("allocating normalised weights")?;
+        let items = w.rows * (w.cols / group_size);
+        let (cfg, team) = per_team(items, group_size);
+        let (rows, cols, gs) = (w.rows as i32, w.cols as i32, group_size as i32);
+        let mut launch = stream.launch_builder(&self.group_normalized_abs);
+        launch
+            .arg(&w.data)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&gs)
+            .arg(&team)
+            .arg(&mut out);
+        // SAFETY: w and out hold rows·cols values; one team per (row, group).
+        unsafe { launch.launch(cfg) }.during("launching group_normalized_abs")?;
+        Ok(out)
+    }
+
+    /// `x · diag(s)`, or `x · diag(s)⁻¹` when `divide`.
+    fn scale<'a>(
+        &self,
+        x: &Uploaded<'a>,
+        s: &CudaSlice<f32>,
+        divide: bool,
+    ) -> Result<Uploaded<'a>, GpuError> {
+        let stream = self.gpu().stream();
+        let n = x.data.len();
+        let mut data = stream
+            .alloc_zeros::<f32>(n)
+            .during("allocating scaled values")?;
+        let (n_i, cols, div) = (n as i64, x.cols as i32, i32::from(divide));
+        let mut launch = stream.launch_builder(&self.scale_columns);
+        launch
+            .arg(&x.data)
+            .arg(&n_i)
+            .arg(&cols)
+            .arg(s)
+            .arg(&div)
+            .arg(&mut data);
+        // SAFETY: x and data hold n values, s one per column.
+        unsafe { launch.launch(per_element(n)) }.during("launching scale_columns")?;
+        Ok(Uploaded {
+            name: x.name,
+            data,
+            rows: x.rows,
+            cols: x.cols,
+        })
+    }
+
+    /// `Σ_layers ‖X (W − Q(W·s)/s)ᵀ‖²`, the loss of one scale candidate.
+    #[allow(clippy::too_many_arguments)]
+    fn output_error(
+        &self,
+        x: &Uploaded,
+        weights: &[Uploaded],
+        s: &[f32],
+        group_size: usize,
+        scheme: &IntScheme,
+        delta: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<f64, GpuError> {
+        let stream = self.gpu().stream();
+        let s = stream.clone_htod(s).during("uploading candidate scales")?;
+        let mut total = stream.alloc_zeros::<f64>(1).during("allocating the loss")?;
+        let (bits, sym) = (i32::from(scheme.bits), i32::from(scheme.symmetric));
+        let (dtype, eps) = (dtype_code(scheme.scale_dtype), scheme.scale_dtype.eps());
+        for w in weights {
+            let items = w.rows * (w.cols / group_size);
+            let (cfg, team) = per_team(items, group_size);
+            let (rows, cols, gs) = (w.rows as i32, w.cols as i32, group_size as i32);
+            let mut launch = stream.launch_builder(&self.awq_delta);
+            launch.arg(&w.data).arg(&s).arg(&rows).arg(&cols).arg(&gs);
+            launch.arg(&bits).arg(&sym).arg(&dtype).arg(&eps).arg(&team);
+            launch.arg(&mut *delta);
+            // SAFETY: delta holds at least rows·cols values (the widest layer);
+            // s one per column; one team per (row, group).
+            unsafe { launch.launch(cfg) }.during("launching awq_delta")?;
+            // Column-major: Y (out × n, ld out) = Δᵀ (out × in) · X (in × n, ld in).
+            let gemm = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: w.rows as i32,
+                n: x.rows as i32,
+                k: x.cols as i32,
+                alpha: 1.0f32,
+                lda: x.cols as i32,
+                ldb: x.cols as i32,
+                beta: 0.0f32,
+                ldc: w.rows as i32,
+            };
+            // SAFETY: delta has out·in values, x n·in, y at least out·n.
+            unsafe { self.gpu().blas().gemm(gemm, &*delta, &x.data, &mut *y) }
+                .during("AWQ's output error")?;
+            let len = (w.rows * x.rows) as i64;
+            let cfg = LaunchConfig {
+                grid_dim: (((len as u64).div_ceil(256)).clamp(1, 1024) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(&self.sum_squares);
+            launch.arg(&*y).arg(&len).arg(&mut total);
+            // SAFETY: y holds at least len values; total one.
+            unsafe { launch.launch(cfg) }.during("launching sum_squares")?;
+        }
+        let total = stream.clone_dtoh(&total).during("downloading the loss")?;
+        Ok(total.first().copied().unwrap_or(0.0))
+    }
+
+    /// Each group's `Σ_t x_t x_tᵀ` (`[groups, gs, gs]`) by one strided-batched GEMM.
+    fn group_grams(&self, x: &Uploaded, group_size: usize) -> Result<CudaSlice<f32>, GpuError> {
+        let groups = x.cols / group_size;
+        let mut gram = self
+            .gpu()
+            .stream()
+            .alloc_zeros::<f32>(groups * group_size * group_size)
+            .during("allocating the group Gram matrices")?;
+        // Column-major, X is (in × n, ld in); group g is its rows g·gs.. so
+        // G_g (gs × gs) = X_g · X_gᵀ, each batch offset by gs values.
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_T,
+                m: group_size as i32,
+                n: group_size as i32,
+                k: x.rows as i32,
+                alpha: 1.0f32,
+                lda: x.cols as i32,
+                ldb: x.cols as i32,
+                beta: 0.0f32,
+                ldc: group_size as i32,
+            },
+            batch_size: groups as i32,
+            stride_a: group_size as i64,
+            stride_b: group_size as i64,
+            stride_c: (group_size * group_size) as i64,
+        };
+        // SAFETY: batch g reads rows g·gs..(g+1)·gs of every column of X
+        // (within n·in values) and writes gs² values at g·gs².
+        unsafe {
+            self.gpu()
+                .blas()
+                .gemm_strided_batched(cfg, &x.data, &x.data, &mut gram)
+        }
+        .during("AWQ's group Gram matrices")?;
+        Ok(gram)
+    }
+
+    /// The clipping search on the device; returns the clamped weight.
+    fn clip<'a>(
+        &self,
+        w: &Uploaded<'a>,
+        gram: &CudaSlice<f32>,
+        group_size: usize,
+        scheme: &IntScheme,
+        config: &AwqConfig,
+    ) -> Result<Uploaded<'a>, GpuError> {
+        let stream = self.gpu().stream();
+        let mut data = stream
+            .alloc_zeros::<f32>(w.data.len())
+            .during("allocating the clipped weight")?;
+        let items = w.rows * (w.cols / group_size);
+        let threads = group_size.next_multiple_of(32).min(256) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (items as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: (2 * group_size * size_of::<f32>()) as u32,
+        };
+        let (rows, cols, gs) = (w.rows as i32, w.cols as i32, group_size as i32);
+        let (steps, grid) = (clip_steps(config) as i32, config.clip_grid as i32);
+        let (bits, sym) = (i32::from(scheme.bits), i32::from(scheme.symmetric));
+        let (dtype, eps) = (dtype_code(scheme.scale_dtype), scheme.scale_dtype.eps());
+        let mut launch = stream.launch_builder(&self.awq_clip);
+        launch.arg(&w.data).arg(gram).arg(&rows).arg(&cols).arg(&gs);
+        launch
+            .arg(&steps)
+            .arg(&grid)
+            .arg(&bits)
+            .arg(&sym)
+            .arg(&dtype);
+        launch.arg(&eps).arg(&mut data);
+        // SAFETY: w and data hold rows·cols values, gram groups·gs²; one
+        // block per (row, group) with 2·gs floats of shared memory.
+        unsafe { launch.launch(cfg) }.during("launching awq_clip")?;
+        Ok(Uploaded {
+            name: w.name,
+            data,
+            rows: w.rows,
+            cols: w.cols,
+        })
+    }
+
+    /// Groups too wide for the kernel's shared memory clip on the CPU twin.
+    fn clip_on_host<'a>(
+        &self,
+        w: &Uploaded<'a>,
+        x: &Uploaded,
+        group_size: usize,
+        scheme: IntScheme,
+        config: &AwqConfig,
+    ) -> Result<Uploaded<'a>, GpuError> {
+        let stream = self.gpu().stream();
+        let download = |m: &Uploaded| -> Result<Matrix, GpuError> {
+            let data = stream
+                .clone_dtoh(&m.data)
+                .during("downloading for the CPU clip")?;
+            Ok(Matrix::new(m.rows, m.cols, data)?)
+        };
+        let clipped = crate::quant::awq::clip_search(
+            &download(w)?,
+            &download(x)?,
+            group_size,
+            scheme,
+            config,
+        );
+        self.upload(w.name, &clipped)
+    }
+}
