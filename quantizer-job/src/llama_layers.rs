@@ -2,7 +2,7 @@
 //! an input, which op absorbs AWQ's scales, and the conversions between the
 //! model's candle tensors and the algorithms' plain matrices.
 
-use crate::model::{LinearId, LinearKind, LlamaModel};
+use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
 use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
 use anyhow::Context;
@@ -14,11 +14,7 @@ pub struct LlamaLayers<'a> {
 }
 
 fn module(layer: usize, kind: LinearKind) -> String {
-    let weight = LinearId { layer, kind }.weight_name();
-    weight
-        .strip_suffix(".weight")
-        .unwrap_or(&weight)
-        .to_string()
+    LinearId { layer, kind }.module_name()
 }
 
 /// Converts a 2-D tensor to a matrix (f32, row-major).
@@ -34,14 +30,6 @@ pub fn to_matrix(t: &Tensor) -> anyhow::Result<Matrix> {
 /// Converts a matrix to a 2-D CPU tensor.
 pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)?)
-}
-
-/// The decoder layer index of `model.layers.{i}.…`.
-fn layer_of(name: &str) -> anyhow::Result<usize> {
-    name.strip_prefix("model.layers.")
-        .and_then(|rest| rest.split('.').next())
-        .and_then(|i| i.parse().ok())
-        .with_context(|| format!("{name} is not inside a decoder layer"))
 }
 
 impl LayeredModel for LlamaLayers<'_> {
@@ -110,8 +98,9 @@ impl LayeredModel for LlamaLayers<'_> {
                 self.set_weight(module, &w)
             }
             ScaleSink::Norm(name) => {
-                let layer = layer_of(name)?;
-                let post = name.ends_with("post_attention_layernorm");
+                let NormId { layer, kind } = NormId::parse(name)
+                    .with_context(|| format!("{name} is not a decoder layer's RMSNorm"))?;
+                let post = kind == NormKind::PostAttention;
                 let current = if post {
                     self.model.post_attention_layernorm(layer)?
                 } else {

@@ -43,11 +43,7 @@ fn input_of(kind: LinearKind) -> CapturePoint {
 }
 
 fn module_name(layer: usize, kind: LinearKind) -> String {
-    let weight = LinearId { layer, kind }.weight_name();
-    weight
-        .strip_suffix(".weight")
-        .unwrap_or(&weight)
-        .to_string()
+    LinearId { layer, kind }.module_name()
 }
 
 /// Whether the device pipeline implements `method`. AWQ does not: its search

@@ -76,8 +76,14 @@ impl LinearId {
     /// The checkpoint name of this Linear's weight, e.g.
     /// `model.layers.0.self_attn.q_proj.weight`.
     pub fn weight_name(&self) -> String {
+        format!("{}.weight", self.module_name())
+    }
+
+    /// The module name (the weight name without `.weight`), as recipes'
+    /// `ignore` lists and the artifact's quantization config spell it.
+    pub fn module_name(&self) -> String {
         format!(
-            "model.layers.{}.{}.{}.weight",
+            "model.layers.{}.{}.{}",
             self.layer,
             self.kind.block(),
             self.kind.name()

@@ -4,6 +4,7 @@
 
 mod generate;
 mod linear;
+mod norm;
 mod rope;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 pub use generate::{KvCache, SamplingParams};
 pub use linear::{Capture, LinearId, LinearKind};
+pub use norm::{NormId, NormKind};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;

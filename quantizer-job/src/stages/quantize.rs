@@ -12,7 +12,7 @@ use crate::gpu;
 use crate::layout::Layout;
 use crate::layout::files;
 use crate::llama_layers::LlamaLayers;
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, NormId, NormKind};
 use crate::quant::{CpuBackend, FloatDtype, QuantBackend, QuantizedLinear, WeightScheme};
 use crate::report_sections::CalibrationFacts;
 use crate::sequential::quantize_model;
@@ -205,20 +205,16 @@ fn dense_tensors(
 
 /// The decoder-layer norm weights, which AWQ rewrites.
 fn norm_of<'m>(model: &'m LlamaModel, name: &str) -> anyhow::Result<Option<&'m Tensor>> {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return Ok(None);
-    };
-    let mut parts = rest.splitn(2, '.');
-    let (Some(index), Some(leaf)) = (parts.next(), parts.next()) else {
-        return Ok(None);
-    };
-    let Ok(layer) = index.parse::<usize>() else {
-        return Ok(None);
-    };
-    Ok(match leaf {
-        "input_layernorm.weight" => Some(model.input_layernorm(layer)?),
-        "post_attention_layernorm.weight" => Some(model.post_attention_layernorm(layer)?),
-        _ => None,
+    Ok(match NormId::parse(name) {
+        Some(NormId {
+            layer,
+            kind: NormKind::Input,
+        }) => Some(model.input_layernorm(layer)?),
+        Some(NormId {
+            layer,
+            kind: NormKind::PostAttention,
+        }) => Some(model.post_attention_layernorm(layer)?),
+        None => None,
     })
 }
 
