@@ -75,6 +75,27 @@ enum Command {
     },
     /// Check the GPU backend against the CPU twin and time both (needs a GPU).
     GpuCheck(quantizer_job::gpu::check::CheckArgs),
+    /// Serve a checkpoint or artifact over the OpenAI API subset vLLM serves.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The FP16 checkpoint or compressed-tensors artifact directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The model name clients use. Default: the directory's name.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// Requests admitted at once (waiting plus running); more get 429.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_queue: u32,
+    /// Engine threads, each decoding one request at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    engine_threads: u32,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +106,7 @@ fn main() -> ExitCode {
             return exit_code(write_calibration_set(&stage, &out));
         }
         Command::GpuCheck(args) => return exit_code(quantizer_job::gpu::check::run(&args)),
+        Command::Serve(args) => return exit_code(serve(args)),
         Command::Baseline(a) => (Stage::Baseline, a),
         Command::Quantize(a) => (Stage::Quantize, a),
         Command::Validate(a) => (Stage::Validate, a),
@@ -126,6 +148,61 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use quantizer_job::serve::{ServeConfig, ServeOptions, default_model_name};
+    let config = ServeConfig {
+        options: ServeOptions {
+            served_model_name: args
+                .served_model_name
+                .unwrap_or_else(|| default_model_name(&args.model)),
+            listen: args.listen,
+            max_queue: args.max_queue as usize,
+            engine_threads: args.engine_threads as usize,
+        },
+        model_dir: args.model,
+    };
+    let dir = config.model_dir.display().to_string();
+    runtime()?
+        .block_on(quantizer_job::serve::run(config, shutdown_signal()))
+        .with_context(|| format!("serving {dir}"))
+}
+
+/// The tokio runtime of the network commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+/// Resolves on ctrl-c or SIGTERM (what Kubernetes sends before killing).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 
