@@ -15,6 +15,7 @@ pub mod gates;
 pub mod gpu;
 pub mod layout;
 pub mod llama_layers;
+pub mod loadtest;
 pub mod model;
 pub mod openai;
 pub mod progress;

@@ -16,6 +16,7 @@ use quantops_api::StageSummary;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(version, about = "Quantize, evaluate and document an LLM checkpoint")]
@@ -77,6 +78,67 @@ enum Command {
     GpuCheck(quantizer_job::gpu::check::CheckArgs),
     /// Serve a checkpoint or artifact over the OpenAI API subset vLLM serves.
     Serve(ServeArgs),
+    /// Measure an OpenAI-compatible endpoint's throughput and latency.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProfileKind {
+    Sync,
+    Concurrency,
+    Rate,
+}
+
+#[derive(clap::Args)]
+struct LoadtestArgs {
+    /// Base URL of the endpoint, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    endpoint: String,
+    /// Model name to send.
+    #[arg(long)]
+    model: String,
+    /// `sync` (one at a time), `concurrency` (--concurrency in flight) or `rate` (--rate per second, open loop).
+    #[arg(long, value_enum, default_value_t = ProfileKind::Concurrency)]
+    profile: ProfileKind,
+    /// Requests in flight for `concurrency`.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: u32,
+    /// Requests per second for `rate`.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Gaps between starts for `rate`: Poisson (exponential, seeded) or fixed 1/rate.
+    #[arg(long, value_enum, default_value_t = quantizer_job::loadtest::Arrival::Poisson)]
+    arrival: quantizer_job::loadtest::Arrival,
+    /// Requests to send (default 32 unless --duration is given).
+    #[arg(long, conflicts_with = "duration")]
+    requests: Option<u32>,
+    /// Send for this many seconds instead of a request count.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Prompt length in tokens of --tokenizer.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: u32,
+    /// Output tokens per request (sent with ignore_eos so every answer has this length).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_tokens: u32,
+    /// Directory with the model's tokenizer.json, to size the prompts exactly.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Draw the prompts' words from this text file instead of the built-in list.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// `completions` or `chat`.
+    #[arg(long, value_enum, default_value_t = quantizer_job::loadtest::Api::Completions)]
+    api: quantizer_job::loadtest::Api,
+    /// Seed of the prompts and of the Poisson schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -107,6 +169,7 @@ fn main() -> ExitCode {
         }
         Command::GpuCheck(args) => return exit_code(quantizer_job::gpu::check::run(&args)),
         Command::Serve(args) => return exit_code(serve(args)),
+        Command::Loadtest(args) => return exit_code(loadtest(&args)),
         Command::Baseline(a) => (Stage::Baseline, a),
         Command::Quantize(a) => (Stage::Quantize, a),
         Command::Validate(a) => (Stage::Validate, a),
@@ -168,6 +231,77 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime()?
         .block_on(quantizer_job::serve::run(config, shutdown_signal()))
         .with_context(|| format!("serving {dir}"))
+}
+
+fn loadtest(args: &LoadtestArgs) -> anyhow::Result<()> {
+    use quantizer_job::loadtest::{Budget, LoadTest, Profile, prompts};
+    let tokenizer = quantizer_job::Tokenizer::from_dir(&args.tokenizer)
+        .with_context(|| format!("--tokenizer {}", args.tokenizer.display()))?;
+    let words = match &args.text {
+        Some(path) => prompts::words_of(
+            &std::fs::read_to_string(path).with_context(|| format!("--text {}", path.display()))?,
+        ),
+        None => Vec::new(),
+    };
+    let budget = match (args.requests, args.duration) {
+        (_, Some(d)) if d.is_finite() && d > 0.0 => Budget::Duration(Duration::from_secs_f64(d)),
+        (_, Some(d)) => anyhow::bail!("--duration must be > 0 seconds, got {d}"),
+        (Some(n), None) => Budget::Requests(n as usize),
+        (None, None) => Budget::Requests(32),
+    };
+    let distinct = match budget {
+        Budget::Requests(n) => n.clamp(1, 1024),
+        Budget::Duration(_) => 1024,
+    };
+    let made = prompts::synthetic_prompts(
+        &tokenizer,
+        &words,
+        args.prompt_tokens as usize,
+        distinct,
+        args.seed,
+    )
+    .context("cannot make the prompts")?;
+    let exact = made
+        .iter()
+        .filter(|p| p.tokens == args.prompt_tokens as usize)
+        .count();
+    tracing::info!(
+        prompts = made.len(),
+        exact,
+        target = args.prompt_tokens,
+        "prompts ready"
+    );
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        anyhow::bail!("--timeout must be > 0 seconds");
+    }
+    let client =
+        quantizer_job::openai::Client::new(&args.endpoint, Duration::from_secs_f64(args.timeout))
+            .with_context(|| format!("--endpoint {}", args.endpoint))?;
+    let test = LoadTest {
+        client,
+        model: args.model.clone(),
+        profile: match args.profile {
+            ProfileKind::Sync => Profile::Sync,
+            ProfileKind::Concurrency => Profile::Concurrency(args.concurrency as usize),
+            ProfileKind::Rate => Profile::Rate {
+                rate: args.rate,
+                arrival: args.arrival,
+            },
+        },
+        budget,
+        prompts: made.into_iter().map(|p| p.text).collect(),
+        prompt_tokens: args.prompt_tokens as usize,
+        max_tokens: args.max_tokens,
+        api: args.api,
+        seed: args.seed,
+    };
+    let report = runtime()?.block_on(test.run()).context("load test")?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The tokio runtime of the network commands.
