@@ -18,6 +18,7 @@ pub mod llama_layers;
 pub mod loadtest;
 pub mod model;
 pub mod openai;
+pub mod probe;
 pub mod progress;
 pub mod quant;
 pub mod report_sections;

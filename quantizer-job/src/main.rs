@@ -80,6 +80,48 @@ enum Command {
     Serve(ServeArgs),
     /// Measure an OpenAI-compatible endpoint's throughput and latency.
     Loadtest(LoadtestArgs),
+    /// Score a serving endpoint on a system-tests suite (once, or as a daemon with --interval).
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Base URL of the endpoint, e.g. http://model.test.svc:8000.
+    #[arg(long)]
+    endpoint: String,
+    /// Model name to send and report.
+    #[arg(long)]
+    model: String,
+    /// The system-tests YAML (the validation stage's format).
+    #[arg(long)]
+    suite: PathBuf,
+    /// Base of a relative --suite (e.g. the model volume's mount).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Variant label of the result and the metrics.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Environment label of the result and the metrics.
+    #[arg(long)]
+    environment: Option<String>,
+    /// Window score below which a regression alert fires (daemon mode).
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// Runs in the rolling window (daemon mode).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    window: u32,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Where to write the compact summary (one-shot mode). Default: /dev/termination-log when it exists.
+    #[arg(long, env = "QUANTOPS_TERMINATION_LOG")]
+    termination_log: Option<PathBuf>,
+    /// Probe every this many seconds, forever, serving /metrics on --listen (daemon mode).
+    #[arg(long)]
+    interval: Option<f64>,
+    /// Address of the daemon's /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090", requires = "interval")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -170,6 +212,7 @@ fn main() -> ExitCode {
         Command::GpuCheck(args) => return exit_code(quantizer_job::gpu::check::run(&args)),
         Command::Serve(args) => return exit_code(serve(args)),
         Command::Loadtest(args) => return exit_code(loadtest(&args)),
+        Command::Probe(args) => return exit_code(probe(args)),
         Command::Baseline(a) => (Stage::Baseline, a),
         Command::Quantize(a) => (Stage::Quantize, a),
         Command::Validate(a) => (Stage::Validate, a),
@@ -302,6 +345,56 @@ fn loadtest(args: &LoadtestArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    use quantizer_job::probe::{Probe, daemon, load_probe_suite};
+    let suite = load_probe_suite(&args.suite, args.root.as_deref())
+        .with_context(|| format!("--suite {}", args.suite.display()))?;
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        anyhow::bail!("--timeout must be > 0 seconds");
+    }
+    if !args.threshold.is_finite() {
+        anyhow::bail!("--threshold must be a number");
+    }
+    let client =
+        quantizer_job::openai::Client::new(&args.endpoint, Duration::from_secs_f64(args.timeout))
+            .with_context(|| format!("--endpoint {}", args.endpoint))?;
+    let probe = Probe {
+        client,
+        model: args.model,
+        suite,
+        variant: args.variant,
+        environment: args.environment,
+    };
+    let rt = runtime()?;
+    match args.interval {
+        None => {
+            let result = rt.block_on(probe.run_once()).context("probe")?;
+            TerminationLog::new(args.termination_log)
+                .write_text(&result.summary.to_termination_message());
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Some(secs) => {
+            if !(secs.is_finite() && secs > 0.0) {
+                anyhow::bail!("--interval must be > 0 seconds, got {secs}");
+            }
+            let options = daemon::DaemonOptions {
+                interval: Duration::from_secs_f64(secs),
+                window: args.window as usize,
+                threshold: args.threshold,
+            };
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind(args.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", args.listen))?;
+                daemon::run(probe, options, listener, shutdown_signal())
+                    .await
+                    .context("probe daemon")
+            })
+        }
+    }
 }
 
 /// The tokio runtime of the network commands.
