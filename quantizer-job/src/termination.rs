@@ -29,8 +29,14 @@ impl TerminationLog {
     /// Writes the summary; a failure to write is logged, not fatal: the
     /// full result is in `report.json` either way.
     pub fn write(&self, summary: &StageSummary) {
+        self.write_text(&summary.to_termination_message());
+    }
+
+    /// Writes an already rendered compact message (the probe's summary);
+    /// failures are logged, not fatal, as for [`Self::write`].
+    pub fn write_text(&self, message: &str) {
         if let Some(path) = &self.path
-            && let Err(error) = std::fs::write(path, summary.to_termination_message())
+            && let Err(error) = std::fs::write(path, message)
         {
             tracing::warn!(path = %path.display(), %error, "cannot write the termination message");
         }

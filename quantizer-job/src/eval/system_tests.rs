@@ -69,18 +69,67 @@ fn default_max_new_tokens() -> usize {
     DEFAULT_MAX_NEW_TOKENS
 }
 
-/// The checked form of a test's single expectation.
+/// The checked form of a test's single expectation. The validation stage
+/// (on its own greedy answers) and the quality probe (on an endpoint's
+/// answers) both judge answers through [`Expectation::check`], so a test
+/// means the same thing offline and in production.
 #[derive(Debug, Clone)]
-enum Expectation {
+pub enum Expectation {
+    /// Letters present, all upper case.
     Uppercase,
+    /// A JSON object with these keys.
     Json(Vec<String>),
+    /// Matches the regex.
     Pattern(Regex),
+    /// Equals the string after trimming.
     Equals(String),
+    /// Contains the string.
     Contains(String),
 }
 
+/// The answer as the checks see it: the decoded text without surrounding
+/// whitespace (what both the validation stage and the probe pass to
+/// [`Expectation::check`]).
+pub fn normalize_answer(decoded: &str) -> String {
+    decoded.trim().to_string()
+}
+
+/// The prompt a test sends, as the API would receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestPrompt<'t> {
+    /// Chat messages (rendered with the chat template by the model server).
+    Chat(&'t [ChatMessage]),
+    /// A raw completion prompt.
+    Raw(&'t str),
+}
+
+impl SystemTest {
+    /// The test's expectation, or why it has none or several.
+    pub fn expectation(&self) -> Result<Expectation, EvalError> {
+        expectation(self).map_err(|reason| EvalError::InvalidSystemTest {
+            name: self.name.clone(),
+            reason,
+        })
+    }
+
+    /// The test's prompt, or why it has none or both forms.
+    pub fn prompt(&self) -> Result<TestPrompt<'_>, EvalError> {
+        match (&self.messages, &self.prompt) {
+            (Some(m), None) if !m.is_empty() => Ok(TestPrompt::Chat(m)),
+            (None, Some(p)) if !p.is_empty() => Ok(TestPrompt::Raw(p)),
+            _ => Err(EvalError::InvalidSystemTest {
+                name: self.name.clone(),
+                reason: PROMPT_FORMS.to_string(),
+            }),
+        }
+    }
+}
+
+const PROMPT_FORMS: &str = "needs exactly one non-empty `messages` or `prompt`";
+
 impl Expectation {
-    fn check(&self, answer: &str) -> bool {
+    /// Whether `answer` (already [`normalize_answer`]ed) meets the expectation.
+    pub fn check(&self, answer: &str) -> bool {
         match self {
             Expectation::Uppercase => {
                 answer.chars().any(char::is_alphabetic)
@@ -184,7 +233,7 @@ fn prompt_text(test: &SystemTest) -> Result<String, String> {
     match (&test.messages, &test.prompt) {
         (Some(m), None) if !m.is_empty() => Ok(apply_chat_template(m, true)),
         (None, Some(p)) if !p.is_empty() => Ok(p.clone()),
-        _ => Err("needs exactly one non-empty `messages` or `prompt`".into()),
+        _ => Err(PROMPT_FORMS.into()),
     }
 }
 
@@ -224,11 +273,11 @@ pub fn run_suite_with<E: From<EvalError>>(
         let prompt = prompt_text(test).map_err(invalid)?;
         let ids = tokenizer.encode(&prompt).map_err(EvalError::from)?;
         let generated = generate(&ids, suite.max_new_tokens, eos)?;
-        let answer = tokenizer
-            .decode(&generated, true)
-            .map_err(EvalError::from)?
-            .trim()
-            .to_string();
+        let answer = normalize_answer(
+            &tokenizer
+                .decode(&generated, true)
+                .map_err(EvalError::from)?,
+        );
         let passed = expect.check(&answer);
         let counted = if !test.edge_case {
             true

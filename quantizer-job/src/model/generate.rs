@@ -105,11 +105,32 @@ impl LlamaModel {
         rng: &mut R,
     ) -> Result<Vec<u32>> {
         self.generate_with(prompt, max_new_tokens, eos, |logits| {
-            if params.temperature <= 0.0 {
-                argmax(logits)
-            } else {
-                sample_top_p(logits, params, rng)
-            }
+            pick_sampled(logits, params, rng)
+        })
+    }
+
+    /// Starts a decoding of `prompt` that yields at most `max_new_tokens`
+    /// tokens and stops after `eos` (included). The server pulls tokens one
+    /// at a time from it to stream them; [`Self::generate_greedy`] and
+    /// [`Self::generate_sampled`] are built on it, so both follow one rule.
+    pub fn start_decoding(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<Decoding<'_>> {
+        if prompt.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        Ok(Decoding {
+            model: self,
+            cache: self.new_cache(),
+            prompt: prompt.to_vec(),
+            last: None,
+            produced: 0,
+            max_new_tokens,
+            eos,
+            finished: max_new_tokens == 0,
         })
     }
 
@@ -120,23 +141,71 @@ impl LlamaModel {
         eos: Option<u32>,
         mut pick: impl FnMut(&Tensor) -> Result<u32>,
     ) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(ModelError::EmptyInput);
-        }
-        let mut cache = self.new_cache();
+        let mut decoding = self.start_decoding(prompt, max_new_tokens, eos)?;
         let mut out = Vec::with_capacity(max_new_tokens);
-        if max_new_tokens == 0 {
-            return Ok(out);
-        }
-        let mut logits = self.forward_with_cache(prompt, &mut cache)?;
-        loop {
-            let next = pick(&logits)?;
+        while let Some(next) = decoding.next_token(&mut pick)? {
             out.push(next);
-            if Some(next) == eos || out.len() >= max_new_tokens {
-                return Ok(out);
-            }
-            logits = self.forward_with_cache(&[next], &mut cache)?;
         }
+        Ok(out)
+    }
+}
+
+/// One decoding in progress: the prompt is fed on the first
+/// [`Decoding::next_token`] (the prefill), every later call feeds the token
+/// picked before it (one decode step with the KV cache).
+#[derive(Debug)]
+pub struct Decoding<'m> {
+    model: &'m LlamaModel,
+    cache: KvCache,
+    prompt: Vec<u32>,
+    last: Option<u32>,
+    produced: usize,
+    max_new_tokens: usize,
+    eos: Option<u32>,
+    finished: bool,
+}
+
+impl Decoding<'_> {
+    /// Runs one forward step and picks the next token from its logits with
+    /// `pick`; `None` once `max_new_tokens` are out or `eos` was picked.
+    pub fn next_token(
+        &mut self,
+        pick: &mut impl FnMut(&Tensor) -> Result<u32>,
+    ) -> Result<Option<u32>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let logits = match self.last {
+            None => self
+                .model
+                .forward_with_cache(&self.prompt, &mut self.cache)?,
+            Some(token) => self.model.forward_with_cache(&[token], &mut self.cache)?,
+        };
+        let next = pick(&logits)?;
+        self.produced += 1;
+        self.last = Some(next);
+        self.finished = Some(next) == self.eos || self.produced >= self.max_new_tokens;
+        Ok(Some(next))
+    }
+
+    /// Tokens produced so far.
+    pub fn produced(&self) -> usize {
+        self.produced
+    }
+}
+
+/// Picks the next token as greedy decoding does (the largest logit).
+pub fn pick_greedy(logits: &Tensor) -> Result<u32> {
+    argmax(logits)
+}
+
+/// Picks the next token as sampled decoding does: greedy when
+/// `temperature <= 0`, otherwise temperature and top-p sampling from `rng`.
+pub fn pick_sampled<R: Rng>(logits: &Tensor, params: SamplingParams, rng: &mut R) -> Result<u32> {
+    if params.temperature <= 0.0 {
+        argmax(logits)
+    } else {
+        sample_top_p(logits, params, rng)
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Tensor};
 
-pub use generate::{KvCache, SamplingParams};
+pub use generate::{Decoding, KvCache, SamplingParams, pick_greedy, pick_sampled};
 pub use linear::{Capture, LinearId, LinearKind};
 pub use norm::{NormId, NormKind};
 

@@ -148,3 +148,5 @@ pub fn model_copy() -> tempfile::TempDir {
     }
     dir
 }
+
+pub mod serving;

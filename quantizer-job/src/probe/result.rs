@@ -1,0 +1,137 @@
+//! The probe's result. [`ProbeSummary`] is the contract with the operator
+//! (its keys are fixed; it goes to the termination message, under 4 KiB);
+//! [`ProbeResult`] adds the per-test detail for stdout.
+
+use serde::{Deserialize, Serialize};
+
+/// Per-request latency of the answered requests, seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Mean.
+    pub mean: f64,
+    /// Median (nearest rank).
+    pub p50: f64,
+    /// 90th percentile (nearest rank).
+    pub p90: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// The compact result, exactly the contract's keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSummary {
+    /// Always `probe`.
+    pub kind: String,
+    /// The model name probed.
+    pub model: String,
+    /// The variant, when given.
+    pub variant: Option<String>,
+    /// The environment, when given.
+    pub environment: Option<String>,
+    /// `passed / total`.
+    pub score: f64,
+    /// Tests whose answer met the expectation.
+    pub passed: u32,
+    /// Tests in the suite.
+    pub total: u32,
+    /// Requests that got no answer (refused, errored, timed out).
+    pub failures: u32,
+    /// Latency of the answered requests.
+    pub latency_seconds: LatencySummary,
+    /// RFC 3339 time the run ended.
+    pub finished_at: String,
+}
+
+/// The most characters a name keeps in the termination message, so the
+/// message stays far under the kubelet's 4 KiB whatever the flags say.
+pub const MAX_NAME_CHARS: usize = 256;
+
+fn capped(s: &str) -> String {
+    s.chars().take(MAX_NAME_CHARS).collect()
+}
+
+impl ProbeSummary {
+    /// Compact JSON for the termination message (names capped at
+    /// [`MAX_NAME_CHARS`], so it is always under 4 KiB).
+    pub fn to_termination_message(&self) -> String {
+        let capped = ProbeSummary {
+            model: capped(&self.model),
+            variant: self.variant.as_deref().map(capped),
+            environment: self.environment.as_deref().map(capped),
+            ..self.clone()
+        };
+        serde_json::to_string(&capped).unwrap_or_default()
+    }
+}
+
+/// One test's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestOutcome {
+    /// The test's name.
+    pub name: String,
+    /// The expectation held.
+    pub passed: bool,
+    /// The answer (normalised), when there was one.
+    pub answer: Option<String>,
+    /// Why there was no answer.
+    pub error: Option<String>,
+    /// Request latency, seconds.
+    pub latency_seconds: f64,
+}
+
+/// The full result printed on stdout: the summary's keys plus `tests`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// The contract part.
+    #[serde(flatten)]
+    pub summary: ProbeSummary,
+    /// Per-test detail.
+    pub tests: Vec<TestOutcome>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_termination_message_has_the_contract_keys_and_stays_small() {
+        let long = "m".repeat(10_000);
+        let s = ProbeSummary {
+            kind: "probe".into(),
+            model: long.clone(),
+            variant: Some(long.clone()),
+            environment: Some(long),
+            score: 0.5,
+            passed: 1,
+            total: 2,
+            failures: 0,
+            latency_seconds: LatencySummary::default(),
+            finished_at: "2025-01-01T00:00:00Z".into(),
+        };
+        let message = s.to_termination_message();
+        assert!(message.len() < 4096, "{}", message.len());
+        let v: serde_json::Value = serde_json::from_str(&message).expect("json");
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "environment",
+                "failures",
+                "finished_at",
+                "kind",
+                "latency_seconds",
+                "model",
+                "passed",
+                "score",
+                "total",
+                "variant"
+            ]
+        );
+    }
+}
