@@ -15,8 +15,8 @@ pub use model_promotion::{
     ModelPromotionStatus, ModelRef, ServingSpec,
 };
 pub use quantized_model::{
-    CalibrationSpec, EvalTextSpec, GatesSpec, Method, QuantizationSpec, QuantizedModel,
-    QuantizedModelSpec, QuantizedModelStatus, ValidationSpec,
+    CalibrationSpec, EvalTextSpec, GatesSpec, LoadtestSpec, Method, QuantizationSpec,
+    QuantizedModel, QuantizedModelSpec, QuantizedModelStatus, ValidationSpec,
 };
 pub use report::{GateResult, ModelMetrics, Report, StageSummary};
 

@@ -164,8 +164,50 @@ pub struct ValidationSpec {
     /// Greedy-decoding consistency against the baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<ConsistencySpec>,
+    /// Serving speed of the baseline and the variant, each load-tested
+    /// through the worker's own OpenAI server: a figure for the report and
+    /// the card, not a gate (the worker's server runs dequantized weights, so
+    /// it measures what the validate machine serves, not vLLM's kernels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadtest: Option<LoadtestSpec>,
     #[serde(default)]
     pub gates: GatesSpec,
+}
+
+/// The validation load test: a fixed-concurrency run of streamed requests
+/// with synthetic prompts of a given length and a fixed output length.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadtestSpec {
+    /// Requests per model.
+    #[serde(default = "default_loadtest_requests")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub requests: u32,
+    /// Requests in flight at once.
+    #[serde(default = "default_loadtest_concurrency")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub concurrency: u32,
+    /// Tokens of each synthetic prompt.
+    #[serde(default = "default_loadtest_prompt_tokens")]
+    #[schemars(range(min = 1, max = 131072))]
+    pub prompt_tokens: u32,
+    /// Output tokens of each request (end-of-sequence ignored).
+    #[serde(default = "default_loadtest_max_tokens")]
+    #[schemars(range(min = 1, max = 131072))]
+    pub max_tokens: u32,
+}
+
+fn default_loadtest_requests() -> u32 {
+    16
+}
+fn default_loadtest_concurrency() -> u32 {
+    4
+}
+fn default_loadtest_prompt_tokens() -> u32 {
+    64
+}
+fn default_loadtest_max_tokens() -> u32 {
+    32
 }
 
 /// Perplexity text and its windows.

@@ -13,6 +13,8 @@ pub const ARTIFACT: &str = "artifact";
 pub const CALIBRATION: &str = "calibration";
 /// Report key of the recipe (the spec's `quantization` block).
 pub const RECIPE: &str = "recipe";
+/// Report key of [`crate::stages::serving_speed::ServingSpeed`].
+pub const SERVING_SPEED: &str = "serving_speed";
 
 /// The base checkpoint, as loaded.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

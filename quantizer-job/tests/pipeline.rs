@@ -38,6 +38,7 @@ spec:
     tasks: [ {{ name: chat-choice, path: "{tasks}" }} ]
     systemTests: {{ path: "{system}" }}
     consistency: {{ path: text/chat-tasks.jsonl, maxPrompts: 8, maxNewTokens: 16 }}
+    loadtest: {{ requests: 4, concurrency: 2, promptTokens: 16, maxTokens: 8 }}
     gates: {{ maxPerplexityIncreasePercent: 3, maxTaskDropPercent: 5, minGreedyMatchRate: 0.25, minSystemTestPassRate: 0.5 }}
 "#,
         tasks = repo_file("manifests/examples/volume/tasks/chat-choice.jsonl"),
@@ -187,4 +188,18 @@ fn two_bit_rtn_fails_the_perplexity_gate() {
     )
     .expect("card");
     assert!(card.contains("Do not promote"), "the card says so");
+
+    // The validation load test served both models; every request succeeded
+    // and produced exactly the asked-for tokens (end of sequence ignored).
+    let speed = &report.extra["serving_speed"];
+    for side in ["baseline", "quantized"] {
+        let run = &speed[side];
+        assert_eq!(run["completed"], 4, "{side}: {run}");
+        assert_eq!(run["errors"], 0, "{side}: {run}");
+        assert_eq!(run["output_tokens"], 32, "{side}: {run}");
+        assert!(run["output_tokens_per_s"].as_f64().is_some_and(|v| v > 0.0));
+    }
+    assert!(speed["throughput_ratio"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(card.contains("Serving speed"), "the card reports it");
+    assert!(card.contains("| output tokens/s |"));
 }

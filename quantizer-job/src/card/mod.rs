@@ -6,8 +6,10 @@
 
 pub mod svg;
 
+use crate::loadtest::Report as LoadReport;
 use crate::quant::{FloatDtype, WeightScheme};
 use crate::report_sections::{self, ArtifactFacts, CalibrationFacts, ModelFacts};
+use crate::stages::serving_speed::ServingSpeed;
 use quantops_api::{Method, QuantizedModelSpec, Report, variant};
 use std::fmt::Write;
 use svg::format_value;
@@ -163,6 +165,9 @@ pub fn render(spec: &QuantizedModelSpec, report: &Report) -> String {
         let _ = writeln!(md, "| {stage} time | {seconds:.1} s |");
     }
     let _ = writeln!(md);
+    if let Some(speed) = report_sections::get(report, report_sections::SERVING_SPEED) {
+        serving_speed(&mut md, &speed);
+    }
 
     let _ = writeln!(md, "## Usage\n");
     let _ = writeln!(
@@ -180,6 +185,41 @@ pub fn render(spec: &QuantizedModelSpec, report: &Report) -> String {
         let _ = writeln!(md, "- {line}");
     }
     md
+}
+
+/// The validation load test, baseline against variant.
+fn serving_speed(md: &mut String, s: &ServingSpeed) {
+    let b = &s.baseline;
+    let _ = writeln!(
+        md,
+        "Serving speed, measured by the validation stage: {} requests of {} prompt and {} output tokens, {} at a time, against the worker's own server (dequantized weights on the validate machine, not vLLM's kernels).\n",
+        b.requests,
+        b.prompt_tokens_target,
+        b.max_tokens,
+        b.concurrency.unwrap_or(1)
+    );
+    let _ = writeln!(md, "| figure | baseline | quantized |\n| --- | --- | --- |");
+    let rows: [(&str, fn(&LoadReport) -> String); 5] = [
+        ("output tokens/s", |r| {
+            format!("{:.1}", r.output_tokens_per_s)
+        }),
+        ("requests/s", |r| format!("{:.2}", r.requests_per_s)),
+        ("time to first token p50", |r| ms(r.ttft_s.p50)),
+        ("inter-token latency p50", |r| ms(r.itl_s.p50)),
+        ("end-to-end latency p50", |r| ms(r.e2e_s.p50)),
+    ];
+    for (name, value) in rows {
+        let _ = writeln!(md, "| {name} | {} | {} |", value(b), value(&s.quantized));
+    }
+    let _ = writeln!(
+        md,
+        "\nThroughput ratio (quantized / baseline): {:.2}; median latency speed-up: {:.2}.\n",
+        s.throughput_ratio, s.latency_speedup
+    );
+}
+
+fn ms(seconds: f64) -> String {
+    format!("{:.1} ms", seconds * 1e3)
 }
 
 /// Hub tags: the tool, the format, the method and the scheme.

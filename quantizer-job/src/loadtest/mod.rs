@@ -30,7 +30,8 @@ use crate::openai::{
     GenerationParams, StreamOptions,
 };
 use crate::tokenizer::ChatMessage;
-use report::{Report, RequestRecord};
+pub use report::Report;
+use report::RequestRecord;
 use stats::Distribution;
 
 /// How requests are issued.

@@ -6,6 +6,7 @@ mod baseline;
 mod card;
 mod evaluation;
 mod quantize;
+pub mod serving_speed;
 mod validate;
 
 use crate::layout::{Layout, files};

@@ -2,8 +2,10 @@
 //! evaluated like the baseline and judged by the gates. Writes `report.json`
 //! and the model card.
 
+use super::baseline::open_base_checkpoint;
 use super::evaluation::{BaselineRecord, Evaluator, baseline_inputs_digest, evaluate};
 use super::quantize::QuantizeRecord;
+use super::serving_speed;
 use super::{StageInput, read_json, summary_from_report, write_json};
 use crate::artifact::weights_digest;
 use crate::config::LlamaConfig;
@@ -95,6 +97,15 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
         report_sections::RECIPE,
         &input.spec.quantization,
     );
+    if let Some(loadtest) = &input.spec.validation.loadtest {
+        let (checkpoint, _) = open_base_checkpoint(input)?;
+        let speed = serving_speed::compare(checkpoint.dir(), dir, loadtest)
+            .context("spec.validation.loadtest")?;
+        report_sections::set(&mut report, report_sections::SERVING_SPEED, &speed);
+        report
+            .timings_s
+            .insert("validate".to_string(), started.elapsed().as_secs_f64());
+    }
     write_json(&layout.artifact_file(files::REPORT), &report)?;
     super::card::run(input)?;
     Ok(summary_from_report(input, &report))
