@@ -187,6 +187,9 @@ pub fn render(spec: &QuantizedModelSpec, report: &Report) -> String {
     md
 }
 
+/// How one row of the serving-speed table reads a load test.
+type Figure = fn(&LoadReport) -> String;
+
 /// The validation load test, baseline against variant.
 fn serving_speed(md: &mut String, s: &ServingSpeed) {
     let b = &s.baseline;
@@ -199,7 +202,7 @@ fn serving_speed(md: &mut String, s: &ServingSpeed) {
         b.concurrency.unwrap_or(1)
     );
     let _ = writeln!(md, "| figure | baseline | quantized |\n| --- | --- | --- |");
-    let rows: [(&str, fn(&LoadReport) -> String); 5] = [
+    let rows: [(&str, Figure); 5] = [
         ("output tokens/s", |r| {
             format!("{:.1}", r.output_tokens_per_s)
         }),
