@@ -13,18 +13,18 @@ use super::{
     CANARY_HEALTHY, COMMITTED, GATES_PASSED, PROMOTED, Phase, PromotionSettings, SYNCED, card,
 };
 use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
-use crate::controller::FIELD_MANAGER;
 use crate::gitops::{
     GitCredentials, GitOpsError, GitTarget, GitWriter, PromotionCommit, PromotionId, RevertRequest,
     ServingInputs, render_serving_folder,
 };
+use crate::k8s::{self, KubeContext, KubeError};
 use crate::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use quantops_api::{Environment, ModelPromotion, ModelPromotionStatus, QuantizedModel};
@@ -38,12 +38,8 @@ pub const CONTROLLER: &str = "modelpromotion";
 /// Why a reconciliation failed; requeued with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("ModelPromotion {0} has no namespace or uid")]
     Incomplete(String),
     #[error("the git worker thread stopped: {0}")]
@@ -53,16 +49,11 @@ pub enum Error {
 impl Error {
     fn kind(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube",
+            Error::Kube(_) => "kube",
             Error::Incomplete(_) => "incomplete",
             Error::Join(_) => "join",
         }
     }
-}
-
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let action = action.into();
-    move |source| Error::Kube { action, source }
 }
 
 /// What every reconciliation shares.
@@ -114,41 +105,20 @@ impl Pass<'_> {
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let event = Event {
+        k8s::publish_event(
+            &self.ctx.recorder,
+            &self.mp.object_ref(&()),
             type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Promote".to_string(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.mp.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, promotion = %self.mp.name_any(), reason, "cannot publish event");
-        }
+            "Promote",
+            reason,
+            note,
+        )
+        .await;
     }
 
     async fn write(&self) -> Result<(), Error> {
-        let name = self.mp.name_any();
-        let patch = serde_json::json!({
-            "apiVersion": format!("{}/{}", quantops_api::GROUP, quantops_api::VERSION),
-            "kind": "ModelPromotion",
-            "status": self.status,
-        });
-        Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace)
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(kube_err(format!(
-                "writing the status of ModelPromotion {name}"
-            )))?;
-        Ok(())
+        let api = Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace);
+        Ok(k8s::apply_status(&api, &self.mp.name_any(), &self.status).await?)
     }
 }
 
@@ -231,7 +201,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     let app = apps
         .get_opt(&app_name)
         .await
-        .map_err(kube_err(format!("reading Argo CD Application {app_name}")))?;
+        .during(|| format!("reading Argo CD Application {app_name}"))?;
     let Some(app) = app else {
         pass.set(
             SYNCED,
@@ -300,7 +270,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     let rollout = rollouts
         .get_opt(&model)
         .await
-        .map_err(kube_err(format!("reading Rollout {model}")))?;
+        .during(|| format!("reading Rollout {model}"))?;
     let Some(rollout) = rollout else {
         pass.set(
             CANARY_HEALTHY,
@@ -347,7 +317,7 @@ async fn admit(
     let qm = models
         .get_opt(&name)
         .await
-        .map_err(kube_err(format!("reading QuantizedModel {name}")))?;
+        .during(|| format!("reading QuantizedModel {name}"))?;
     let environment = pass.mp.spec.environment;
     let verdict = match &qm {
         None => Err(Refusal {
@@ -371,7 +341,7 @@ async fn admit(
             let all = promotions
                 .list(&ListParams::default())
                 .await
-                .map_err(kube_err("listing ModelPromotions"))?;
+                .during(|| "listing ModelPromotions".to_string())?;
             admission::check_order(environment, &variant, &all.items)
         }
         (verdict, _) => verdict,
@@ -431,7 +401,7 @@ async fn git_target(pass: &mut Pass<'_>) -> Result<Result<GitTarget, Action>, Er
             let secret = secrets
                 .get_opt(secret_name)
                 .await
-                .map_err(kube_err(format!("reading Secret {secret_name}")))?;
+                .during(|| format!("reading Secret {secret_name}"))?;
             let data: BTreeMap<String, Vec<u8>> = secret
                 .and_then(|s| s.data)
                 .unwrap_or_default()
