@@ -266,7 +266,7 @@ async fn a_variant_moves_through_experiment_test_and_prod() {
                 "{}",
                 files["rollout.yaml"]
             );
-            assert!(files["analysistemplate.yaml"].contains("quantops_quality_probe_score"));
+            assert!(files["analysistemplate.yaml"].contains("quantops_quality_score"));
         } else {
             assert_eq!(
                 names,
