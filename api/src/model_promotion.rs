@@ -163,6 +163,10 @@ impl Default for QualitySpec {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QualityStatus {
+    /// The served model name the probe asks for (the `model` label of the
+    /// quality metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// The last `spec.quality.window` probe runs, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<QualitySample>,

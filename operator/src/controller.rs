@@ -569,6 +569,7 @@ pub async fn run(
             client,
             config.namespace.clone(),
             config.promotion.clone(),
+            config.jobs.clone(),
             metrics,
             shutdown,
         ),

@@ -11,8 +11,10 @@ use super::admission::{self, Refusal};
 use super::argo::{self, AppState, CanaryState};
 use super::{
     CANARY_HEALTHY, COMMITTED, GATES_PASSED, PROMOTED, Phase, PromotionSettings, SYNCED, card,
+    gauges, probe_job, probing,
 };
 use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
+use crate::config::JobSettings;
 use crate::gitops::{
     GitCredentials, GitOpsError, GitTarget, GitWriter, PromotionCommit, PromotionId, RevertRequest,
     ServingInputs, render_serving_folder,
@@ -20,6 +22,7 @@ use crate::gitops::{
 use crate::k8s::{self, KubeContext, KubeError};
 use crate::metrics::Metrics;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, ListParams};
@@ -60,6 +63,8 @@ impl Error {
 pub struct Context {
     pub client: Client,
     pub settings: PromotionSettings,
+    /// How the worker's pods are rendered (the quality probe runs the worker).
+    pub jobs: JobSettings,
     pub writer: Arc<GitWriter>,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -71,17 +76,23 @@ const POLL: Duration = Duration::from_secs(10);
 const BLOCKED_POLL: Duration = Duration::from_secs(30);
 
 /// One reconciliation's view: the promotion and its new status.
-struct Pass<'a> {
-    mp: &'a ModelPromotion,
-    ctx: &'a Context,
-    status: ModelPromotionStatus,
+pub(super) struct Pass<'a> {
+    pub(super) mp: &'a ModelPromotion,
+    pub(super) ctx: &'a Context,
+    pub(super) status: ModelPromotionStatus,
     generation: Option<i64>,
     now: Timestamp,
-    namespace: String,
+    pub(super) namespace: String,
 }
 
 impl Pass<'_> {
-    fn set(&mut self, type_: &str, status: &str, reason: &str, message: impl Into<String>) {
+    pub(super) fn set(
+        &mut self,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
         conditions::set_condition(
             &mut self.status.conditions,
             ConditionUpdate {
@@ -104,7 +115,7 @@ impl Pass<'_> {
             .is_some_and(|c| c.status == status && c.observed_generation == self.generation)
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
+    pub(super) async fn event(&self, type_: EventType, reason: &str, note: String) {
         k8s::publish_event(
             &self.ctx.recorder,
             &self.mp.object_ref(&()),
@@ -116,7 +127,7 @@ impl Pass<'_> {
         .await;
     }
 
-    async fn write(&self) -> Result<(), Error> {
+    pub(super) async fn write(&self) -> Result<(), Error> {
         let api = Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace);
         Ok(k8s::apply_status(&api, &self.mp.name_any(), &self.status).await?)
     }
@@ -171,6 +182,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     if pass.status.phase.as_deref() == Some(Phase::RolledBack.as_str())
         && pass.condition_is(PROMOTED, FALSE)
     {
+        probing::stop(pass, "the promotion was rolled back").await?;
         return Ok(Action::await_change());
     }
     let committed = pass.status.commit.is_some() && pass.condition_is(COMMITTED, TRUE);
@@ -256,6 +268,10 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
             return Ok(Action::requeue(POLL));
         }
     }
+
+    // Synced: the served variant is probed from now on (in prod, while the
+    // canary's analysis reads the score).
+    probing::reconcile(pass, &qm, &model).await?;
 
     if environment != Environment::Prod {
         return Ok(promoted(pass, "synced and healthy").await);
@@ -451,6 +467,7 @@ async fn commit(
         serving: pass.mp.spec.serving.clone(),
         canary: pass.mp.spec.canary.clone(),
         card: card::promotion_card(qm, environment, &promotion_name),
+        quality_threshold: pass.mp.spec.quality.clone().unwrap_or_default().threshold,
     };
     let folder = match render_serving_folder(&inputs, &pass.ctx.settings.serving) {
         Ok(folder) => folder,
@@ -619,12 +636,16 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     settings: PromotionSettings,
+    jobs: JobSettings,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let promotions: Api<ModelPromotion> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let (promotions, probe_jobs): (Api<ModelPromotion>, Api<Job>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let reporter = Reporter {
         controller: "quantops".to_string(),
@@ -635,9 +656,18 @@ pub async fn run(
         writer: Arc::new(GitWriter::new(settings.git.clone())),
         client,
         settings,
-        metrics,
+        jobs,
+        metrics: metrics.clone(),
     });
-    Controller::new(promotions, watcher::Config::default())
+    // Probe Jobs belong to their CronJob, not to the promotion, so they are
+    // mapped back through the annotation their CronJob gives them.
+    let controller = Controller::new(promotions, watcher::Config::default()).watches(
+        probe_jobs,
+        watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
+        |job: Job| probe_job::promotion_of(&job),
+    );
+    let gauges = tokio::spawn(gauges::export(controller.store(), metrics));
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -646,4 +676,5 @@ pub async fn run(
             }
         })
         .await;
+    gauges.abort();
 }
