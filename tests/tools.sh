@@ -88,3 +88,27 @@ ensure_nvrtc() {
   export LD_LIBRARY_PATH="$dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export QUANTOPS_REQUIRE_NVRTC=1
 }
+
+# Prometheus and promtool (Debian's `prometheus` package) for the monitoring
+# tests: the alert rules are checked and unit-tested with promtool, and the
+# e2e tests start a real Prometheus on loopback. The package is unpacked into
+# a cache directory with `apt-get download` + `dpkg -x` rather than
+# installed, so no distribution service starts on :9090; the tests find it
+# through QUANTOPS_PROMETHEUS_BIN.
+ensure_prometheus() {
+  local dir="$HOME/.cache/quantops/prometheus"
+  if [[ ! -x "$dir/usr/bin/prometheus" || ! -x "$dir/usr/bin/promtool" ]]; then
+    local debs
+    debs=$(mktemp -d)
+    if ! (cd "$debs" && apt-get download prometheus >/dev/null 2>&1); then
+      apt-get update -qq
+      (cd "$debs" && apt-get download prometheus >/dev/null)
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    dpkg -x "$debs"/prometheus_*.deb "$dir"
+    rm -rf "$debs"
+  fi
+  export QUANTOPS_PROMETHEUS_BIN="$dir/usr/bin"
+  "$dir/usr/bin/prometheus" --version 2>&1 | head -n 1
+}

@@ -5,6 +5,7 @@
 //! the worker hands back to the operator.
 
 pub mod model_promotion;
+pub mod probe;
 pub mod quantized_model;
 pub mod report;
 pub mod spec_file;
@@ -12,8 +13,9 @@ pub mod variant;
 
 pub use model_promotion::{
     CanarySpec, CanaryStep, Environment, GitOpsSpec, ModelPromotion, ModelPromotionSpec,
-    ModelPromotionStatus, ModelRef, ServingSpec,
+    ModelPromotionStatus, ModelRef, QualitySample, QualitySpec, QualityStatus, ServingSpec,
 };
+pub use probe::{ProbeLatency, ProbeResult};
 pub use quantized_model::{
     CalibrationSpec, EvalTextSpec, GatesSpec, LoadtestSpec, Method, QuantizationSpec,
     QuantizedModel, QuantizedModelSpec, QuantizedModelStatus, ValidationSpec,

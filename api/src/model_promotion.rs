@@ -1,7 +1,7 @@
 //! The `ModelPromotion` custom resource: moves a validated variant to the next
 //! environment through the GitOps repository.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Variant","type":"string","jsonPath":".status.variant","priority":1}"#,
     printcolumn = r#"{"name":"Commit","type":"string","jsonPath":".status.commit","priority":1}"#,
+    printcolumn = r#"{"name":"Quality","type":"number","jsonPath":".status.quality.score","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -32,6 +33,10 @@ pub struct ModelPromotionSpec {
     pub serving: ServingSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanarySpec>,
+    /// The quality probe run against the served endpoint once the promotion
+    /// is synced; every field has a default, so probing happens without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualitySpec>,
 }
 
 /// The `QuantizedModel` to promote, in the promotion's namespace.
@@ -113,6 +118,86 @@ pub struct CanaryStep {
     pub pause: Option<String>,
 }
 
+/// How the served variant's quality is probed after the promotion: a
+/// CronJob runs `quantizer-job probe` with the validation prompts against the
+/// environment's endpoint, and the operator keeps a rolling window of the
+/// scores.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QualitySpec {
+    /// Cron schedule of the probe (five fields, as a CronJob takes it).
+    #[serde(default = "default_quality_schedule")]
+    pub schedule: String,
+    /// Lowest acceptable rolling score (fraction of prompts passed, 0..1);
+    /// also the prod canary's quality bar.
+    #[serde(default = "default_quality_threshold")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub threshold: f64,
+    /// Probe runs in the rolling window the score is averaged over.
+    #[serde(default = "default_quality_window")]
+    #[schemars(range(min = 1))]
+    pub window: u32,
+    /// The prompt suite, relative to the model volume's root; default: the
+    /// model's `spec.validation.systemTests.path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
+    /// The OpenAI-compatible base URL probed; default: the in-cluster URL of
+    /// the Service the promotion committed for its environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+impl Default for QualitySpec {
+    fn default() -> Self {
+        QualitySpec {
+            schedule: default_quality_schedule(),
+            threshold: default_quality_threshold(),
+            window: default_quality_window(),
+            suite: None,
+            endpoint: None,
+        }
+    }
+}
+
+/// The rolling window of quality-probe results.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QualityStatus {
+    /// The served model name the probe asks for (the `model` label of the
+    /// quality metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The last `spec.quality.window` probe runs, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<QualitySample>,
+    /// Mean score of the samples; absent before the first probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// The threshold the score was compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// When the newest sample's probe finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<Time>,
+}
+
+/// One probe run, as its pod reported it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QualitySample {
+    /// The probe Job (its name is unique per run).
+    pub job: String,
+    /// Fraction of the suite's prompts passed (0..1).
+    pub score: f64,
+    pub passed: u32,
+    pub total: u32,
+    /// Prompts that got no answer (transport or server errors).
+    pub failures: u32,
+    /// 90th percentile of the probe's request latencies.
+    pub latency_p90_seconds: f64,
+    pub finished_at: Time,
+}
+
 /// What the operator has observed and done.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -136,12 +221,24 @@ pub struct ModelPromotionStatus {
     /// when one lands.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub git_attempts: u32,
+    /// The quality probe's rolling window, once the promotion is synced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualityStatus>,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn default_quality_schedule() -> String {
+    "*/5 * * * *".to_string()
+}
+fn default_quality_threshold() -> f64 {
+    0.8
+}
+fn default_quality_window() -> u32 {
+    5
+}
 fn default_branch() -> String {
     "main".to_string()
 }

@@ -8,16 +8,18 @@
 
 use crate::config::OperatorConfig;
 use crate::job::{self, RenderError};
+use crate::k8s::{self, KubeContext, KubeError};
+pub use crate::k8s::{FIELD_MANAGER, JobState, job_state, termination_message};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Next, Observation, Phase, Stage};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::LogParams;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -26,20 +28,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The field manager of every object and status the operator applies.
-pub const FIELD_MANAGER: &str = "quantops";
 /// The controller's name in metrics and events.
 pub const CONTROLLER: &str = "quantizedmodel";
 
 /// Why a reconciliation failed; the controller requeues it with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Render(#[from] RenderError),
     #[error("QuantizedModel {0} has no namespace")]
@@ -50,24 +46,10 @@ impl Error {
     /// A bounded label for the errors metric.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube",
+            Error::Kube(_) => "kube",
             Error::Render(_) => "render",
             Error::NoNamespace(_) => "namespace",
         }
-    }
-}
-
-/// Adds what was being done to a kube error.
-trait KubeContext<T> {
-    fn during(self, action: impl FnOnce() -> String) -> Result<T, Error>;
-}
-
-impl<T> KubeContext<T> for Result<T, kube::Error> {
-    fn during(self, action: impl FnOnce() -> String) -> Result<T, Error> {
-        self.map_err(|source| Error::Kube {
-            action: action(),
-            source,
-        })
     }
 }
 
@@ -118,16 +100,15 @@ impl Context {
     /// Publishes an event on the model; a failure to publish is logged, not
     /// fatal, since events are advisory.
     async fn event(&self, qm: &QuantizedModel, type_: EventType, reason: &str, note: String) {
-        let event = Event {
+        k8s::publish_event(
+            &self.recorder,
+            &qm.object_ref(&()),
             type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Reconcile".to_string(),
-            secondary: None,
-        };
-        if let Err(error) = self.recorder.publish(&event, &qm.object_ref(&())).await {
-            tracing::warn!(%error, model = %qm.name_any(), reason, "cannot publish event");
-        }
+            "Reconcile",
+            reason,
+            note,
+        )
+        .await;
     }
 }
 
@@ -157,58 +138,6 @@ fn cached_pods(caches: &Caches, namespace: &str, job_name: &str) -> Vec<Pod> {
         .collect()
 }
 
-/// Where a stage's Job stands.
-#[derive(Clone, Debug, PartialEq)]
-pub enum JobState {
-    Running,
-    Succeeded,
-    /// Failed, with the Job's own reason when it gave one.
-    Failed(Option<String>),
-}
-
-/// Reads the Job's terminal conditions (`Complete`, `Failed`).
-pub fn job_state(job: &Job) -> JobState {
-    let conditions = job
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for condition in conditions {
-        if condition.status != "True" {
-            continue;
-        }
-        match condition.type_.as_str() {
-            "Complete" => return JobState::Succeeded,
-            "Failed" => {
-                let reason = [condition.reason.as_deref(), condition.message.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join(": ");
-                return JobState::Failed((!reason.is_empty()).then_some(reason));
-            }
-            _ => {}
-        }
-    }
-    JobState::Running
-}
-
-/// The worker's termination message from a Job's pods: the newest
-/// terminated `quantizer` container's, as raw text.
-pub fn termination_message(pods: &[Pod]) -> Option<String> {
-    let mut terminated: Vec<(Option<Timestamp>, String)> = pods
-        .iter()
-        .flat_map(|pod| pod.status.iter())
-        .flat_map(|status| status.container_statuses.iter().flatten())
-        .filter(|c| c.name == "quantizer")
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
-        .filter_map(|t| Some((t.finished_at.as_ref().map(|f| f.0), t.message.clone()?)))
-        .collect();
-    terminated.sort_by_key(|(finished, _)| *finished);
-    terminated.pop().map(|(_, message)| message)
-}
-
 /// Parses a termination message: a `StageSummary`, or (with
 /// `FallbackToLogsOnError`) the log tail of a worker that died before
 /// writing one, returned as the error.
@@ -230,16 +159,8 @@ pub fn parse_summary(message: &str) -> Result<StageSummary, String> {
 /// terminated container already, else from the API server (the pod watch
 /// may lag behind the Job's).
 async fn read_summary(ctx: &Context, apis: &Apis, job_name: &str) -> Result<Option<String>, Error> {
-    if let Some(message) = termination_message(&cached_pods(&ctx.caches, &apis.namespace, job_name))
-    {
-        return Ok(Some(message));
-    }
-    let pods = apis
-        .pods
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
-        .await
-        .during(|| format!("listing the pods of Job {job_name}"))?;
-    Ok(termination_message(&pods.items))
+    let cached = cached_pods(&ctx.caches, &apis.namespace, job_name);
+    Ok(k8s::read_termination_message(&apis.pods, &cached, job_name).await?)
 }
 
 /// How often a running stage is looked at, to keep `status.progress` fresh.
@@ -310,73 +231,26 @@ async fn delete_stale_jobs(qm: &QuantizedModel, ctx: &Context, apis: &Apis) -> R
             && job_state(j) == JobState::Running
     }) {
         let name = stale.name_any();
-        let params = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Background),
-            ..DeleteParams::default()
-        };
-        match apis.jobs.delete(&name, &params).await {
-            Ok(_) => {
-                ctx.event(
-                    qm,
-                    EventType::Normal,
-                    "StaleJobDeleted",
-                    format!("deleted Job {name}: the spec it ran for has changed"),
-                )
-                .await;
-            }
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Kube {
-                    action: format!("deleting stale Job {name}"),
-                    source,
-                });
-            }
+        if k8s::delete_if_present(&apis.jobs, &name).await? {
+            ctx.event(
+                qm,
+                EventType::Normal,
+                "StaleJobDeleted",
+                format!("deleted Job {name}: the spec it ran for has changed"),
+            )
+            .await;
         }
     }
     Ok(())
 }
 
-/// Applies an object with server-side apply as the `quantops` field manager.
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = object.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .during(|| format!("applying {} {name}", K::kind(&())))
-}
-
-/// Writes the status with server-side apply on the status subresource;
-/// fields the operator stops setting are removed because it owns them.
+/// Writes the model's status (server-side apply on the status subresource).
 async fn write_status(
     apis: &Apis,
     qm: &QuantizedModel,
     status: &QuantizedModelStatus,
 ) -> Result<(), Error> {
-    let name = qm.name_any();
-    let patch = serde_json::json!({
-        "apiVersion": format!("{}/{}", quantops_api::GROUP, quantops_api::VERSION),
-        "kind": "QuantizedModel",
-        "status": status,
-    });
-    apis.models
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .during(|| format!("writing the status of QuantizedModel {name}"))?;
-    Ok(())
+    Ok(k8s::apply_status(&apis.models, &qm.name_any(), status).await?)
 }
 
 /// One reconciliation of a QuantizedModel.
@@ -472,8 +346,8 @@ async fn drive(
             if let Some(wait) = pipeline::retry_wait(status, stage, &policy, obs.now) {
                 return Ok(Action::requeue(wait));
             }
-            apply(&apis.config_maps, &job::render_config_map(qm, stage)?).await?;
-            apply(&apis.jobs, &job::render_job(qm, stage, &ctx.config.jobs)?).await?;
+            k8s::apply(&apis.config_maps, &job::render_config_map(qm, stage)?).await?;
+            k8s::apply(&apis.jobs, &job::render_job(qm, stage, &ctx.config.jobs)?).await?;
             pipeline::mark_running(status, stage, &format!("Job {job_name} started"), obs);
             ctx.event(
                 qm,
@@ -611,20 +485,7 @@ async fn broken(
                 ),
             )
             .await;
-            let params = DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                ..DeleteParams::default()
-            };
-            match apis.jobs.delete(job_name, &params).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Kube {
-                        action: format!("deleting failed Job {job_name}"),
-                        source,
-                    });
-                }
-            }
+            k8s::delete_if_present(&apis.jobs, job_name).await?;
             Ok(Action::requeue(delay))
         }
         Next::GaveUp(message) => {
@@ -708,6 +569,7 @@ pub async fn run(
             client,
             config.namespace.clone(),
             config.promotion.clone(),
+            config.jobs.clone(),
             metrics,
             shutdown,
         ),
@@ -829,50 +691,10 @@ async fn count_phases(store: kube::runtime::reflector::Store<QuantizedModel>, me
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
-    fn job_with(type_: &str, status: &str, message: Option<&str>) -> Job {
-        Job {
-            status: Some(JobStatus {
-                conditions: Some(vec![JobCondition {
-                    type_: type_.to_string(),
-                    status: status.to_string(),
-                    reason: Some("BackoffLimitExceeded".to_string()),
-                    message: message.map(str::to_string),
-                    ..JobCondition::default()
-                }]),
-                ..JobStatus::default()
-            }),
-            ..Job::default()
-        }
-    }
-
-    #[test]
-    fn job_states() {
-        assert_eq!(job_state(&Job::default()), JobState::Running);
-        assert_eq!(
-            job_state(&job_with("Complete", "True", None)),
-            JobState::Succeeded
-        );
-        assert_eq!(
-            job_state(&job_with("Complete", "False", None)),
-            JobState::Running
-        );
-        assert_eq!(
-            job_state(&job_with(
-                "Failed",
-                "True",
-                Some("Job has reached the specified backoff limit")
-            )),
-            JobState::Failed(Some(
-                "BackoffLimitExceeded: Job has reached the specified backoff limit".to_string()
-            ))
-        );
-    }
 
     fn pod(message: &str, finished: i64) -> Pod {
         Pod {

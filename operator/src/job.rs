@@ -67,6 +67,18 @@ pub fn model_label(model: &str) -> String {
     format!("{}-{hash}", truncated(model, MAX_NAME - 9))
 }
 
+/// `{base}{suffix}` when it fits in `max` bytes; otherwise `base` cut, a
+/// hash of the whole of it, then `suffix`, so that names cut to the same
+/// prefix stay distinct.
+pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
+    if base.len() + suffix.len() <= max {
+        return format!("{base}{suffix}");
+    }
+    let hash = pipeline::short_hash(base, 8);
+    let room = max.saturating_sub(suffix.len() + hash.len() + 1);
+    format!("{}-{hash}{suffix}", truncated(base, room))
+}
+
 /// Cuts a DNS-1123 name to `max` bytes without leaving a trailing `-` or `.`.
 fn truncated(name: &str, max: usize) -> &str {
     let mut end = name.len().min(max);
@@ -175,42 +187,39 @@ pub fn render_job(
         }]
     });
 
-    let container = Container {
-        name: "quantizer".to_string(),
-        image: Some(settings.image.clone()),
-        command: Some(vec![
-            "quantizer-job".to_string(),
-            stage.name().to_string(),
-            "--spec".to_string(),
-            format!("{SPEC_DIR}/{SPEC_FILE}"),
-            "--root".to_string(),
-            MODEL_DIR.to_string(),
-        ]),
-        env: Some(vec![EnvVar {
-            name: "QUANTOPS_LOG_FORMAT".to_string(),
-            value: Some("json".to_string()),
-            ..EnvVar::default()
-        }]),
-        resources: Some(ResourceRequirements {
+    let command = vec![
+        "quantizer-job".to_string(),
+        stage.name().to_string(),
+        "--spec".to_string(),
+        format!("{SPEC_DIR}/{SPEC_FILE}"),
+        "--root".to_string(),
+        MODEL_DIR.to_string(),
+    ];
+    let spec_volume = Volume {
+        name: "spec".to_string(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map.unwrap_or_default(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let spec_mount = VolumeMount {
+        name: "spec".to_string(),
+        mount_path: SPEC_DIR.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    let pod = WorkerPod {
+        labels: pod_labels,
+        command,
+        resources: ResourceRequirements {
             requests: (!requests.is_empty()).then_some(requests),
             limits: (!limits.is_empty()).then_some(limits),
             ..ResourceRequirements::default()
-        }),
-        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "spec".to_string(),
-                mount_path: SPEC_DIR.to_string(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "models".to_string(),
-                mount_path: MODEL_DIR.to_string(),
-                ..VolumeMount::default()
-            },
-        ]),
-        ..Container::default()
+        },
+        tolerations,
+        extra_volumes: vec![(spec_volume, spec_mount)],
+        model_volume_read_only: false,
     };
 
     Ok(Job {
@@ -218,41 +227,83 @@ pub fn render_job(
         spec: Some(JobSpec {
             // The operator retries broken stages itself, with its own backoff.
             backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".to_string()),
-                    containers: vec![container],
-                    node_selector: (!settings.node_selector.is_empty())
-                        .then(|| settings.node_selector.clone()),
-                    tolerations,
-                    service_account_name: settings.service_account.clone(),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "spec".to_string(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: config_map.unwrap_or_default(),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        Volume {
-                            name: "models".to_string(),
-                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                                claim_name: settings.model_claim.clone(),
-                                read_only: Some(false),
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
-                    ..PodSpec::default()
-                }),
-            },
+            template: worker_pod_template(pod, settings),
             ..JobSpec::default()
         }),
         status: None,
     })
+}
+
+/// What differs between the pods that run the worker (a pipeline stage, a
+/// quality probe); [`worker_pod_template`] adds what they share.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerPod {
+    pub labels: BTreeMap<String, String>,
+    /// The container's command, `quantizer-job <subcommand> ...`.
+    pub command: Vec<String>,
+    pub resources: ResourceRequirements,
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Volumes besides the model volume, with their mounts in the container.
+    pub extra_volumes: Vec<(Volume, VolumeMount)>,
+    /// A probe only reads the suite; a stage writes its artifacts.
+    pub model_volume_read_only: bool,
+}
+
+/// The pod every worker run gets: one container named
+/// [`crate::k8s::WORKER_CONTAINER`] running the worker image, JSON logs, the
+/// termination message (with the log tail as fallback, so a crash still
+/// explains itself) that the operator reads back, the model volume at
+/// [`MODEL_DIR`], the worker's node selector and service account, and no
+/// restarts (the operator, or the CronJob's next run, retries).
+pub fn worker_pod_template(pod: WorkerPod, settings: &JobSettings) -> PodTemplateSpec {
+    let mut volume_mounts: Vec<VolumeMount> = Vec::new();
+    let mut volumes: Vec<Volume> = Vec::new();
+    for (volume, mount) in pod.extra_volumes {
+        volumes.push(volume);
+        volume_mounts.push(mount);
+    }
+    volume_mounts.push(VolumeMount {
+        name: "models".to_string(),
+        mount_path: MODEL_DIR.to_string(),
+        read_only: pod.model_volume_read_only.then_some(true),
+        ..VolumeMount::default()
+    });
+    volumes.push(Volume {
+        name: "models".to_string(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: settings.model_claim.clone(),
+            read_only: Some(pod.model_volume_read_only),
+        }),
+        ..Volume::default()
+    });
+    let container = Container {
+        name: crate::k8s::WORKER_CONTAINER.to_string(),
+        image: Some(settings.image.clone()),
+        command: Some(pod.command),
+        env: Some(vec![EnvVar {
+            name: "QUANTOPS_LOG_FORMAT".to_string(),
+            value: Some("json".to_string()),
+            ..EnvVar::default()
+        }]),
+        resources: Some(pod.resources),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        volume_mounts: Some(volume_mounts),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod.labels),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".to_string()),
+            containers: vec![container],
+            node_selector: (!settings.node_selector.is_empty())
+                .then(|| settings.node_selector.clone()),
+            tolerations: pod.tolerations,
+            service_account_name: settings.service_account.clone(),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+    }
 }

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crds;
 pub mod gitops;
 pub mod job;
+pub mod k8s;
 pub mod leader;
 pub mod local;
 pub mod metrics;

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the operator, served on `/metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the operator exports, registered in its own registry so that
@@ -19,7 +19,26 @@ pub struct Metrics {
     pub promotions: IntCounterVec,
     pub objects_by_phase: IntGaugeVec,
     pub leader: IntGauge,
+    /// Rolling quality-probe score per served model, from each promotion's
+    /// `status.quality` (labels `model`, `variant`, `environment`, the same
+    /// as `quantizer-job probe --listen` uses).
+    pub quality_score: GaugeVec,
+    /// The threshold that score is held to.
+    pub quality_threshold: GaugeVec,
+    /// `QualityDegraded` turning True (the window score falling below the
+    /// threshold), counted once per transition.
+    pub quality_regressions: IntCounterVec,
+    /// ModelPromotions known to this replica, by phase.
+    pub promotions_by_phase: IntGaugeVec,
+    /// Seconds since a promotion that is not (yet) serving was created or
+    /// stopped serving, by phase: what `QuantopsPromotionStuck` watches.
+    pub promotion_unpromoted_seconds: GaugeVec,
 }
+
+/// The labels of the quality metrics.
+pub const QUALITY_LABELS: [&str; 3] = ["model", "variant", "environment"];
+/// The labels of `quantops_modelpromotion_unpromoted_seconds`.
+pub const PROMOTION_LABELS: [&str; 4] = ["namespace", "promotion", "environment", "phase"];
 
 impl Metrics {
     /// Creates and registers the metrics.
@@ -83,6 +102,41 @@ impl Metrics {
             &["phase"],
         )?;
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
+        let quality_score = GaugeVec::new(
+            Opts::new(
+                "quality_score",
+                "Rolling quality-probe score (0..1) of a promotion's served variant, from its status",
+            ),
+            &QUALITY_LABELS,
+        )?;
+        let quality_threshold = GaugeVec::new(
+            Opts::new(
+                "quality_threshold",
+                "The threshold a promotion's rolling quality score is held to",
+            ),
+            &QUALITY_LABELS,
+        )?;
+        let quality_regressions = IntCounterVec::new(
+            Opts::new(
+                "quality_regression_alerts_total",
+                "Times a promotion's rolling quality score fell below its threshold (QualityDegraded turned True)",
+            ),
+            &QUALITY_LABELS,
+        )?;
+        let promotions_by_phase = IntGaugeVec::new(
+            Opts::new(
+                "modelpromotions",
+                "ModelPromotions known to this replica, by phase",
+            ),
+            &["phase"],
+        )?;
+        let promotion_unpromoted_seconds = GaugeVec::new(
+            Opts::new(
+                "modelpromotion_unpromoted_seconds",
+                "Seconds since a promotion that is not serving was created or stopped serving",
+            ),
+            &PROMOTION_LABELS,
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -92,6 +146,11 @@ impl Metrics {
         registry.register(Box::new(promotions.clone()))?;
         registry.register(Box::new(objects_by_phase.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(quality_score.clone()))?;
+        registry.register(Box::new(quality_threshold.clone()))?;
+        registry.register(Box::new(quality_regressions.clone()))?;
+        registry.register(Box::new(promotions_by_phase.clone()))?;
+        registry.register(Box::new(promotion_unpromoted_seconds.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
@@ -103,6 +162,11 @@ impl Metrics {
             promotions,
             objects_by_phase,
             leader,
+            quality_score,
+            quality_threshold,
+            quality_regressions,
+            promotions_by_phase,
+            promotion_unpromoted_seconds,
         })
     }
 

@@ -127,3 +127,27 @@ fn schema_carries_the_validation_rules() {
         assert!(columns.contains(&column), "{columns:?}");
     }
 }
+
+/// `spec.quality` carries its bounds and defaults, so the API server refuses
+/// a threshold outside 0..1 or an empty window before the operator sees it.
+#[test]
+fn promotion_quality_has_bounds_and_defaults() {
+    let generated = quantops_operator::crds::generated().unwrap_or_else(|e| panic!("{e}"));
+    let (_, mp) = generated
+        .iter()
+        .find(|(file, _)| file.starts_with("modelpromotions"))
+        .unwrap_or_else(|| panic!("no ModelPromotion CRD"));
+    let crd: serde_json::Value = serde_yaml::from_str(mp).unwrap_or_else(|e| panic!("{e}"));
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+    let quality = &schema["spec"]["properties"]["quality"]["properties"];
+    assert_eq!(quality["threshold"]["minimum"], 0.0);
+    assert_eq!(quality["threshold"]["maximum"], 1.0);
+    assert_eq!(quality["threshold"]["default"], 0.8);
+    assert_eq!(quality["window"]["minimum"], 1.0);
+    assert_eq!(quality["window"]["default"], 5);
+    assert_eq!(quality["schedule"]["default"], "*/5 * * * *");
+    let status = &schema["status"]["properties"]["quality"]["properties"];
+    for field in ["samples", "score", "threshold", "lastProbeTime"] {
+        assert!(status[field].is_object(), "status.quality.{field}");
+    }
+}

@@ -116,6 +116,7 @@ fn rendered(model: &str, version: &str, env: Environment) -> (String, RenderedFo
         serving: ServingSpec::default(),
         canary: None,
         card: format!("# {variant}\n\nModel card.\n"),
+        quality_threshold: 0.8,
     };
     let folder = render_serving_folder(&inputs, &ServingSettings::default()).expect("render");
     (variant, folder)

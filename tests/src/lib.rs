@@ -25,6 +25,7 @@ use tokio::sync::OnceCell;
 
 pub mod gitops;
 pub mod operator;
+pub mod prometheus;
 
 /// The field manager of everything the tests create with server-side apply.
 pub const FIELD_MANAGER: &str = "quantops-e2e";

@@ -259,7 +259,7 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
 }
 
 /// A loopback port free at the time of asking.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let io = |source| HarnessError::Io {
         what: "finding a free loopback port".into(),
         source,

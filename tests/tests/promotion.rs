@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use kube::ResourceExt;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use quantops_api::{ModelPromotion, QuantizedModel};
 use quantops_e2e::gitops::{
     EnvironmentNamespaces, GitServer, argo_sync, files_at, install_argo_crds, log,
@@ -97,7 +99,19 @@ impl World {
     }
 
     async fn promote(&self, name: &str, model: &str, environment: &str) {
-        let mp: ModelPromotion = serde_json::from_value(serde_json::json!({
+        self.promote_with(name, model, environment, serde_json::Value::Null)
+            .await;
+    }
+
+    /// A promotion with `quality` as its `spec.quality` (none when null).
+    async fn promote_with(
+        &self,
+        name: &str,
+        model: &str,
+        environment: &str,
+        quality: serde_json::Value,
+    ) {
+        let mut mp = serde_json::json!({
             "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
             "metadata": {"name": name},
             "spec": {
@@ -107,8 +121,11 @@ impl World {
                 "serving": {"runtime": "vllm", "replicas": 1, "maxModelLen": 2048, "gpuMemoryUtilization": 0.9},
                 "canary": {"steps": [{"weight": 10, "pause": "5m"}, {"weight": 50, "pause": "10m"}]}
             }
-        }))
-        .expect("a ModelPromotion");
+        });
+        if !quality.is_null() {
+            mp["spec"]["quality"] = quality;
+        }
+        let mp: ModelPromotion = serde_json::from_value(mp).expect("a ModelPromotion");
         apply(&self.env.api::<ModelPromotion>(), name, &mp)
             .await
             .expect("apply the promotion");
@@ -266,7 +283,7 @@ async fn a_variant_moves_through_experiment_test_and_prod() {
                 "{}",
                 files["rollout.yaml"]
             );
-            assert!(files["analysistemplate.yaml"].contains("quantops_quality_probe_score"));
+            assert!(files["analysistemplate.yaml"].contains("quantops_quality_score"));
         } else {
             assert_eq!(
                 names,
@@ -521,6 +538,344 @@ async fn a_restart_between_commit_and_sync_makes_no_second_commit() {
     assert_eq!(
         commits_of(&auth, &format!("{}/tiny-experiment", w.env.namespace)).await,
         1
+    );
+    w.cleanup().await;
+}
+
+/// A probe Job as the promotion's CronJob would create it (its job
+/// template's labels and annotations), whose pod writes `message` to its
+/// termination log and exits with `exit_code`: the test node runs it, the
+/// Job controller finishes it. Stands in for `quantizer-job probe`, which
+/// this branch does not build.
+async fn probe_job(w: &World, cronjob: &CronJob, name: &str, message: &str, exit_code: i32) {
+    let template = cronjob
+        .spec
+        .as_ref()
+        .and_then(|s| s.job_template.metadata.clone())
+        .expect("the CronJob's job template metadata");
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {
+            "name": name,
+            "labels": template.labels,
+            "annotations": template.annotations,
+            "ownerReferences": [{
+                "apiVersion": "batch/v1", "kind": "CronJob",
+                "name": cronjob.name_any(), "uid": cronjob.uid().expect("uid"),
+            }],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": template.labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "quantizer",
+                        "image": "busybox:1.36",
+                        "command": ["sh", "-c", "printf '%s' \"$MESSAGE\" > /dev/termination-log; exit $CODE"],
+                        "env": [
+                            {"name": "MESSAGE", "value": message},
+                            {"name": "CODE", "value": exit_code.to_string()}
+                        ]
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("a probe Job");
+    apply(&w.env.api::<Job>(), name, &job)
+        .await
+        .expect("create the probe Job");
+}
+
+/// Polls the operator's `/metrics` until `sample` is `want` (at most 30 s);
+/// its last value.
+async fn metric_reaching(w: &World, sample: &str, want: f64) -> Option<f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = w.operator.metric(sample).await.expect("metrics");
+        let reached = value.is_some_and(|v| (v - want).abs() < 1e-9);
+        if reached || tokio::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn probe_result(score: f64, minute: u32, variant: &str) -> String {
+    serde_json::json!({
+        "kind": "probe", "model": "tiny-llama", "variant": variant, "environment": "experiment",
+        "score": score, "passed": (score * 10.0).round() as u32, "total": 10, "failures": 0,
+        "latency_seconds": {"mean": 0.2, "p50": 0.2, "p90": 0.3, "max": 0.5},
+        "finished_at": format!("2025-01-01T00:{minute:02}:00Z"),
+    })
+    .to_string()
+}
+
+fn quality(mp: &ModelPromotion) -> quantops_api::QualityStatus {
+    status(mp).quality.unwrap_or_default()
+}
+
+fn sample_jobs(mp: &ModelPromotion) -> Vec<String> {
+    quality(mp).samples.into_iter().map(|s| s.job).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_probes_fill_the_window_and_flag_a_regression_once() {
+    let w = world("promo-quality", &sim_worker_image(0), None).await;
+    w.model("tiny", "example/tiny-llama").await;
+    // A schedule that never comes during the test: the probe Jobs below are
+    // the test's own, labelled as the CronJob labels its Jobs.
+    let spec = serde_json::json!({
+        "schedule": "0 0 1 1 *", "threshold": 0.8, "window": 3, "suite": "probes/suite.yaml"
+    });
+    w.promote_with("tiny-experiment", "tiny", "experiment", spec)
+        .await;
+    let sha = w.committed("tiny-experiment").await;
+    w.sync("experiment", "tiny-llama", &sha).await;
+    let mp = w
+        .wait("tiny-experiment", "to be promoted", phase_is("Promoted"))
+        .await;
+    let variant = status(&mp).variant.expect("variant");
+
+    // The CronJob: the probe command, the schedule, owned by the promotion.
+    let cronjobs = w.env.api::<CronJob>();
+    let cronjob = wait_for(
+        &cronjobs,
+        "tiny-experiment-quality",
+        |c: Option<&CronJob>| c.is_some(),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the probe CronJob")
+    .expect("exists");
+    let spec = cronjob.spec.clone().expect("spec");
+    assert_eq!(spec.schedule, "0 0 1 1 *");
+    let owner = &cronjob.owner_references()[0];
+    assert_eq!(
+        (
+            owner.kind.as_str(),
+            Some(owner.uid.clone()),
+            owner.controller
+        ),
+        ("ModelPromotion", mp.uid(), Some(true))
+    );
+    let pod = spec
+        .job_template
+        .spec
+        .and_then(|j| j.template.spec)
+        .expect("pod spec");
+    let command = pod.containers[0].command.clone().unwrap_or_default();
+    let endpoint = format!("http://tiny-llama.{}.svc:8000", w.envs.name("experiment"));
+    let after = |flag: &str| {
+        command
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| command.get(i + 1))
+            .cloned()
+    };
+    assert_eq!(command[..2], ["quantizer-job", "probe"]);
+    assert_eq!(after("--endpoint"), Some(endpoint));
+    assert_eq!(after("--model").as_deref(), Some("tiny-llama"));
+    assert_eq!(after("--suite").as_deref(), Some("probes/suite.yaml"));
+    assert_eq!(after("--variant"), Some(variant.clone()));
+    assert_eq!(after("--environment").as_deref(), Some("experiment"));
+    assert_eq!(after("--threshold").as_deref(), Some("0.8"));
+    assert_eq!(after("--window").as_deref(), Some("3"));
+
+    let regressions = format!(
+        r#"quantops_quality_regression_alerts_total{{environment="experiment",model="tiny-llama",variant="{variant}"}}"#
+    );
+    let condition_is = |type_: &'static str, want: &'static str, reason: &'static str| {
+        move |mp: &ModelPromotion| {
+            condition(mp, type_).is_some_and(|(s, r, _)| s == want && r == reason)
+        }
+    };
+
+    // 1. A good run: one sample, within the threshold.
+    probe_job(&w, &cronjob, "probe-1", &probe_result(0.9, 1, &variant), 0).await;
+    let mp = w
+        .wait("tiny-experiment", "to record probe-1", |mp| {
+            sample_jobs(mp) == ["probe-1"]
+        })
+        .await;
+    let q = quality(&mp);
+    assert_eq!((q.score, q.threshold), (Some(0.9), Some(0.8)));
+    assert_eq!(q.model.as_deref(), Some("tiny-llama"));
+    assert_eq!(q.samples[0].passed, 9);
+    assert_eq!(q.samples[0].latency_p90_seconds, 0.3);
+    assert_eq!(
+        condition(&mp, "QualityDegraded").map(|c| (c.0, c.1)),
+        Some(("False".to_string(), "WithinThreshold".to_string()))
+    );
+    assert_eq!(
+        condition(&mp, "QualityProbing").map(|c| c.1),
+        Some("Scheduled".to_string())
+    );
+    assert_eq!(
+        w.operator.metric(&regressions).await.expect("metrics"),
+        None
+    );
+
+    // 2. A bad run pulls the window (0.9, 0.5) below 0.8: degraded, counted once.
+    probe_job(&w, &cronjob, "probe-2", &probe_result(0.5, 2, &variant), 0).await;
+    let mp = w
+        .wait(
+            "tiny-experiment",
+            "to be degraded",
+            condition_is("QualityDegraded", "True", "BelowThreshold"),
+        )
+        .await;
+    assert_eq!(sample_jobs(&mp), ["probe-1", "probe-2"]);
+    let (_, _, message) = condition(&mp, "QualityDegraded").expect("condition");
+    assert!(
+        message.contains("0.700") && message.contains("0.800") && message.contains("2 of 3"),
+        "{message}"
+    );
+    // The regression is written to status before it is counted.
+    assert_eq!(metric_reaching(&w, &regressions, 1.0).await, Some(1.0));
+
+    // 3. Still degraded after another run: no second regression.
+    probe_job(&w, &cronjob, "probe-3", &probe_result(0.6, 3, &variant), 0).await;
+    w.wait("tiny-experiment", "to record probe-3", |mp| {
+        sample_jobs(mp) == ["probe-1", "probe-2", "probe-3"]
+    })
+    .await;
+    assert_eq!(
+        w.operator.metric(&regressions).await.expect("metrics"),
+        Some(1.0)
+    );
+
+    // 4. Two good runs push the old ones out of the window (0.6, 1.0, 1.0): recovered.
+    probe_job(&w, &cronjob, "probe-4", &probe_result(1.0, 4, &variant), 0).await;
+    w.wait("tiny-experiment", "to record probe-4", |mp| {
+        sample_jobs(mp).contains(&"probe-4".to_string())
+    })
+    .await;
+    probe_job(&w, &cronjob, "probe-5", &probe_result(1.0, 5, &variant), 0).await;
+    let mp = w
+        .wait(
+            "tiny-experiment",
+            "to recover",
+            condition_is("QualityDegraded", "False", "Recovered"),
+        )
+        .await;
+    assert_eq!(sample_jobs(&mp), ["probe-3", "probe-4", "probe-5"]);
+    let score = quality(&mp).score.expect("score");
+    assert!((score - 2.6 / 3.0).abs() < 1e-9, "{score}");
+    assert_eq!(
+        w.operator.metric(&regressions).await.expect("metrics"),
+        Some(1.0)
+    );
+
+    // 5. A probe that breaks is reported, not scored.
+    probe_job(&w, &cronjob, "probe-6", "cannot reach the endpoint", 3).await;
+    let mp = w
+        .wait(
+            "tiny-experiment",
+            "to report the failing probe",
+            condition_is("QualityProbing", "False", "ProbeFailing"),
+        )
+        .await;
+    let (_, _, message) = condition(&mp, "QualityProbing").expect("condition");
+    assert!(
+        message.contains("probe-6") && message.contains("cannot reach the endpoint"),
+        "{message}"
+    );
+    assert_eq!(sample_jobs(&mp), ["probe-3", "probe-4", "probe-5"]);
+    assert_eq!(
+        condition(&mp, "QualityDegraded").map(|c| c.1),
+        Some("Recovered".to_string())
+    );
+
+    // One regression over the whole run.
+    assert_eq!(
+        w.operator.metric(&regressions).await.expect("metrics"),
+        Some(1.0)
+    );
+
+    // The operator exports the window's score from status (recomputed
+    // from its cache every 10 s).
+    let score_sample = format!(
+        r#"quantops_quality_score{{environment="experiment",model="tiny-llama",variant="{variant}"}}"#
+    );
+    let exported = metric_reaching(&w, &score_sample, 2.6 / 3.0).await;
+    assert!(
+        exported.is_some_and(|v| (v - 2.6 / 3.0).abs() < 1e-9),
+        "{exported:?}"
+    );
+
+    // Deleting the promotion takes its CronJob along (owner reference).
+    w.env
+        .api::<ModelPromotion>()
+        .delete("tiny-experiment", &DeleteParams::background())
+        .await
+        .expect("delete the promotion");
+    wait_for(
+        &cronjobs,
+        "tiny-experiment-quality",
+        |c: Option<&CronJob>| c.is_none(),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the CronJob is garbage-collected");
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_without_a_suite_or_with_a_bad_schedule_says_which_field() {
+    let w = world("promo-quality-bad", &sim_worker_image(0), None).await;
+    w.model("tiny", "example/tiny-llama").await;
+    w.promote_with(
+        "tiny-experiment",
+        "tiny",
+        "experiment",
+        serde_json::json!({"schedule": "*/5 * * *", "suite": "probes/suite.yaml"}),
+    )
+    .await;
+    let sha = w.committed("tiny-experiment").await;
+    w.sync("experiment", "tiny-llama", &sha).await;
+    let probing = |mp: &ModelPromotion| {
+        condition(mp, "QualityProbing").is_some_and(|(s, r, _)| s == "False" && r == "InvalidSpec")
+    };
+    let mp = w
+        .wait("tiny-experiment", "to refuse the schedule", probing)
+        .await;
+    let (_, _, message) = condition(&mp, "QualityProbing").expect("condition");
+    assert!(message.starts_with("spec.quality.schedule"), "{message}");
+    // The promotion itself is not held back by its probe's settings.
+    w.wait("tiny-experiment", "to be promoted", phase_is("Promoted"))
+        .await;
+    assert!(
+        w.env
+            .api::<CronJob>()
+            .get_opt("tiny-experiment-quality")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // No suite in the promotion and none in the model: named, not guessed.
+    w.promote_with(
+        "tiny-test",
+        "tiny",
+        "test",
+        serde_json::json!({"schedule": "0 0 1 1 *"}),
+    )
+    .await;
+    let sha = w.committed("tiny-test").await;
+    w.sync("test", "tiny-llama", &sha).await;
+    let mp = w
+        .wait("tiny-test", "to name the missing suite", |mp| {
+            condition(mp, "QualityProbing")
+                .is_some_and(|(_, r, m)| r == "InvalidSpec" && m.starts_with("spec.quality.suite"))
+        })
+        .await;
+    let (_, _, message) = condition(&mp, "QualityProbing").expect("condition");
+    assert!(
+        message.contains("spec.validation.systemTests.path"),
+        "{message}"
     );
     w.cleanup().await;
 }

@@ -76,6 +76,9 @@ pub struct ServingInputs {
     pub canary: Option<CanarySpec>,
     /// The model card, written verbatim as the folder's `README.md`.
     pub card: String,
+    /// The lowest rolling quality-probe score the prod canary accepts
+    /// (`spec.quality.threshold`).
+    pub quality_threshold: f64,
 }
 
 /// Operator-wide serving settings: the same for every promotion.
@@ -138,8 +141,10 @@ pub struct AnalysisThresholds {
     pub max_error_rate: f64,
     /// Highest tolerated p95 end-to-end request latency, seconds.
     pub max_p95_latency_seconds: f64,
-    /// Lowest tolerated quality-probe score (0..1).
-    pub min_quality_score: f64,
+    /// How long the quality metric waits before its first measurement: the
+    /// probe CronJob starts when the promotion is synced, and its first run
+    /// comes within one schedule period (5 minutes by default).
+    pub quality_initial_delay: String,
     /// How often each metric is measured (Argo duration, e.g. `1m`).
     pub interval: String,
     /// Measurements that may fail before the analysis (and the canary) fails.
@@ -153,7 +158,7 @@ impl Default for AnalysisThresholds {
         AnalysisThresholds {
             max_error_rate: 0.01,
             max_p95_latency_seconds: 10.0,
-            min_quality_score: 0.9,
+            quality_initial_delay: "6m".to_string(),
             interval: "1m".to_string(),
             failure_limit: 1,
             window: "5m".to_string(),
@@ -293,6 +298,18 @@ fn prometheus_range(d: &str) -> String {
     }
 }
 
+/// The name of a model's workload (Deployment or Rollout) and Service in
+/// every environment.
+pub fn object_name(model: &str) -> String {
+    resource_name(model)
+}
+
+/// The in-cluster base URL of a model's Service in an environment's
+/// namespace: what the quality probe asks by default.
+pub fn service_url(model: &str, namespace: &str) -> String {
+    format!("http://{}.{namespace}.svc:{HTTP_PORT}", object_name(model))
+}
+
 /// The folder path of a model in an environment: `envs/{env}/{model}`.
 pub fn folder_path(environment: Environment, model: &str) -> String {
     format!("envs/{}/{}", environment.as_str(), resource_name(model))
@@ -376,6 +393,12 @@ fn validate(inputs: &ServingInputs, settings: &ServingSettings) -> Result<(), Re
             ),
         ));
     }
+    if !(0.0..=1.0).contains(&inputs.quality_threshold) {
+        return Err(invalid(
+            "spec.quality.threshold",
+            format!("{} is not in [0, 1]", inputs.quality_threshold),
+        ));
+    }
     let s = &inputs.serving;
     if s.tensor_parallel_size == 0 {
         return Err(invalid(
@@ -395,7 +418,11 @@ fn validate(inputs: &ServingInputs, settings: &ServingSettings) -> Result<(), Re
     if i32::try_from(s.replicas).is_err() {
         return Err(invalid("spec.serving.replicas", "too large"));
     }
-    for field in [&settings.analysis.interval, &settings.analysis.window] {
+    for field in [
+        &settings.analysis.interval,
+        &settings.analysis.window,
+        &settings.analysis.quality_initial_delay,
+    ] {
         if !is_argo_duration(field) {
             return Err(invalid(
                 "analysis settings",
@@ -470,7 +497,7 @@ fn object_labels(inputs: &ServingInputs) -> BTreeMap<String, String> {
 
 fn metadata(inputs: &ServingInputs) -> ObjectMeta {
     ObjectMeta {
-        name: Some(resource_name(&inputs.model)),
+        name: Some(object_name(&inputs.model)),
         labels: Some(object_labels(inputs)),
         ..ObjectMeta::default()
     }
@@ -784,7 +811,7 @@ pub fn rollout(
                         "args": [
                             { "name": "namespace", "value": inputs.namespace },
                             { "name": "model-name", "value": inputs.model },
-                            { "name": "variant", "value": label_value(&inputs.variant) },
+                            { "name": "variant", "value": inputs.variant },
                             {
                                 "name": "canary-hash",
                                 "valueFrom": { "podTemplateHashValue": "Latest" }
@@ -805,8 +832,14 @@ pub fn rollout(
 ///   aborted, from `vllm:request_success_total` by `finished_reason`;
 /// - `latency-p95`: the 95th percentile of
 ///   `vllm:e2e_request_latency_seconds`;
-/// - `quality-probe`: the lowest `quantops_quality_probe_score` (0..1) that
-///   the quality prober reports for this namespace, model and variant.
+/// - `quality-score`: the rolling quality-probe score (0..1),
+///   `quantops_quality_score` for this model and variant in prod, as the
+///   operator exports it from the promotion's status (and `quantizer-job
+///   probe --listen` exports it under the same name and labels), held to
+///   `spec.quality.threshold`. It waits `quality_initial_delay` first: the
+///   probe starts when Argo CD has synced the promotion, i.e. with the
+///   canary. The Service spreads requests over stable and canary pods (no
+///   traffic router), so the score covers both, weighted by replicas.
 ///
 /// The vLLM series are narrowed to the canary with the
 /// `rollouts_pod_template_hash` label, which the scrape configuration must
@@ -824,7 +857,7 @@ pub fn analysis_template(inputs: &ServingInputs, settings: &ServingSettings) -> 
     let latency = format!(
         "histogram_quantile(0.95, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{{{pods}}}[{window}])))"
     );
-    let probe = "min(quantops_quality_probe_score{namespace=\"{{args.namespace}}\",model_name=\"{{args.model-name}}\",variant=\"{{args.variant}}\"})".to_string();
+    let quality = "min(quantops_quality_score{model=\"{{args.model-name}}\",environment=\"prod\",variant=\"{{args.variant}}\"})".to_string();
     let metric = |name: &str, query: String, ok: String, bad: String| {
         json!({
             "name": name,
@@ -839,7 +872,7 @@ pub fn analysis_template(inputs: &ServingInputs, settings: &ServingSettings) -> 
     };
     let max_err = t.max_error_rate;
     let max_lat = t.max_p95_latency_seconds;
-    let min_q = t.min_quality_score;
+    let min_q = inputs.quality_threshold;
     json!({
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "AnalysisTemplate",
@@ -867,15 +900,23 @@ pub fn analysis_template(inputs: &ServingInputs, settings: &ServingSettings) -> 
                     format!("len(result) > 0 && result[0] <= {max_lat}"),
                     format!("len(result) > 0 && result[0] > {max_lat}"),
                 ),
-                metric(
-                    "quality-probe",
-                    probe,
-                    format!("len(result) > 0 && result[0] >= {min_q}"),
-                    format!("len(result) > 0 && result[0] < {min_q}"),
+                with_initial_delay(
+                    metric(
+                        "quality-score",
+                        quality,
+                        format!("len(result) > 0 && result[0] >= {min_q}"),
+                        format!("len(result) > 0 && result[0] < {min_q}"),
+                    ),
+                    &t.quality_initial_delay,
                 ),
             ]
         }
     })
+}
+
+fn with_initial_delay(mut metric: Value, delay: &str) -> Value {
+    metric["initialDelay"] = Value::String(delay.to_string());
+    metric
 }
 
 /// The folder's kustomization: the namespace, the resources, and the
@@ -941,6 +982,7 @@ mod tests {
                 ],
             }),
             card: "---\nbase_model: example/tiny-llama\n---\n# card\n".to_string(),
+            quality_threshold: 0.85,
         }
     }
 
@@ -1078,7 +1120,7 @@ mod tests {
         assert_eq!(a["metadata"]["name"], "tiny-llama-canary");
         let metrics = a["spec"]["metrics"].as_array().expect("metrics");
         let names: Vec<&str> = metrics.iter().filter_map(|m| m["name"].as_str()).collect();
-        assert_eq!(names, ["error-rate", "latency-p95", "quality-probe"]);
+        assert_eq!(names, ["error-rate", "latency-p95", "quality-score"]);
         for m in metrics {
             let p = &m["provider"]["prometheus"];
             assert_eq!(
@@ -1094,10 +1136,25 @@ mod tests {
         };
         assert!(q(0).contains("vllm:request_success_total"));
         assert!(q(1).contains("vllm:e2e_request_latency_seconds_bucket"));
-        assert!(q(2).contains("quantops_quality_probe_score"));
+        assert_eq!(
+            q(2),
+            "min(quantops_quality_score{model=\"{{args.model-name}}\",environment=\"prod\",variant=\"{{args.variant}}\"})"
+        );
+        // The promotion's spec.quality.threshold, not a setting.
         assert_eq!(
             metrics[2]["successCondition"],
-            "len(result) > 0 && result[0] >= 0.9"
+            "len(result) > 0 && result[0] >= 0.85"
+        );
+        assert_eq!(
+            metrics[2]["failureCondition"],
+            "len(result) > 0 && result[0] < 0.85"
+        );
+        assert_eq!(metrics[2]["initialDelay"], "6m");
+        assert!(metrics[0].get("initialDelay").is_none());
+        // The variant arg is the variant as the probe and the operator label it.
+        assert_eq!(
+            canary["analysis"]["args"][2]["value"],
+            "tiny-llama-v1.2-int4-gptq-g128-asym"
         );
 
         let k: Value = serde_yaml::from_str(file(&folder, "kustomization.yaml")).expect("parse");
@@ -1251,6 +1308,29 @@ mod tests {
             .clone()
             .expect("args");
         assert_eq!(arg_after(&args, "--model"), "/mnt/models/x");
+    }
+
+    #[test]
+    fn the_service_url_names_the_rendered_service() {
+        let i = inputs(Environment::Test);
+        let s = service(&i);
+        let url = service_url(&i.model, &i.namespace);
+        assert_eq!(url, "http://tiny-llama.test.svc:8000");
+        let name = s.metadata.name.expect("name");
+        let port = s.spec.and_then(|s| s.ports).expect("ports")[0].port;
+        assert_eq!(url, format!("http://{name}.{}.svc:{port}", i.namespace));
+        assert_eq!(
+            service_url("Llama_3.2", "prod"),
+            "http://llama-3-2.prod.svc:8000"
+        );
+    }
+
+    #[test]
+    fn a_quality_threshold_outside_zero_to_one_is_refused() {
+        let mut i = inputs(Environment::Prod);
+        i.quality_threshold = 1.5;
+        let err = render_serving_folder(&i, &ServingSettings::default()).expect_err("refused");
+        assert!(err.to_string().contains("spec.quality.threshold"), "{err}");
     }
 
     #[test]

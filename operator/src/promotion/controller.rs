@@ -11,20 +11,23 @@ use super::admission::{self, Refusal};
 use super::argo::{self, AppState, CanaryState};
 use super::{
     CANARY_HEALTHY, COMMITTED, GATES_PASSED, PROMOTED, Phase, PromotionSettings, SYNCED, card,
+    gauges, probe_job, probing,
 };
 use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
-use crate::controller::FIELD_MANAGER;
+use crate::config::JobSettings;
 use crate::gitops::{
     GitCredentials, GitOpsError, GitTarget, GitWriter, PromotionCommit, PromotionId, RevertRequest,
     ServingInputs, render_serving_folder,
 };
+use crate::k8s::{self, KubeContext, KubeError};
 use crate::metrics::Metrics;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use quantops_api::{Environment, ModelPromotion, ModelPromotionStatus, QuantizedModel};
@@ -38,12 +41,8 @@ pub const CONTROLLER: &str = "modelpromotion";
 /// Why a reconciliation failed; requeued with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("ModelPromotion {0} has no namespace or uid")]
     Incomplete(String),
     #[error("the git worker thread stopped: {0}")]
@@ -53,22 +52,19 @@ pub enum Error {
 impl Error {
     fn kind(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube",
+            Error::Kube(_) => "kube",
             Error::Incomplete(_) => "incomplete",
             Error::Join(_) => "join",
         }
     }
 }
 
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let action = action.into();
-    move |source| Error::Kube { action, source }
-}
-
 /// What every reconciliation shares.
 pub struct Context {
     pub client: Client,
     pub settings: PromotionSettings,
+    /// How the worker's pods are rendered (the quality probe runs the worker).
+    pub jobs: JobSettings,
     pub writer: Arc<GitWriter>,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -80,17 +76,23 @@ const POLL: Duration = Duration::from_secs(10);
 const BLOCKED_POLL: Duration = Duration::from_secs(30);
 
 /// One reconciliation's view: the promotion and its new status.
-struct Pass<'a> {
-    mp: &'a ModelPromotion,
-    ctx: &'a Context,
-    status: ModelPromotionStatus,
+pub(super) struct Pass<'a> {
+    pub(super) mp: &'a ModelPromotion,
+    pub(super) ctx: &'a Context,
+    pub(super) status: ModelPromotionStatus,
     generation: Option<i64>,
     now: Timestamp,
-    namespace: String,
+    pub(super) namespace: String,
 }
 
 impl Pass<'_> {
-    fn set(&mut self, type_: &str, status: &str, reason: &str, message: impl Into<String>) {
+    pub(super) fn set(
+        &mut self,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        message: impl Into<String>,
+    ) {
         conditions::set_condition(
             &mut self.status.conditions,
             ConditionUpdate {
@@ -113,42 +115,21 @@ impl Pass<'_> {
             .is_some_and(|c| c.status == status && c.observed_generation == self.generation)
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let event = Event {
+    pub(super) async fn event(&self, type_: EventType, reason: &str, note: String) {
+        k8s::publish_event(
+            &self.ctx.recorder,
+            &self.mp.object_ref(&()),
             type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Promote".to_string(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.mp.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, promotion = %self.mp.name_any(), reason, "cannot publish event");
-        }
+            "Promote",
+            reason,
+            note,
+        )
+        .await;
     }
 
-    async fn write(&self) -> Result<(), Error> {
-        let name = self.mp.name_any();
-        let patch = serde_json::json!({
-            "apiVersion": format!("{}/{}", quantops_api::GROUP, quantops_api::VERSION),
-            "kind": "ModelPromotion",
-            "status": self.status,
-        });
-        Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace)
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(kube_err(format!(
-                "writing the status of ModelPromotion {name}"
-            )))?;
-        Ok(())
+    pub(super) async fn write(&self) -> Result<(), Error> {
+        let api = Api::<ModelPromotion>::namespaced(self.ctx.client.clone(), &self.namespace);
+        Ok(k8s::apply_status(&api, &self.mp.name_any(), &self.status).await?)
     }
 }
 
@@ -201,6 +182,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     if pass.status.phase.as_deref() == Some(Phase::RolledBack.as_str())
         && pass.condition_is(PROMOTED, FALSE)
     {
+        probing::stop(pass, "the promotion was rolled back").await?;
         return Ok(Action::await_change());
     }
     let committed = pass.status.commit.is_some() && pass.condition_is(COMMITTED, TRUE);
@@ -231,7 +213,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     let app = apps
         .get_opt(&app_name)
         .await
-        .map_err(kube_err(format!("reading Argo CD Application {app_name}")))?;
+        .during(|| format!("reading Argo CD Application {app_name}"))?;
     let Some(app) = app else {
         pass.set(
             SYNCED,
@@ -287,6 +269,10 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
         }
     }
 
+    // Synced: the served variant is probed from now on (in prod, while the
+    // canary's analysis reads the score).
+    probing::reconcile(pass, &qm, &model).await?;
+
     if environment != Environment::Prod {
         return Ok(promoted(pass, "synced and healthy").await);
     }
@@ -300,7 +286,7 @@ async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
     let rollout = rollouts
         .get_opt(&model)
         .await
-        .map_err(kube_err(format!("reading Rollout {model}")))?;
+        .during(|| format!("reading Rollout {model}"))?;
     let Some(rollout) = rollout else {
         pass.set(
             CANARY_HEALTHY,
@@ -347,7 +333,7 @@ async fn admit(
     let qm = models
         .get_opt(&name)
         .await
-        .map_err(kube_err(format!("reading QuantizedModel {name}")))?;
+        .during(|| format!("reading QuantizedModel {name}"))?;
     let environment = pass.mp.spec.environment;
     let verdict = match &qm {
         None => Err(Refusal {
@@ -371,7 +357,7 @@ async fn admit(
             let all = promotions
                 .list(&ListParams::default())
                 .await
-                .map_err(kube_err("listing ModelPromotions"))?;
+                .during(|| "listing ModelPromotions".to_string())?;
             admission::check_order(environment, &variant, &all.items)
         }
         (verdict, _) => verdict,
@@ -431,7 +417,7 @@ async fn git_target(pass: &mut Pass<'_>) -> Result<Result<GitTarget, Action>, Er
             let secret = secrets
                 .get_opt(secret_name)
                 .await
-                .map_err(kube_err(format!("reading Secret {secret_name}")))?;
+                .during(|| format!("reading Secret {secret_name}"))?;
             let data: BTreeMap<String, Vec<u8>> = secret
                 .and_then(|s| s.data)
                 .unwrap_or_default()
@@ -481,6 +467,7 @@ async fn commit(
         serving: pass.mp.spec.serving.clone(),
         canary: pass.mp.spec.canary.clone(),
         card: card::promotion_card(qm, environment, &promotion_name),
+        quality_threshold: pass.mp.spec.quality.clone().unwrap_or_default().threshold,
     };
     let folder = match render_serving_folder(&inputs, &pass.ctx.settings.serving) {
         Ok(folder) => folder,
@@ -649,12 +636,16 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     settings: PromotionSettings,
+    jobs: JobSettings,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let promotions: Api<ModelPromotion> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let (promotions, probe_jobs): (Api<ModelPromotion>, Api<Job>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let reporter = Reporter {
         controller: "quantops".to_string(),
@@ -665,9 +656,18 @@ pub async fn run(
         writer: Arc::new(GitWriter::new(settings.git.clone())),
         client,
         settings,
-        metrics,
+        jobs,
+        metrics: metrics.clone(),
     });
-    Controller::new(promotions, watcher::Config::default())
+    // Probe Jobs belong to their CronJob, not to the promotion, so they are
+    // mapped back through the annotation their CronJob gives them.
+    let controller = Controller::new(promotions, watcher::Config::default()).watches(
+        probe_jobs,
+        watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
+        |job: Job| probe_job::promotion_of(&job),
+    );
+    let gauges = tokio::spawn(gauges::export(controller.store(), metrics));
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -676,4 +676,5 @@ pub async fn run(
             }
         })
         .await;
+    gauges.abort();
 }

@@ -4,12 +4,19 @@
 //! - [`admission`]: may this promotion go ahead (gates, environment order);
 //! - [`argo`]: what Argo CD's Application and Argo Rollouts' Rollout say;
 //! - [`card`]: the model card committed beside the serving manifests;
-//! - [`controller`]: the reconciler driving the [`crate::gitops`] writer.
+//! - [`controller`]: the reconciler driving the [`crate::gitops`] writer;
+//! - [`probe_job`]: the quality probe's CronJob; [`quality`]: its rolling
+//!   window and verdict; `probing`: the reconciliation step between them;
+//! - [`gauges`]: the promotion gauges on `/metrics`, from the stored status.
 
 pub mod admission;
 pub mod argo;
 pub mod card;
 pub mod controller;
+pub mod gauges;
+pub mod probe_job;
+mod probing;
+pub mod quality;
 
 use crate::gitops::{GitWriterConfig, ServingSettings};
 use quantops_api::Environment;
@@ -20,6 +27,11 @@ pub const COMMITTED: &str = "Committed";
 pub const SYNCED: &str = "Synced";
 pub const CANARY_HEALTHY: &str = "CanaryHealthy";
 pub const PROMOTED: &str = "Promoted";
+/// The quality probe is scheduled and its latest run reported (True), or
+/// why not (`InvalidSpec`, `ProbeFailing`, `Stopped`).
+pub const QUALITY_PROBING: &str = "QualityProbing";
+/// The rolling quality score is below the threshold (True, `BelowThreshold`).
+pub const QUALITY_DEGRADED: &str = "QualityDegraded";
 
 /// `status.phase` of a ModelPromotion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
