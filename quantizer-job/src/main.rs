@@ -371,8 +371,9 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     match args.interval {
         None => {
             let result = rt.block_on(probe.run_once()).context("probe")?;
-            TerminationLog::new(args.termination_log)
-                .write_text(&result.summary.to_termination_message());
+            TerminationLog::new(args.termination_log).write_text(
+                &quantizer_job::probe::result::termination_message(&result.summary),
+            );
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

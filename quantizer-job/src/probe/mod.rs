@@ -184,7 +184,12 @@ impl Probe {
             .collect();
         answered.sort_by(f64::total_cmp);
         let latency = if answered.is_empty() {
-            LatencySummary::default()
+            LatencySummary {
+                mean: 0.0,
+                p50: 0.0,
+                p90: 0.0,
+                max: 0.0,
+            }
         } else {
             LatencySummary {
                 mean: answered.iter().sum::<f64>() / answered.len() as f64,
@@ -196,7 +201,7 @@ impl Probe {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         ProbeResult {
             summary: ProbeSummary {
-                kind: "probe".into(),
+                kind: result::PROBE_KIND.into(),
                 model: self.model.clone(),
                 variant: self.variant.clone(),
                 environment: self.environment.clone(),

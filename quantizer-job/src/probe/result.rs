@@ -1,46 +1,14 @@
 //! The probe's result. [`ProbeSummary`] is the contract with the operator
-//! (its keys are fixed; it goes to the termination message, under 4 KiB);
-//! [`ProbeResult`] adds the per-test detail for stdout.
+//! (`quantops_api::probe::ProbeResult`; it goes to the termination message,
+//! under 4 KiB); [`ProbeResult`] adds the per-test detail for stdout.
 
 use serde::{Deserialize, Serialize};
 
-/// Per-request latency of the answered requests, seconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct LatencySummary {
-    /// Mean.
-    pub mean: f64,
-    /// Median (nearest rank).
-    pub p50: f64,
-    /// 90th percentile (nearest rank).
-    pub p90: f64,
-    /// Largest.
-    pub max: f64,
-}
-
-/// The compact result, exactly the contract's keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeSummary {
-    /// Always `probe`.
-    pub kind: String,
-    /// The model name probed.
-    pub model: String,
-    /// The variant, when given.
-    pub variant: Option<String>,
-    /// The environment, when given.
-    pub environment: Option<String>,
-    /// `passed / total`.
-    pub score: f64,
-    /// Tests whose answer met the expectation.
-    pub passed: u32,
-    /// Tests in the suite.
-    pub total: u32,
-    /// Requests that got no answer (refused, errored, timed out).
-    pub failures: u32,
-    /// Latency of the answered requests.
-    pub latency_seconds: LatencySummary,
-    /// RFC 3339 time the run ended.
-    pub finished_at: String,
-}
+/// The compact result (the contract with the operator): the api crate's
+/// type, so the worker and the operator cannot disagree about its keys.
+pub use quantops_api::probe::{
+    PROBE_KIND, ProbeLatency as LatencySummary, ProbeResult as ProbeSummary,
+};
 
 /// The most characters a name keeps in the termination message, so the
 /// message stays far under the kubelet's 4 KiB whatever the flags say.
@@ -50,18 +18,16 @@ fn capped(s: &str) -> String {
     s.chars().take(MAX_NAME_CHARS).collect()
 }
 
-impl ProbeSummary {
-    /// Compact JSON for the termination message (names capped at
-    /// [`MAX_NAME_CHARS`], so it is always under 4 KiB).
-    pub fn to_termination_message(&self) -> String {
-        let capped = ProbeSummary {
-            model: capped(&self.model),
-            variant: self.variant.as_deref().map(capped),
-            environment: self.environment.as_deref().map(capped),
-            ..self.clone()
-        };
-        serde_json::to_string(&capped).unwrap_or_default()
-    }
+/// Compact JSON for the termination message (names capped at
+/// [`MAX_NAME_CHARS`], so it is always under 4 KiB).
+pub fn termination_message(summary: &ProbeSummary) -> String {
+    let capped = ProbeSummary {
+        model: capped(&summary.model),
+        variant: summary.variant.as_deref().map(capped),
+        environment: summary.environment.as_deref().map(capped),
+        ..summary.clone()
+    };
+    serde_json::to_string(&capped).unwrap_or_default()
 }
 
 /// One test's outcome.
@@ -105,10 +71,16 @@ mod tests {
             passed: 1,
             total: 2,
             failures: 0,
-            latency_seconds: LatencySummary::default(),
+            latency_seconds: LatencySummary {
+                mean: 0.0,
+                p50: 0.0,
+                p90: 0.0,
+                max: 0.0,
+            },
             finished_at: "2025-01-01T00:00:00Z".into(),
         };
-        let message = s.to_termination_message();
+        let message = termination_message(&s);
+        assert!(ProbeSummary::parse(&message).is_ok(), "{message}");
         assert!(message.len() < 4096, "{}", message.len());
         let v: serde_json::Value = serde_json::from_str(&message).expect("json");
         let mut keys: Vec<&str> = v
