@@ -14,6 +14,7 @@ pub mod job;
 pub mod k8s;
 pub mod leader;
 pub mod local;
+pub mod local_serving;
 pub mod metrics;
 pub mod pipeline;
 pub mod promotion;

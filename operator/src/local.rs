@@ -4,8 +4,10 @@
 //! read from the termination-log file the worker is told to write, just as
 //! the reconciler reads it from the pod. Sequencing and the mapping from
 //! summaries to conditions are [`crate::pipeline`]'s, shared with the
-//! reconciler.
+//! reconciler. A run whose gates passed ends by serving the artifact and
+//! sending the spec's system tests through it ([`crate::local_serving`]).
 
+use crate::local_serving::HealthCheck;
 use crate::pipeline::{self, Next, Observation, RetryPolicy, Stage};
 use k8s_openapi::jiff::Timestamp;
 use quantops_api::{QuantizedModelStatus, StageSummary};
@@ -33,6 +35,72 @@ pub enum LocalError {
     },
     #[error("cannot write the report: {0}")]
     Output(#[from] std::io::Error),
+}
+
+/// The directory relative spec paths resolve against: `--root`, else the
+/// spec file's own directory (as the worker resolves them).
+fn spec_root(options: &LocalOptions) -> PathBuf {
+    options.root.clone().unwrap_or_else(|| {
+        options
+            .spec
+            .parent()
+            .map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf)
+    })
+}
+
+/// After a Ready pipeline: serve the artifact and run the spec's system
+/// tests through the endpoint. Unanswered requests make the run Broken; the
+/// score itself was already judged by the system-tests gate.
+fn serving_health_check(
+    options: &LocalOptions,
+    qm: &quantops_api::QuantizedModel,
+    status: &QuantizedModelStatus,
+    out: &mut impl Write,
+) -> Result<Outcome, LocalError> {
+    let (Some(suite), Some(artifact), Some(variant)) = (
+        qm.spec.validation.system_tests.as_ref(),
+        status.artifact_path.as_deref(),
+        status.variant.as_deref(),
+    ) else {
+        writeln!(
+            out,
+            "serve: skipped (spec.validation.systemTests names no suite to send)"
+        )?;
+        return Ok(Outcome::Ready);
+    };
+    writeln!(out, "==> serve")?;
+    out.flush()?;
+    let root = spec_root(options);
+    let check = HealthCheck {
+        worker: &options.worker,
+        artifact: std::path::Path::new(artifact),
+        served_name: variant,
+        suite: &suite.path,
+        root: &root,
+        scratch: &options.scratch,
+    };
+    Ok(match check.run() {
+        Ok((endpoint, result)) => {
+            writeln!(
+                out,
+                "<== serve: {endpoint} answered {}/{} system tests as expected (score {:.3}), {} requests failed, p50 latency {:.0} ms",
+                result.passed,
+                result.total,
+                result.score,
+                result.failures,
+                result.latency_seconds.p50 * 1e3
+            )?;
+            if result.failures > 0 {
+                Outcome::Broken(format!(
+                    "serving health check: {} of {} requests to the served artifact failed",
+                    result.failures, result.total
+                ))
+            } else {
+                Outcome::Ready
+            }
+        }
+        Err(error) => Outcome::Broken(format!("serving health check: {error}")),
+    })
 }
 
 /// What to run.
@@ -184,6 +252,10 @@ pub fn run_pipeline(
                 break Outcome::Broken(message);
             }
         }
+    };
+    let outcome = match outcome {
+        Outcome::Ready => serving_health_check(options, &qm, &status, out)?,
+        other => other,
     };
     write_report(out, &status, &outcome)?;
     Ok((status, outcome))
