@@ -34,7 +34,7 @@ fn free_port() -> SocketAddr {
 }
 
 /// A child process killed when dropped.
-struct Process(Child, &'static str);
+struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -52,7 +52,7 @@ fn spawn(what: &'static str, args: &[&str]) -> Process {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    Process(child, what)
+    Process(child)
 }
 
 /// Serves `model` on `addr` and waits until it accepts connections (the
