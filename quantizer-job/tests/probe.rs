@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::serving::{MODEL_NAME, loaded, metric, scrape, start};
+use common::serving::{MODEL_NAME, chat_messages, loaded, metric, scrape, start};
 use quantizer_job::eval::system_tests::{SystemTest, SystemTestSuite, normalize_answer};
 use quantizer_job::openai::Client;
 use quantizer_job::probe::daemon::{self, DaemonOptions};
 use quantizer_job::probe::{Probe, load_probe_suite};
-use quantizer_job::tokenizer::{ChatMessage, apply_chat_template};
+use quantizer_job::tokenizer::apply_chat_template;
 
 const MAX_TOKENS: usize = 16;
 
@@ -35,16 +35,7 @@ fn test(name: &str) -> SystemTest {
 /// own greedy answer (passes), and a raw prompt expecting a string the model
 /// never writes (fails).
 fn write_suite(dir: &Path) -> PathBuf {
-    let messages = vec![
-        ChatMessage {
-            role: "system".into(),
-            content: "Answer with yes or no.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "Is 750 an even number?".into(),
-        },
-    ];
+    let messages = chat_messages();
     let m = loaded();
     let ids = m
         .tokenizer

@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::serving::{MODEL_NAME, loaded, metric, scrape, start};
+use common::serving::{MODEL_NAME, chat_messages, loaded, metric, scrape, start};
 use quantizer_job::model::SamplingParams;
 use quantizer_job::openai::{
     CHAT_COMPLETIONS, COMPLETIONS, ChatCompletionRequest, Client, CompletionRequest, ErrorResponse,
     GenerationParams, StreamOptions,
 };
-use quantizer_job::tokenizer::{ChatMessage, apply_chat_template};
+use quantizer_job::tokenizer::apply_chat_template;
 use rand::SeedableRng;
 use std::time::Duration;
 
@@ -28,19 +28,6 @@ fn greedy(max_tokens: u32) -> GenerationParams {
         temperature: Some(0.0),
         ..GenerationParams::default()
     }
-}
-
-fn chat_messages() -> Vec<ChatMessage> {
-    vec![
-        ChatMessage {
-            role: "system".into(),
-            content: "Answer with yes or no.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "Is 750 an even number?".into(),
-        },
-    ]
 }
 
 /// What the model itself answers greedily (the reference).

@@ -60,7 +60,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_termination_message_has_the_contract_keys_and_stays_small() {
+    fn the_termination_message_parses_as_the_contract_and_stays_small() {
         let long = "m".repeat(10_000);
         let s = ProbeSummary {
             kind: "probe".into(),
@@ -82,28 +82,6 @@ mod tests {
         let message = termination_message(&s);
         assert!(ProbeSummary::parse(&message).is_ok(), "{message}");
         assert!(message.len() < 4096, "{}", message.len());
-        let v: serde_json::Value = serde_json::from_str(&message).expect("json");
-        let mut keys: Vec<&str> = v
-            .as_object()
-            .expect("object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        keys.sort_unstable();
-        assert_eq!(
-            keys,
-            [
-                "environment",
-                "failures",
-                "finished_at",
-                "kind",
-                "latency_seconds",
-                "model",
-                "passed",
-                "score",
-                "total",
-                "variant"
-            ]
-        );
+        // The keys themselves are checked where the probe writes them (tests/probe.rs).
     }
 }

@@ -17,6 +17,21 @@ pub fn loaded() -> Arc<LoadedModel> {
     }))
 }
 
+/// A yes/no question with a system prompt, the chat the tests send.
+pub fn chat_messages() -> Vec<quantizer_job::tokenizer::ChatMessage> {
+    use quantizer_job::tokenizer::ChatMessage;
+    vec![
+        ChatMessage {
+            role: "system".into(),
+            content: "Answer with yes or no.".into(),
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: "Is 750 an even number?".into(),
+        },
+    ]
+}
+
 /// A server of the bundled model admitting `max_queue` requests.
 pub async fn start(max_queue: usize) -> Server {
     Server::start(
