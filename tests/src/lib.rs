@@ -60,6 +60,8 @@ pub enum HarnessError {
         what: String,
         source: std::io::Error,
     },
+    #[error("GET {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
     #[error("building a client: {0}")]
     Client(#[source] kube::Error),
     #[error("{what}: {source}")]
@@ -496,6 +498,18 @@ where
 
 /// Installs a `tracing` subscriber for test output (RUST_LOG filters it);
 /// safe to call from every test.
+/// `GET url` (plain HTTP on loopback): the status code and the body.
+pub async fn http_get(url: reqwest::Url) -> Result<(u16, String)> {
+    let error = |source| HarnessError::Http {
+        url: url.to_string(),
+        source,
+    };
+    let response = reqwest::get(url.clone()).await.map_err(error)?;
+    let code = response.status().as_u16();
+    let body = response.text().await.map_err(error)?;
+    Ok((code, body))
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

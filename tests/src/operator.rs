@@ -18,9 +18,9 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use kube::api::PostParams;
 use kube::config::Kubeconfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::{HarnessError, Result, TestEnv, repo_root, test_dir};
+use crate::{HarnessError, Result, TestEnv, http_get, repo_root, test_dir};
 
 /// The Helm release of a test namespace: `quantops-{namespace}`. Its objects,
 /// the ServiceAccount included, are named after it (the chart's fullname is
@@ -388,24 +388,15 @@ impl Operator {
 
     /// `GET path` on the metrics server; the body.
     pub async fn get(&self, path: &str) -> Result<String> {
-        let what = format!("GET http://{}{path}", self.metrics_addr);
-        let io = |source| HarnessError::Io {
-            what: what.clone(),
-            source,
-        };
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .map_err(io)?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics_addr);
-        stream.write_all(request.as_bytes()).await.map_err(io)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.map_err(io)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            let status = head.lines().next().unwrap_or_default().to_string();
-            return Err(io(std::io::Error::other(status)));
+        let url = format!("http://{}{path}", self.metrics_addr);
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| HarnessError::Unexpected(format!("{url}: {e}")))?;
+        match http_get(parsed).await? {
+            (200, body) => Ok(body),
+            (code, body) => Err(HarnessError::Unexpected(format!(
+                "GET {url}: HTTP {code}: {body}"
+            ))),
         }
-        Ok(body.to_string())
     }
 
     /// The value of one sample of `/metrics` (`name{labels}` as printed),

@@ -29,9 +29,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{HarnessError, Result};
+use crate::{HarnessError, Result, http_get};
 
 /// One scrape target.
 #[derive(Clone, Debug)]
@@ -243,7 +242,9 @@ impl Prometheus {
         let timeout = Duration::from_secs(30);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) = prometheus.get("/-/ready").await {
+            let ready = reqwest::Url::parse(&format!("{}/-/ready", prometheus.url()))
+                .map_err(|e| HarnessError::Unexpected(e.to_string()))?;
+            if let Ok((200, _)) = http_get(ready).await {
                 return Ok(prometheus);
             }
             if let Ok(Some(status)) = prometheus.child.try_wait() {
@@ -272,32 +273,12 @@ impl Prometheus {
         format!("http://{}", self.address)
     }
 
-    /// `GET path`: the status code and body.
-    async fn get(&self, path: &str) -> Result<(u16, String)> {
-        let what = format!("GET http://{}{path}", self.address);
-        let io = |source| HarnessError::Io {
-            what: what.clone(),
-            source,
-        };
-        let mut stream = tokio::net::TcpStream::connect(self.address)
-            .await
-            .map_err(io)?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.address);
-        stream.write_all(request.as_bytes()).await.map_err(io)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.map_err(io)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((code, body.to_string()))
-    }
-
-    /// `GET /api/v1/...`: the `data` of a successful answer, else the API's error.
-    async fn api(&self, path: &str) -> Result<serde_json::Value> {
-        let (code, body) = self.get(path).await?;
+    /// `GET /api/v1/...` with query parameters: the `data` of a successful
+    /// answer, else the API's error.
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<serde_json::Value> {
+        let url = reqwest::Url::parse_with_params(&format!("{}{path}", self.url()), params)
+            .map_err(|e| HarnessError::Unexpected(format!("{path}: {e}")))?;
+        let (code, body) = http_get(url).await?;
         let value: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
             HarnessError::Unexpected(format!("{path}: HTTP {code}, not JSON ({e}): {body}"))
         })?;
@@ -314,9 +295,7 @@ impl Prometheus {
     /// comes back as one sample without labels). A query Prometheus cannot
     /// parse is an error naming why.
     pub async fn query(&self, promql: &str) -> Result<Vec<Sample>> {
-        let data = self
-            .api(&format!("/api/v1/query?query={}", encode(promql)))
-            .await?;
+        let data = self.api("/api/v1/query", &[("query", promql)]).await?;
         let value_of = |v: &serde_json::Value| -> f64 {
             v[1].as_str()
                 .and_then(|s| s.parse().ok())
@@ -363,14 +342,14 @@ impl Prometheus {
 
     /// The alerts pending or firing now.
     pub async fn alerts(&self) -> Result<Vec<Alert>> {
-        let data = self.api("/api/v1/alerts").await?;
+        let data = self.api("/api/v1/alerts", &[]).await?;
         serde_json::from_value(data["alerts"].clone())
             .map_err(|e| HarnessError::Unexpected(format!("/api/v1/alerts: {e}")))
     }
 
     /// The names of the alerting rules loaded.
     pub async fn alert_rules(&self) -> Result<Vec<String>> {
-        let data = self.api("/api/v1/rules?type=alert").await?;
+        let data = self.api("/api/v1/rules", &[("type", "alert")]).await?;
         Ok(data["groups"]
             .as_array()
             .map(Vec::as_slice)
@@ -383,7 +362,7 @@ impl Prometheus {
 
     /// Each target's job label and health (`up`, `down`, `unknown`).
     pub async fn targets(&self) -> Result<Vec<(String, String)>> {
-        let data = self.api("/api/v1/targets?state=active").await?;
+        let data = self.api("/api/v1/targets", &[("state", "active")]).await?;
         Ok(data["activeTargets"]
             .as_array()
             .map(Vec::as_slice)
@@ -407,26 +386,9 @@ impl Drop for Prometheus {
     }
 }
 
-/// Percent-encodes a query parameter (RFC 3986 unreserved characters stay).
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn encodes_promql() {
-        assert_eq!(encode(r#"up{job="a b"}"#), "up%7Bjob%3D%22a%20b%22%7D");
-    }
 
     #[test]
     fn one_job_per_target_with_labels() {

@@ -79,7 +79,16 @@ struct Job {
     spec: GenerationSpec,
     events: UnboundedSender<Event>,
     arrived: Instant,
-    _permit: Permit,
+    /// Held until the request's last event is about to go out (or the job
+    /// is dropped), so a client that sends its next request on reading the
+    /// answer is never counted twice against `max_queue`.
+    permit: std::cell::Cell<Option<Permit>>,
+}
+
+impl Job {
+    fn release(&self) {
+        drop(self.permit.take());
+    }
 }
 
 /// One admitted request; releases its place when the request ends.
@@ -151,7 +160,7 @@ impl Engine {
             spec,
             events,
             arrived: Instant::now(),
-            _permit: permit,
+            permit: std::cell::Cell::new(Some(permit)),
         };
         self.metrics.waiting.inc();
         let sent = self
@@ -222,6 +231,7 @@ fn run(model: &LoadedModel, metrics: &ServeMetrics, job: &Job, running: &mut Run
     let eos = if spec.ignore_eos { None } else { model.eos };
     let fail = |message: String| {
         tracing::warn!(error = %message, "generation failed");
+        job.release();
         // The client may be gone already; nothing else to tell.
         let _ = job.events.send(Event::Failed(message));
     };
@@ -283,6 +293,7 @@ fn run(model: &LoadedModel, metrics: &ServeMetrics, job: &Job, running: &mut Run
         if let Some(f) = finished {
             record_finished(metrics, job.arrived, f);
             running.end();
+            job.release();
         }
         if job.events.send(Event::Token { delta, finished }).is_err() {
             tracing::info!(
