@@ -136,6 +136,8 @@ pub struct CheckpointInfo {
 struct WeightFile {
     name: String,
     path: PathBuf,
+    /// Kept open for positional reads ([`RawTensor::read_at`]).
+    file: File,
     mmap: Mmap,
 }
 
@@ -154,6 +156,33 @@ pub struct RawTensor<'a> {
     pub bytes: &'a [u8],
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+    /// The open weight file and where `bytes` start in it.
+    handle: &'a File,
+    offset: u64,
+}
+
+impl RawTensor<'_> {
+    /// Reads the tensor's bytes `start .. start + dst.len()` from the file
+    /// with a positional read. Copying out of the mapping would fault every
+    /// page in one at a time under the process's memory-map lock; reads on
+    /// several threads fill a staging buffer at the page cache's speed.
+    pub fn read_at(&self, dst: &mut [u8], start: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = start
+            .checked_add(dst.len())
+            .filter(|&end| end <= self.bytes.len());
+        if end.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "bytes {start}..+{} are outside the tensor's {}",
+                    dst.len(),
+                    self.bytes.len()
+                ),
+            ));
+        }
+        self.handle.read_exact_at(dst, self.offset + start as u64)
+    }
 }
 
 /// An opened, validated checkpoint directory.
@@ -202,7 +231,7 @@ impl Checkpoint {
                     file: name,
                 });
             }
-            let mmap = map_file(&path)?;
+            let (file, mmap) = map_file(&path)?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| CheckpointError::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -219,7 +248,12 @@ impl Checkpoint {
                 );
             }
             drop(st);
-            files.push(WeightFile { name, path, mmap });
+            files.push(WeightFile {
+                name,
+                path,
+                file,
+                mmap,
+            });
         }
         let checkpoint = Checkpoint {
             dir: dir.to_path_buf(),
@@ -364,11 +398,15 @@ impl Checkpoint {
                 dtype: format!("{:?}", view.dtype()),
             });
         }
+        let bytes = view.data();
         Ok(RawTensor {
             file: &file.name,
-            bytes: view.data(),
+            bytes,
             dtype: view.dtype(),
             shape: view.shape().to_vec(),
+            handle: &file.file,
+            // Both point into the same mapping.
+            offset: (bytes.as_ptr() as usize - file.mmap.as_ptr() as usize) as u64,
         })
     }
 
@@ -443,7 +481,8 @@ fn weight_file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     })
 }
 
-fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
+/// Opens and maps a weight file; the file stays open for positional reads.
+fn map_file(path: &Path) -> Result<(File, Mmap), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -458,7 +497,8 @@ fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
     }
     // SAFETY: the checkpoint files are treated as read-only inputs; the
     // worker does not modify them while mapped.
-    unsafe { Mmap::map(&file) }.map_err(io)
+    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+    Ok((file, mmap))
 }
 
 /// Converts little-endian raw tensor bytes to f32; `None` for other dtypes.

@@ -197,3 +197,26 @@ fn digests_are_verified() {
         matches!(err, CheckpointError::DigestMismatch { ref file, .. } if file == "config.json")
     );
 }
+
+/// Positional reads return the same bytes as the mapping, in any chunking,
+/// and a range past the tensor's end is refused rather than read.
+#[test]
+fn positional_reads_match_the_mapping() {
+    let ckpt = Checkpoint::open(&common::model_dir()).expect("open checkpoint");
+    let raw = ckpt
+        .raw("model.layers.3.mlp.down_proj.weight")
+        .expect("tensor");
+    let mut whole = vec![0u8; raw.bytes.len()];
+    raw.read_at(&mut whole, 0).expect("read whole");
+    assert_eq!(whole, raw.bytes);
+    let mut chunked = vec![0u8; raw.bytes.len()];
+    for (i, chunk) in chunked.chunks_mut(4093).enumerate() {
+        raw.read_at(chunk, i * 4093).expect("read chunk");
+    }
+    assert_eq!(chunked, raw.bytes);
+    let mut past = vec![0u8; 16];
+    let err = raw
+        .read_at(&mut past, raw.bytes.len() - 8)
+        .expect_err("past the end");
+    assert!(err.to_string().contains("outside the tensor"), "{err}");
+}

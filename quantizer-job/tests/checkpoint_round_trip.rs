@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use common::{load_all, model_dir, norm_inputs, reference_dir, scratch};
 use quantizer_job::format::{
-    CheckpointOptions, DenseTensor, quantization_config, read_checkpoint, write_checkpoint,
-    write_model_config,
+    CheckpointOptions, DenseInput, DenseTensor, quantization_config, read_checkpoint,
+    write_checkpoint, write_model_config,
 };
 use quantizer_job::quant::{
     ActOrder, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend, QuantizedLinear,
@@ -92,6 +92,14 @@ fn build(
     (dense, quantized)
 }
 
+/// The writer's view of dense tensors given as values.
+fn as_inputs(dense: &BTreeMap<String, DenseTensor>) -> BTreeMap<String, DenseInput<'static>> {
+    dense
+        .iter()
+        .map(|(name, t)| (name.clone(), t.clone().into()))
+        .collect()
+}
+
 fn assert_round_trip(case: Case, max_shard_bytes: usize, expect_format: &str) {
     let all = load_all();
     let (dense, quantized) = build(case, &all, &[0, 1]);
@@ -105,7 +113,7 @@ fn assert_round_trip(case: Case, max_shard_bytes: usize, expect_format: &str) {
         dtype: FloatDtype::F16,
         max_shard_bytes,
     };
-    let written = write_checkpoint(&dir, &dense, &quantized, options).expect("write");
+    let written = write_checkpoint(&dir, &as_inputs(&dense), &quantized, options).expect("write");
     let qcfg = quantization_config(&quantized, &["lm_head".to_string()]).expect("config");
     assert_eq!(qcfg["format"], expect_format);
     write_model_config(&model_dir(), &dir, &qcfg).expect("config.json");
@@ -289,7 +297,13 @@ fn full_model_layout_matches_reference() {
         &[0, 1, 2, 3, 4, 5],
     );
     let dir = scratch("layout");
-    write_checkpoint(&dir, &dense, &quantized, CheckpointOptions::default()).expect("write");
+    write_checkpoint(
+        &dir,
+        &as_inputs(&dense),
+        &quantized,
+        CheckpointOptions::default(),
+    )
+    .expect("write");
     let layout = |path: std::path::PathBuf| -> BTreeMap<String, (String, Vec<usize>)> {
         let bytes = std::fs::read(&path).expect("read checkpoint");
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse checkpoint");
@@ -305,4 +319,51 @@ fn full_model_layout_matches_reference() {
         assert_eq!(ours.get(name), Some(meta), "{name}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Dense bytes already in the checkpoint's dtype are written as they are;
+/// bytes of another dtype are converted to it, rounding to nearest even.
+#[test]
+fn stored_dense_bytes_are_copied_or_converted() {
+    let halves: Vec<u8> = [1.5f32, -2.0, 0.1]
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let singles: Vec<u8> = [0.1f32, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let dense = BTreeMap::from([
+        (
+            "as.stored".to_string(),
+            DenseInput::Stored {
+                dtype: safetensors::Dtype::BF16,
+                shape: vec![3],
+                bytes: &halves,
+            },
+        ),
+        (
+            "converted".to_string(),
+            DenseInput::Stored {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![2],
+                bytes: &singles,
+            },
+        ),
+    ]);
+    let dir = scratch("stored-dense");
+    let options = CheckpointOptions {
+        dtype: FloatDtype::Bf16,
+        ..CheckpointOptions::default()
+    };
+    write_checkpoint(&dir, &dense, &BTreeMap::new(), options).expect("write");
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("read checkpoint");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse checkpoint");
+    let stored = st.tensor("as.stored").expect("as.stored");
+    assert_eq!(stored.dtype(), safetensors::Dtype::BF16);
+    assert_eq!(stored.data(), &halves[..]);
+    let converted = st.tensor("converted").expect("converted");
+    assert_eq!(converted.dtype(), safetensors::Dtype::BF16);
+    let expected: Vec<u8> = [0.1f32, 3.0]
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    assert_eq!(converted.data(), &expected[..]);
 }

@@ -8,7 +8,8 @@
 #            (transformers + compressed-tensors, fp32, all 512-token windows
 #            of eval.txt), so both tools' artifacts load in the reference stack.
 #   llama1b  BENCHMARKS.md's Llama-3.2-1B-shaped random model: GPTQ W4A16
-#            symmetric g128 on 128 × 2048 random token ids, and FP8.
+#            symmetric g128 on 128 × 2048 random token ids, FP8, and
+#            data-free RTN W4A16 symmetric g128.
 #
 # Builds nothing: quantizer-job is carried (BIN), llm-compressor comes as
 # wheels in .whl. Prints RESULT lines (JSON) and a table at the end.
@@ -100,6 +101,8 @@ llama1b)
     llmcompressor lc-fp8 --model "$vol/llama1b" --calib "$vol/calib1b.json" \
         --scheme FP8_DYNAMIC --method rtn --samples 128 --seq-len 2048
     quantops quantops-fp8 "$here/specs/llama1b-fp8.yaml"
+    llmcompressor lc-rtn --model "$vol/llama1b" --scheme W4A16 --method rtn
+    quantops quantops-rtn "$here/specs/llama1b-rtn.yaml"
     ;;
 *)
     echo "unknown case $case_name (tiny or llama1b)" >&2

@@ -16,6 +16,7 @@
 //! quantized activations too). Scales are stored in the model's dtype
 //! (`scale_dtype: null`), which is why the quantizers round scales to it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use tracing::info;
 
 use super::FormatError;
 use super::pack::{pack_cols, pack_rows};
-use super::tensors::{DenseTensor, float_dtype, floats_to_bytes, i32_bytes};
+use super::tensors::{DenseInput, bytes_to_floats, float_dtype, floats_to_bytes, i32_bytes};
 use crate::quant::{ActOrder, Codes, FloatDtype, QuantizedLinear, WeightScheme};
 
 /// The compressed-tensors version whose layout we write (that of the reference).
@@ -68,10 +69,12 @@ pub struct WrittenCheckpoint {
     pub total_bytes: usize,
 }
 
-struct Stored {
+/// One tensor as it goes into the file: bytes the caller already holds are
+/// borrowed, not copied.
+struct Stored<'a> {
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: Vec<u8>,
+    bytes: Cow<'a, [u8]>,
 }
 
 /// The compressed-tensors `format` of a scheme.
@@ -83,11 +86,11 @@ pub fn format_name(scheme: &WeightScheme) -> &'static str {
     }
 }
 
-fn linear_tensors(
+fn linear_tensors<'q>(
     name: &str,
-    q: &QuantizedLinear,
+    q: &'q QuantizedLinear,
     dtype: FloatDtype,
-) -> Result<Vec<(String, Stored)>, FormatError> {
+) -> Result<Vec<(String, Stored<'q>)>, FormatError> {
     let [out, inp] = q.shape;
     let groups = q.scales.cols;
     if q.scales.rows != out {
@@ -102,7 +105,7 @@ fn linear_tensors(
         Stored {
             dtype: float_dtype(dtype),
             shape: vec![out, groups],
-            bytes: floats_to_bytes(&q.scales.data, dtype),
+            bytes: Cow::Owned(floats_to_bytes(&q.scales.data, dtype)),
         },
     )];
     match (&q.scheme, &q.codes) {
@@ -111,7 +114,7 @@ fn linear_tensors(
             Stored {
                 dtype: Dtype::F8_E4M3,
                 shape: vec![out, inp],
-                bytes: codes.clone(),
+                bytes: Cow::Borrowed(codes),
             },
         )),
         (WeightScheme::Int(s), Codes::Int(codes)) => {
@@ -123,7 +126,7 @@ fn linear_tensors(
                     Stored {
                         dtype: Dtype::I32,
                         shape: vec![out, words.len() / out.max(1)],
-                        bytes: i32_bytes(&words),
+                        bytes: Cow::Owned(i32_bytes(&words)),
                     },
                 ));
                 t.push((
@@ -131,10 +134,12 @@ fn linear_tensors(
                     Stored {
                         dtype: Dtype::I64,
                         shape: vec![2],
-                        bytes: [out as i64, inp as i64]
-                            .iter()
-                            .flat_map(|v| v.to_le_bytes())
-                            .collect(),
+                        bytes: Cow::Owned(
+                            [out as i64, inp as i64]
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes())
+                                .collect(),
+                        ),
                     },
                 ));
             } else {
@@ -143,7 +148,7 @@ fn linear_tensors(
                     Stored {
                         dtype: Dtype::I8,
                         shape: vec![out, inp],
-                        bytes: codes.iter().map(|v| *v as u8).collect(),
+                        bytes: Cow::Owned(codes.iter().map(|v| *v as u8).collect()),
                     },
                 ));
             }
@@ -153,13 +158,13 @@ fn linear_tensors(
                     Stored {
                         dtype: Dtype::I32,
                         shape: vec![words.len() / groups.max(1), groups],
-                        bytes: i32_bytes(&words),
+                        bytes: Cow::Owned(i32_bytes(&words)),
                     }
                 } else {
                     Stored {
                         dtype: Dtype::I8,
                         shape: vec![out, groups],
-                        bytes: zp.iter().map(|v| *v as u8).collect(),
+                        bytes: Cow::Owned(zp.iter().map(|v| *v as u8).collect()),
                     }
                 };
                 t.push((format!("{name}.weight_zero_point"), stored));
@@ -170,7 +175,7 @@ fn linear_tensors(
                     Stored {
                         dtype: Dtype::I32,
                         shape: vec![inp],
-                        bytes: i32_bytes(g_idx),
+                        bytes: Cow::Owned(i32_bytes(g_idx)),
                     },
                 ));
             }
@@ -184,6 +189,45 @@ fn linear_tensors(
     Ok(t)
 }
 
+/// A dense tensor in the checkpoint's dtype: stored bytes of that dtype as
+/// they are, anything else rounded to it.
+fn dense_stored<'a>(
+    name: &str,
+    t: &'a DenseInput<'_>,
+    dtype: FloatDtype,
+) -> Result<Stored<'a>, FormatError> {
+    let (shape, bytes) = match t {
+        DenseInput::Values(t) => {
+            if t.shape.iter().product::<usize>() != t.data.len() {
+                return Err(FormatError::Shape {
+                    name: name.to_string(),
+                    expected: format!("{} values", t.data.len()),
+                    got: t.shape.clone(),
+                });
+            }
+            (&t.shape, Cow::Owned(floats_to_bytes(&t.data, dtype)))
+        }
+        DenseInput::Stored {
+            dtype: stored,
+            shape,
+            bytes,
+        } if *stored == float_dtype(dtype) => (shape, Cow::Borrowed(*bytes)),
+        DenseInput::Stored {
+            dtype: stored,
+            shape,
+            bytes,
+        } => {
+            let values = bytes_to_floats(name, *stored, bytes)?;
+            (shape, Cow::Owned(floats_to_bytes(&values, dtype)))
+        }
+    };
+    Ok(Stored {
+        dtype: float_dtype(dtype),
+        shape: shape.clone(),
+        bytes,
+    })
+}
+
 /// Writes `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
 /// `model.safetensors.index.json` above `max_shard_bytes`) into `dir`.
 ///
@@ -192,28 +236,14 @@ fn linear_tensors(
 /// (`model.layers.0.self_attn.q_proj`, without `.weight`) to their quantization.
 pub fn write_checkpoint(
     dir: &Path,
-    dense: &BTreeMap<String, DenseTensor>,
+    dense: &BTreeMap<String, DenseInput<'_>>,
     quantized: &BTreeMap<String, QuantizedLinear>,
     options: CheckpointOptions,
 ) -> Result<WrittenCheckpoint, FormatError> {
     fs::create_dir_all(dir).map_err(FormatError::io(dir))?;
     let mut all: BTreeMap<String, Stored> = BTreeMap::new();
     for (name, t) in dense {
-        if t.shape.iter().product::<usize>() != t.data.len() {
-            return Err(FormatError::Shape {
-                name: name.clone(),
-                expected: format!("{} values", t.data.len()),
-                got: t.shape.clone(),
-            });
-        }
-        all.insert(
-            name.clone(),
-            Stored {
-                dtype: float_dtype(options.dtype),
-                shape: t.shape.clone(),
-                bytes: floats_to_bytes(&t.data, options.dtype),
-            },
-        );
+        all.insert(name.clone(), dense_stored(name, t, options.dtype)?);
     }
     for (name, q) in quantized {
         for (tname, stored) in linear_tensors(name, q, options.dtype)? {

@@ -12,4 +12,4 @@ pub use compressed_tensors::{
 };
 pub use error::FormatError;
 pub use reader::{LoadedCheckpoint, read_checkpoint};
-pub use tensors::DenseTensor;
+pub use tensors::{DenseInput, DenseTensor};

@@ -14,6 +14,8 @@
 //! the writer packs 4 and 8 bits and stores 2/3 bits `naive-quantized` (one int8
 //! per code), as llm-compressor does.
 
+use rayon::prelude::*;
+
 /// Codes per int32 word.
 pub fn pack_factor(bits: u8) -> usize {
     32 / usize::from(bits)
@@ -36,14 +38,21 @@ fn value(w: i32, k: usize, bits: u8) -> i8 {
 }
 
 /// Packs row-major codes `[rows, cols]` along the columns: `[rows, ceil(cols / pf)]`.
+/// Rows are packed in parallel: a large model has billions of codes.
 pub fn pack_rows(codes: &[i8], rows: usize, cols: usize, bits: u8) -> Vec<i32> {
     let pf = pack_factor(bits);
     let words = cols.div_ceil(pf);
-    let mut out = Vec::with_capacity(rows * words);
-    for r in 0..rows {
-        let row = &codes[r * cols..(r + 1) * cols];
-        out.extend(row.chunks(pf).map(|c| word(c.iter().copied(), bits)));
+    let mut out = vec![0i32; rows * words];
+    if words == 0 {
+        return out;
     }
+    out.par_chunks_mut(words)
+        .zip(codes[..rows * cols].par_chunks(cols))
+        .for_each(|(packed, row)| {
+            for (w, chunk) in packed.iter_mut().zip(row.chunks(pf)) {
+                *w = word(chunk.iter().copied(), bits);
+            }
+        });
     out
 }
 

@@ -12,6 +12,30 @@ pub struct DenseTensor {
     pub data: Vec<f32>,
 }
 
+/// An unquantized tensor as the writer takes it. Most of a checkpoint's
+/// dense bytes (the embedding above all) are copied from the base model
+/// unchanged, so they go out as stored instead of being widened to f32 and
+/// rounded back; values the worker computed (AWQ's folded norms) are rounded
+/// to the checkpoint's dtype.
+#[derive(Clone, Debug)]
+pub enum DenseInput<'a> {
+    /// Values to round to the checkpoint's dtype.
+    Values(DenseTensor),
+    /// Bytes of a source checkpoint, written as they are when their dtype is
+    /// the checkpoint's, converted otherwise.
+    Stored {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: &'a [u8],
+    },
+}
+
+impl From<DenseTensor> for DenseInput<'_> {
+    fn from(t: DenseTensor) -> Self {
+        Self::Values(t)
+    }
+}
+
 pub(crate) fn float_dtype(d: FloatDtype) -> Dtype {
     match d {
         FloatDtype::F16 => Dtype::F16,
@@ -23,20 +47,25 @@ pub(crate) fn float_dtype(d: FloatDtype) -> Dtype {
 /// Little-endian bytes of `data` in the float dtype `d` (rounding to nearest even).
 pub(crate) fn floats_to_bytes(data: &[f32], d: FloatDtype) -> Vec<u8> {
     match d {
-        FloatDtype::F16 => data
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        FloatDtype::Bf16 => data
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        FloatDtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        FloatDtype::F16 => le_bytes(data, |v| half::f16::from_f32(*v).to_le_bytes()),
+        FloatDtype::Bf16 => le_bytes(data, |v| half::bf16::from_f32(*v).to_le_bytes()),
+        FloatDtype::F32 => le_bytes(data, |v| v.to_le_bytes()),
     }
 }
 
 pub(crate) fn i32_bytes(data: &[i32]) -> Vec<u8> {
-    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    le_bytes(data, |v| v.to_le_bytes())
+}
+
+/// Each value's `N` bytes into one buffer sized up front (a `flat_map`
+/// collect grows its buffer step by step, which dominated writing a large
+/// tensor).
+fn le_bytes<T, const N: usize>(data: &[T], bytes: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
+    let mut out = vec![0u8; data.len() * N];
+    for (chunk, v) in out.chunks_exact_mut(N).zip(data) {
+        chunk.copy_from_slice(&bytes(v));
+    }
+    out
 }
 
 /// Floats of a stored F16/BF16/F32 tensor.

@@ -15,6 +15,7 @@ pub mod llama;
 mod memory;
 pub mod pipeline;
 mod quant;
+pub mod staging;
 pub mod tensors;
 
 pub use backend::CudaBackend;
@@ -164,10 +165,17 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .during("reading the compute capability")?;
+        let compiling = std::time::Instant::now();
         let ptx = compile("quant", QUANT_KERNELS, arch_name(major, minor))?;
+        let compile_s = compiling.elapsed().as_secs_f64();
         let quant = ctx.load_module(ptx).during("loading the quant kernels")?;
         let name = ctx.name().during("reading the device name")?;
-        tracing::info!(device = %name, compute_capability = format!("{major}.{minor}"), "GPU opened");
+        tracing::info!(
+            device = %name,
+            compute_capability = format!("{major}.{minor}"),
+            compile_s,
+            "GPU opened"
+        );
         Ok(Self {
             ctx,
             stream,
@@ -206,6 +214,11 @@ impl Gpu {
     }
 
     /// The stream every operation of this backend runs on.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every operation is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

@@ -20,8 +20,8 @@ use quantops_api::{Method, QuantizationSpec};
 use super::llama::{CapturePoint, DeviceLayer, LlamaOps, forward_layer};
 use super::memory::{self, MemoryEstimate};
 use super::quant::{DeviceHessian, DeviceQuantized, DeviceQuantizer};
-use super::tensors;
 use super::{Gpu, GpuError};
+use super::{staging, tensors};
 use crate::checkpoint::Checkpoint;
 use crate::config::LlamaConfig;
 use crate::model::{LM_HEAD, LinearId, LinearKind};
@@ -154,7 +154,9 @@ struct Job<'a> {
     scheme: WeightScheme,
 }
 
-/// RTN, INT8 and FP8: each Linear on its own, streamed from the checkpoint.
+/// RTN, INT8 and FP8: each Linear on its own, streamed from the checkpoint
+/// through the staging buffers (the next Linear is read while this one is
+/// quantized).
 fn quantize_weight_only(
     job: &Job,
     out: &mut BTreeMap<String, QuantizedLinear>,
@@ -167,20 +169,28 @@ fn quantize_weight_only(
         recipe,
         scheme,
     } = *job;
+    let modules: Vec<(usize, String)> = (0..cfg.num_hidden_layers)
+        .flat_map(|layer| LinearKind::ALL.map(|kind| (layer, module_name(layer, kind))))
+        .filter(|(_, module)| !is_ignored(module, &recipe.ignore))
+        .collect();
+    let names: Vec<String> = modules.iter().map(|(_, m)| format!("{m}.weight")).collect();
     let progress = Progress::new("quantize", cfg.num_hidden_layers);
-    for layer in 0..cfg.num_hidden_layers {
-        for kind in LinearKind::ALL {
-            let module = module_name(layer, kind);
-            if is_ignored(&module, &recipe.ignore) {
-                continue;
-            }
-            let (w, shape) = upload(gpu, checkpoint, &format!("{module}.weight"))?;
-            let q = weight_only(quantizer, &module, &w, shape, scheme)?;
-            out.insert(module, q.linear);
+    let mut next = modules.iter().peekable();
+    staging::for_each_f32(gpu, checkpoint, &names, |name, w, shape| {
+        let Some((layer, module)) = next.next() else {
+            anyhow::bail!("{name} was uploaded but not asked for");
+        };
+        let shape = match shape[..] {
+            [rows, cols] => [rows, cols],
+            _ => anyhow::bail!("{name} has shape {shape:?}, expected a matrix"),
+        };
+        let q = weight_only(quantizer, module, &w, shape, scheme)?;
+        out.insert(module.clone(), q.linear);
+        if next.peek().is_none_or(|(l, _)| l != layer) {
+            progress.step(layer + 1, "layer");
         }
-        progress.step(layer + 1, "layer");
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// GPTQ: capture, quantize and propagate one decoder layer at a time.

@@ -45,21 +45,32 @@ pub fn upload_f32(
             let src = stream
                 .clone_htod(raw.bytes)
                 .during(format!("uploading {name}"))?;
-            let n = raw.bytes.len() / 2;
-            let mut dst = stream
-                .alloc_zeros::<f32>(n)
-                .during(format!("allocating {name}"))?;
-            let code: i32 = if dtype == Dtype::BF16 { 1 } else { 0 };
-            let n_l = n as i64;
-            let f = gpu.quant_fn("widen_to_f32")?;
-            let mut launch = stream.launch_builder(&f);
-            launch.arg(&src).arg(&code).arg(&n_l).arg(&mut dst);
-            // SAFETY: src holds 2n bytes (n halves), dst n values.
-            unsafe { launch.launch(per_element(n)) }.during("launching widen_to_f32")?;
-            dst
+            widen(gpu, name, dtype, &src, raw.bytes.len() / 2)?
         }
     };
     Ok((values, raw.shape))
+}
+
+/// The first `n` F16/BF16 values of the device bytes `src`, as f32.
+pub(super) fn widen(
+    gpu: &Gpu,
+    name: &str,
+    dtype: Dtype,
+    src: &CudaSlice<u8>,
+    n: usize,
+) -> Result<CudaSlice<f32>, GpuError> {
+    let stream = gpu.stream();
+    let mut dst = stream
+        .alloc_zeros::<f32>(n)
+        .during(format!("allocating {name}"))?;
+    let code: i32 = if dtype == Dtype::BF16 { 1 } else { 0 };
+    let n_l = n as i64;
+    let f = gpu.quant_fn("widen_to_f32")?;
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(src).arg(&code).arg(&n_l).arg(&mut dst);
+    // SAFETY: the caller's src holds at least 2n bytes (n halves), dst n values.
+    unsafe { launch.launch(per_element(n)) }.during("launching widen_to_f32")?;
+    Ok(dst)
 }
 
 /// The rows `ids` of a device table `[rows, width]`, as `[ids.len(), width]`.

@@ -6,7 +6,8 @@ use super::{StageInput, write_json};
 use crate::calibration;
 use crate::checkpoint::Checkpoint;
 use crate::format::{
-    CheckpointOptions, DenseTensor, quantization_config, write_checkpoint, write_model_config,
+    CheckpointOptions, DenseInput, DenseTensor, quantization_config, write_checkpoint,
+    write_model_config,
 };
 use crate::gpu;
 use crate::layout::Layout;
@@ -45,6 +46,14 @@ pub struct QuantizeRecord {
     pub calibration: Option<CalibrationFacts>,
 }
 
+/// What quantization produced: the quantized Linears, and the dense tensors
+/// it rewrote (AWQ folds its scales into the RMSNorm weights); every other
+/// tensor is the base checkpoint's.
+type Quantized = (
+    BTreeMap<String, QuantizedLinear>,
+    BTreeMap<String, DenseTensor>,
+);
+
 /// The CPU driver: the model's forward passes with candle on the host, each
 /// Linear's algorithm on `backend` (the CPU twin, or the GPU for the
 /// methods whose driver is not on the device).
@@ -54,10 +63,7 @@ fn quantize_on_host<B: QuantBackend>(
     recipe: &QuantizationSpec,
     scheme: WeightScheme,
     samples: &[Vec<u32>],
-) -> anyhow::Result<(
-    BTreeMap<String, QuantizedLinear>,
-    BTreeMap<String, DenseTensor>,
-)> {
+) -> anyhow::Result<Quantized> {
     let mut model = LlamaModel::from_checkpoint(checkpoint)?;
     let mut batches = Vec::new();
     for chunk in samples.chunks(CALIBRATION_BATCH) {
@@ -67,8 +73,8 @@ fn quantize_on_host<B: QuantBackend>(
         let mut layers = LlamaLayers { model: &mut model };
         quantize_model(&mut layers, backend, recipe, scheme, batches)?
     };
-    let dense = dense_tensors(checkpoint, Some(&model), &quantized)?;
-    Ok((quantized, dense))
+    let norms = norms_of(checkpoint, &model)?;
+    Ok((quantized, norms))
 }
 
 pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
@@ -84,12 +90,11 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
 
     let scheme = WeightScheme::from_spec(recipe, dtype);
     let pipeline_started = Instant::now();
-    let (quantized, dense) = match input.gpu {
+    let (quantized, rewritten) = match input.gpu {
         Some(gpu) if gpu::pipeline::supports(recipe.method) => {
             let quantized =
                 gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
-            let dense = dense_tensors(&checkpoint, None, &quantized)?;
-            (quantized, dense)
+            (quantized, BTreeMap::new())
         }
         Some(gpu) => {
             tracing::info!(method = ?recipe.method, "searching on the GPU, forward passes on the CPU");
@@ -101,6 +106,12 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let gpu = input.gpu;
 
     let pipeline_seconds = pipeline_started.elapsed().as_secs_f64();
+    tracing::info!(
+        linears = quantized.len(),
+        seconds = pipeline_seconds,
+        "quantized; writing the artifact"
+    );
+    let dense = dense_tensors(&checkpoint, rewritten, &quantized)?;
     let dir = &input.layout.artifact_dir;
     let options = CheckpointOptions {
         dtype,
@@ -177,45 +188,57 @@ fn storage_dtype(dtypes: &str) -> FloatDtype {
     }
 }
 
-/// Every tensor that stays unquantized, as the model now holds it (AWQ may
-/// have folded scales into the norms).
-fn dense_tensors(
-    checkpoint: &Checkpoint,
-    model: Option<&LlamaModel>,
+/// Every tensor that stays unquantized: the rewritten ones as computed, the
+/// rest as the base checkpoint stores them.
+fn dense_tensors<'c>(
+    checkpoint: &'c Checkpoint,
+    mut rewritten: BTreeMap<String, DenseTensor>,
     quantized: &BTreeMap<String, QuantizedLinear>,
-) -> anyhow::Result<BTreeMap<String, DenseTensor>> {
+) -> anyhow::Result<BTreeMap<String, DenseInput<'c>>> {
     let mut dense = BTreeMap::new();
     for name in checkpoint.tensor_names() {
         let module = name.strip_suffix(".weight").unwrap_or(name);
         if quantized.contains_key(module) {
             continue;
         }
-        let norm = match model {
-            Some(model) => norm_of(model, name)?,
-            None => None,
+        let tensor = match rewritten.remove(name) {
+            Some(t) => DenseInput::Values(t),
+            None => {
+                let raw = checkpoint.raw(name)?;
+                DenseInput::Stored {
+                    dtype: raw.dtype,
+                    shape: raw.shape,
+                    bytes: raw.bytes,
+                }
+            }
         };
-        let tensor = match norm {
-            Some(t) => t.clone(),
-            None => checkpoint.load_f32(name)?,
-        };
-        dense.insert(name.to_string(), to_dense(&tensor)?);
+        dense.insert(name.to_string(), tensor);
     }
     Ok(dense)
 }
 
-/// The decoder-layer norm weights, which AWQ rewrites.
-fn norm_of<'m>(model: &'m LlamaModel, name: &str) -> anyhow::Result<Option<&'m Tensor>> {
-    Ok(match NormId::parse(name) {
-        Some(NormId {
-            layer,
-            kind: NormKind::Input,
-        }) => Some(model.input_layernorm(layer)?),
-        Some(NormId {
-            layer,
-            kind: NormKind::PostAttention,
-        }) => Some(model.post_attention_layernorm(layer)?),
-        None => None,
-    })
+/// The decoder layers' RMSNorm weights as the model now holds them (AWQ
+/// may have folded scales into them).
+fn norms_of(
+    checkpoint: &Checkpoint,
+    model: &LlamaModel,
+) -> anyhow::Result<BTreeMap<String, DenseTensor>> {
+    let mut norms = BTreeMap::new();
+    for name in checkpoint.tensor_names() {
+        let norm = match NormId::parse(name) {
+            Some(NormId {
+                layer,
+                kind: NormKind::Input,
+            }) => model.input_layernorm(layer)?,
+            Some(NormId {
+                layer,
+                kind: NormKind::PostAttention,
+            }) => model.post_attention_layernorm(layer)?,
+            None => continue,
+        };
+        norms.insert(name.to_string(), to_dense(norm)?);
+    }
+    Ok(norms)
 }
 
 fn to_dense(t: &Tensor) -> anyhow::Result<DenseTensor> {

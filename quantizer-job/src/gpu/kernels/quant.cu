@@ -154,13 +154,61 @@ __device__ __forceinline__ float team_reduce(float v, bool is_max, int team_size
     return partial[0];
 }
 
+// A team reads its item once when it can: each thread keeps its share (up
+// to CACHE float4s) in registers between the range pass and the rounding
+// pass. Read twice, a per-channel row of ten thousand weights comes back
+// from DRAM the second time, since the whole grid's first pass has pushed
+// it out of L2; that cost such rows a quarter of their bandwidth. A large
+// cache costs occupancy, which shorter items need more, so each kernel
+// comes in two builds: CACHE = 1 (a warp's group of 128, or a re-read row)
+// and CACHE = LONG_ITEM_CACHE for rows the launcher deems long.
+#define LONG_ITEM_CACHE 16
+
+// Reads the item's float4s `src[0..n4)`, calling `f` on each; returns whether
+// they stayed in `cache` for `for_each_cached`.
+template <int CACHE, typename F>
+__device__ __forceinline__ bool read_item(const float4* __restrict__ src, int n4, const Team& t,
+                                          float4 (&cache)[CACHE], F f) {
+    const bool cached = n4 <= CACHE * t.size;
+    if (cached) {
+#pragma unroll
+        for (int i = 0; i < CACHE; ++i) {
+            const int c = t.rank + i * t.size;
+            if (c < n4) {
+                cache[i] = src[c];
+                f(cache[i]);
+            }
+        }
+    } else {
+        for (int c = t.rank; c < n4; c += t.size) f(src[c]);
+    }
+    return cached;
+}
+
+// The second pass over the item: `f(c, value)` for each float4 index `c`.
+template <int CACHE, typename F>
+__device__ __forceinline__ void for_each_cached(const float4* __restrict__ src, int n4, const Team& t,
+                                                const float4 (&cache)[CACHE], bool cached, F f) {
+    if (cached) {
+#pragma unroll
+        for (int i = 0; i < CACHE; ++i) {
+            const int c = t.rank + i * t.size;
+            if (c < n4) f(c, cache[i]);
+        }
+    } else {
+        for (int c = t.rank; c < n4; c += t.size) f(c, src[c]);
+    }
+}
+
 // Round-to-nearest onto each (row, group)'s min-max grid, one team per group.
 // `codes`/`deq` may be null (then only the grid parameters are written, as
 // GPTQ's static act order needs them from the original weight).
-extern "C" __global__ void rtn_int(const float* __restrict__ w, int rows, int cols, int group_size,
-                                   int bits, int symmetric, int dtype, float eps, int team_size,
-                                   signed char* __restrict__ codes, float* __restrict__ deq,
-                                   float* __restrict__ scales, int* __restrict__ zeros) {
+template <int CACHE>
+__device__ __forceinline__ void rtn_int_body(const float* __restrict__ w, int rows, int cols,
+                                             int group_size, int bits, int symmetric, int dtype,
+                                             float eps, int team_size, signed char* __restrict__ codes,
+                                             float* __restrict__ deq, float* __restrict__ scales,
+                                             int* __restrict__ zeros) {
     const Team t = team_of(team_size);
     const int groups = cols / group_size;
     if (t.item >= (long long)rows * groups) return;
@@ -168,14 +216,15 @@ extern "C" __global__ void rtn_int(const float* __restrict__ w, int rows, int co
     const int g = (int)(t.item % groups);
     const long long base = r * cols + (long long)g * group_size;
     const bool vec = (group_size & 3) == 0;
+    const float4* src = reinterpret_cast<const float4*>(w + base);
+    float4 cache[CACHE];
+    bool cached = false;
     float mn = F32_INF, mx = -F32_INF;
     if (vec) {
-        const float4* src = reinterpret_cast<const float4*>(w + base);
-        for (int c = t.rank; c < group_size / 4; c += t.size) {
-            float4 v = src[c];
+        cached = read_item(src, group_size / 4, t, cache, [&](float4 v) {
             mn = fminf(fminf(fminf(mn, v.x), fminf(v.y, v.z)), v.w);
             mx = fmaxf(fmaxf(fmaxf(mx, v.x), fmaxf(v.y, v.z)), v.w);
-        }
+        });
     } else {
         for (int c = t.rank; c < group_size; c += t.size) {
             float v = w[base + c];
@@ -192,17 +241,15 @@ extern "C" __global__ void rtn_int(const float* __restrict__ w, int rows, int co
     }
     if (codes == nullptr) return;
     if (vec) {
-        const float4* src = reinterpret_cast<const float4*>(w + base);
         float4* dst = reinterpret_cast<float4*>(deq + base);
         char4* cdst = reinterpret_cast<char4*>(codes + base);
-        for (int c = t.rank; c < group_size / 4; c += t.size) {
-            float4 v = src[c];
+        for_each_cached(src, group_size / 4, t, cache, cached, [&](int c, float4 v) {
             int qx = quantize_code(v.x, p, bits), qy = quantize_code(v.y, p, bits);
             int qz = quantize_code(v.z, p, bits), qw = quantize_code(v.w, p, bits);
             cdst[c] = make_char4((signed char)qx, (signed char)qy, (signed char)qz, (signed char)qw);
             dst[c] = make_float4(dequantize_code(qx, p), dequantize_code(qy, p),
                                  dequantize_code(qz, p), dequantize_code(qw, p));
-        }
+        });
     } else {
         for (int c = t.rank; c < group_size; c += t.size) {
             int q = quantize_code(w[base + c], p, bits);
@@ -212,21 +259,32 @@ extern "C" __global__ void rtn_int(const float* __restrict__ w, int rows, int co
     }
 }
 
+#define RTN_INT_PARAMS                                                                              \
+    const float *__restrict__ w, int rows, int cols, int group_size, int bits, int symmetric,     \
+        int dtype, float eps, int team_size, signed char *__restrict__ codes,                      \
+        float *__restrict__ deq, float *__restrict__ scales, int *__restrict__ zeros
+#define RTN_INT_ARGS w, rows, cols, group_size, bits, symmetric, dtype, eps, team_size, codes, deq, scales, zeros
+extern "C" __global__ void rtn_int(RTN_INT_PARAMS) { rtn_int_body<1>(RTN_INT_ARGS); }
+extern "C" __global__ void rtn_int_long(RTN_INT_PARAMS) { rtn_int_body<LONG_ITEM_CACHE>(RTN_INT_ARGS); }
+
 // FP8 E4M3 with one scale per output channel: one team per row.
-extern "C" __global__ void fp8_rows(const float* __restrict__ w, int rows, int cols, int dtype,
-                                    float eps, int team_size, unsigned char* __restrict__ codes,
-                                    float* __restrict__ deq, float* __restrict__ scales) {
+template <int CACHE>
+__device__ __forceinline__ void fp8_rows_body(const float* __restrict__ w, int rows, int cols,
+                                              int dtype, float eps, int team_size,
+                                              unsigned char* __restrict__ codes,
+                                              float* __restrict__ deq, float* __restrict__ scales) {
     const Team t = team_of(team_size);
     if (t.item >= rows) return;
     const long long base = t.item * cols;
     const bool vec = (cols & 3) == 0;
+    const float4* src = reinterpret_cast<const float4*>(w + base);
+    float4 cache[CACHE];
+    bool cached = false;
     float absmax = 0.0f;
     if (vec) {
-        const float4* src = reinterpret_cast<const float4*>(w + base);
-        for (int c = t.rank; c < cols / 4; c += t.size) {
-            float4 v = src[c];
+        cached = read_item(src, cols / 4, t, cache, [&](float4 v) {
             absmax = fmaxf(fmaxf(absmax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
-        }
+        });
     } else {
         for (int c = t.rank; c < cols; c += t.size) absmax = fmaxf(absmax, fabsf(w[base + c]));
     }
@@ -235,17 +293,15 @@ extern "C" __global__ void fp8_rows(const float* __restrict__ w, int rows, int c
     if (scale == 0.0f) scale = eps;
     if (t.rank == 0) scales[t.item] = scale;
     if (vec) {
-        const float4* src = reinterpret_cast<const float4*>(w + base);
         float4* dst = reinterpret_cast<float4*>(deq + base);
         uchar4* cdst = reinterpret_cast<uchar4*>(codes + base);
-        for (int c = t.rank; c < cols / 4; c += t.size) {
-            float4 v = src[c];
+        for_each_cached(src, cols / 4, t, cache, cached, [&](int c, float4 v) {
             uchar4 b = make_uchar4(f32_to_e4m3(v.x / scale), f32_to_e4m3(v.y / scale),
                                    f32_to_e4m3(v.z / scale), f32_to_e4m3(v.w / scale));
             cdst[c] = b;
             dst[c] = make_float4(e4m3_to_f32(b.x) * scale, e4m3_to_f32(b.y) * scale,
                                  e4m3_to_f32(b.z) * scale, e4m3_to_f32(b.w) * scale);
-        }
+        });
     } else {
         for (int c = t.rank; c < cols; c += t.size) {
             unsigned char b = f32_to_e4m3(w[base + c] / scale);
@@ -254,6 +310,13 @@ extern "C" __global__ void fp8_rows(const float* __restrict__ w, int rows, int c
         }
     }
 }
+
+#define FP8_ROWS_PARAMS                                                                        \
+    const float *__restrict__ w, int rows, int cols, int dtype, float eps, int team_size,     \
+        unsigned char *__restrict__ codes, float *__restrict__ deq, float *__restrict__ scales
+#define FP8_ROWS_ARGS w, rows, cols, dtype, eps, team_size, codes, deq, scales
+extern "C" __global__ void fp8_rows(FP8_ROWS_PARAMS) { fp8_rows_body<1>(FP8_ROWS_ARGS); }
+extern "C" __global__ void fp8_rows_long(FP8_ROWS_PARAMS) { fp8_rows_body<LONG_ITEM_CACHE>(FP8_ROWS_ARGS); }
 
 // The weight recomputed from integer codes: `(q - zp) * scale`, with the
 // column's group from `g_idx` when given (GPTQ's group act order).

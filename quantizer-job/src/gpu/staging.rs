@@ -1,0 +1,151 @@
+//! Checkpoint tensors streamed to the device through page-locked staging
+//! buffers, read ahead on a host thread.
+//!
+//! A weight-only quantization (RTN, INT8, FP8) does milliseconds of kernel
+//! work per Linear; its time is reading the checkpoint and moving it over
+//! PCIe. Uploading from the mapped file directly makes the driver stage
+//! every byte through its own pinned buffer, synchronously, with the page
+//! faults of the first read in line. Here a reader thread reads the next
+//! tensor from the file into one of two page-locked buffers (positional
+//! reads of 1 MiB chunks on several cores) while the device copies and
+//! quantizes the current one.
+
+use std::sync::mpsc;
+
+use anyhow::Context;
+
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::Gpu;
+use super::error::DriverContext;
+use super::tensors::{UploadError, upload_f32, widen};
+use crate::checkpoint::{Checkpoint, RawTensor};
+
+/// Staging buffers: one being filled while the other is copied to the device.
+const STAGING_BUFFERS: usize = 2;
+/// Bytes per parallel copy chunk.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Uploads each tensor of `names` as f32 and hands it to `consume` with its
+/// shape, in order, reading the next one ahead while `consume` runs.
+pub fn for_each_f32<F>(
+    gpu: &Gpu,
+    checkpoint: &Checkpoint,
+    names: &[String],
+    mut consume: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(&str, CudaSlice<f32>, Vec<usize>) -> anyhow::Result<()>,
+{
+    let raws = names
+        .iter()
+        .map(|name| checkpoint.raw(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    // F32 tensors need no widening and are rare in checkpoints: uploaded as they are.
+    if raws.iter().any(|raw| raw.dtype == Dtype::F32) {
+        for name in names {
+            let (values, shape) = upload_f32(gpu, checkpoint, name)?;
+            consume(name, values, shape)?;
+        }
+        return Ok(());
+    }
+    let largest = raws.iter().map(|raw| raw.bytes.len()).max().unwrap_or(0);
+    if largest == 0 {
+        return Ok(());
+    }
+    let (empty_tx, empty_rx) = mpsc::channel::<PinnedHostSlice<u8>>();
+    for _ in 0..STAGING_BUFFERS {
+        // SAFETY: the buffer is written before any byte of it is read.
+        let buffer = unsafe { gpu.context().alloc_pinned::<u8>(largest) }
+            .during("allocating a page-locked staging buffer")?;
+        empty_tx
+            .send(buffer)
+            .map_err(|_| anyhow::anyhow!("the staging reader stopped before it began"))?;
+    }
+    let (full_tx, full_rx) = mpsc::sync_channel::<PinnedHostSlice<u8>>(STAGING_BUFFERS);
+
+    std::thread::scope(|scope| {
+        let raws = &raws;
+        let reader = scope.spawn(move || read_ahead(names, raws, empty_rx, full_tx));
+        let uploaded = (|| -> anyhow::Result<()> {
+            for (name, raw) in names.iter().zip(raws) {
+                let buffer = full_rx
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("the staging reader stopped before {name}"))?;
+                let values = upload_staged(gpu, name, raw, &buffer)?;
+                // The copy out of `buffer` is queued; it must finish before
+                // the reader refills the buffer.
+                let copied = gpu
+                    .stream()
+                    .record_event(None)
+                    .during(format!("marking the upload of {name}"))?;
+                consume(name, values, raw.shape.clone())?;
+                copied
+                    .synchronize()
+                    .during(format!("waiting for the upload of {name}"))?;
+                // The reader has stopped when there is no receiver left; its
+                // own result says why.
+                let _ = empty_tx.send(buffer);
+            }
+            Ok(())
+        })();
+        // Unblocks the reader if consumption stopped early.
+        drop(full_rx);
+        drop(empty_tx);
+        let read = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the staging reader panicked"))?;
+        uploaded?;
+        read
+    })
+}
+
+/// The reader thread: fills each free buffer with the next tensor's bytes.
+fn read_ahead(
+    names: &[String],
+    raws: &[RawTensor<'_>],
+    empty: mpsc::Receiver<PinnedHostSlice<u8>>,
+    full: mpsc::SyncSender<PinnedHostSlice<u8>>,
+) -> anyhow::Result<()> {
+    for (name, raw) in names.iter().zip(raws) {
+        // No buffer back, or no one to take this one: the uploader stopped.
+        let Ok(mut buffer) = empty.recv() else {
+            return Ok(());
+        };
+        let dst = buffer
+            .as_mut_slice()
+            .during("opening a page-locked staging buffer")?;
+        dst[..raw.bytes.len()]
+            .par_chunks_mut(COPY_CHUNK)
+            .enumerate()
+            .try_for_each(|(i, chunk)| raw.read_at(chunk, i * COPY_CHUNK))
+            .with_context(|| format!("reading {name} from {}", raw.file))?;
+        if full.send(buffer).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Queues the copy of `raw`'s staged bytes and widens them to f32.
+fn upload_staged(
+    gpu: &Gpu,
+    name: &str,
+    raw: &RawTensor<'_>,
+    buffer: &PinnedHostSlice<u8>,
+) -> Result<CudaSlice<f32>, UploadError> {
+    let n = raw.bytes.len();
+    let stream = gpu.stream();
+    let host = buffer
+        .as_slice()
+        .during("reading a page-locked staging buffer")?;
+    let mut bytes = stream
+        .alloc_zeros::<u8>(n)
+        .during(format!("allocating {name}"))?;
+    stream
+        .memcpy_htod(&host[..n], &mut bytes)
+        .during(format!("uploading {name}"))?;
+    Ok(widen(gpu, name, raw.dtype, &bytes, n / 2)?)
+}
