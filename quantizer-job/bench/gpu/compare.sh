@@ -10,13 +10,15 @@
 #   llama1b  BENCHMARKS.md's Llama-3.2-1B-shaped random model: GPTQ W4A16
 #            symmetric g128 on 128 × 2048 random token ids, FP8, and
 #            data-free RTN W4A16 symmetric g128.
+#   llama8b  a Llama-3-8B-shaped random model (16 GB, tied embeddings): FP8
+#            with both tools, quantops' GPTQ W4A16 g128 on 128 × 2048 ids.
 #
 # Builds nothing: quantizer-job is carried (BIN), llm-compressor comes as
 # wheels in .whl. Prints RESULT lines (JSON) and a table at the end.
 #   BIN=.device/quantizer-job MODEL=.device/model TEXT=.device/text \
-#     quantizer-job/bench/gpu/compare.sh tiny|llama1b OUT_DIR
+#     quantizer-job/bench/gpu/compare.sh tiny|llama1b|llama8b OUT_DIR
 set -euo pipefail
-case_name=${1:?tiny or llama1b}
+case_name=${1:?tiny, llama1b or llama8b}
 out=${2:-${OUT:-/tmp/compare-out}}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
@@ -41,20 +43,29 @@ results="$out/results-$case_name.jsonl"
 
 result() { echo "RESULT $1" | tee -a "$results"; }
 
-# quantops' quantize stage on the GPU; RESULT with its own timings.
+# quantops' quantize stage on the GPU; RESULT with its own timings and the
+# GPU memory nvidia-smi saw in use (sampled every 50 ms) above what was in
+# use before it started.
 quantops() {
-    local label=$1 spec=$2 start end artifact
+    local label=$1 spec=$2 start end artifact sampler idle
+    idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$out/$label.mem" &
+    sampler=$!
     start=$EPOCHREALTIME
     "$bin" quantize --device cuda --spec "$spec" --root "$vol" --output-root "$vol/out" \
-        --termination-log "$out/termination.json" >"$out/$label.log" 2>&1 || { tail -40 "$out/$label.log"; return 1; }
+        --termination-log "$out/termination.json" >"$out/$label.log" 2>&1 || { kill "$sampler"; tail -40 "$out/$label.log"; return 1; }
     end=$EPOCHREALTIME
+    kill "$sampler"
     artifact=$(dirname "$(find "$vol/out" -name quantize.json -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)")
-    python3 - "$label" "$start" "$end" "$artifact" <<'EOF' | while read -r line; do result "$line"; done
+    python3 - "$label" "$start" "$end" "$artifact" "$idle" "$out/$label.mem" <<'EOF' | while read -r line; do result "$line"; done
 import json, sys
 label, start, end, artifact = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+idle, mem = int(sys.argv[5]), sys.argv[6]
 q = json.load(open(f"{artifact}/quantize.json"))
+used = [int(l) for l in open(mem) if l.strip().isdigit()]
 print(json.dumps({"tool": "quantops", "run": label, "oneshot_s": round(q["pipeline_seconds"], 2),
                   "stage_s": round(q["seconds"], 2), "process_s": round(end - start, 2),
+                  "peak_gpu_gib": round((max(used, default=idle) - idle) / 1024, 2),
                   "device": q.get("device"), "artifact": artifact}))
 EOF
     ln -sfn "$artifact" "$vol/$label"
@@ -104,8 +115,19 @@ llama1b)
     llmcompressor lc-rtn --model "$vol/llama1b" --scheme W4A16 --method rtn
     quantops quantops-rtn "$here/specs/llama1b-rtn.yaml"
     ;;
+llama8b)
+    # 16 GB of bf16 weights: quantops streams one layer at a time (its
+    # peak_gpu_gib shows how much was ever on the device at once);
+    # llm-compressor's data-free FP8 beside it, its GPTQ left out (minutes).
+    "${ref[@]}" make-llama1b --out "$vol/llama8b" --tokenizer-dir "$vol/tiny-llama" \
+        --calib-out "$vol/calib8b.json" --samples 128 --seq-len 2048 --seed 0 \
+        --layers 32 --hidden 4096 --intermediate 14336 --vocab 128256 --heads 32 --kv-heads 8
+    llmcompressor lc-fp8 --model "$vol/llama8b" --scheme FP8_DYNAMIC --method rtn
+    quantops quantops-fp8 "$here/specs/llama8b-fp8.yaml"
+    quantops quantops-gptq "$here/specs/llama8b-gptq.yaml"
+    ;;
 *)
-    echo "unknown case $case_name (tiny or llama1b)" >&2
+    echo "unknown case $case_name (tiny, llama1b or llama8b)" >&2
     exit 2
     ;;
 esac

@@ -262,7 +262,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
                 ldc: w.rows as i32,
             };
             // SAFETY: delta has out·in values, x n·in, y at least out·n.
-            unsafe { self.gpu().blas().gemm(gemm, &*delta, &x.data, &mut *y) }
+            unsafe { self.gpu().blas()?.gemm(gemm, &*delta, &x.data, &mut *y) }
                 .during("AWQ's output error")?;
             let len = (w.rows * x.rows) as i64;
             let cfg = LaunchConfig {
@@ -307,14 +307,11 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
             stride_b: group_size as i64,
             stride_c: (group_size * group_size) as i64,
         };
+        let blas = self.gpu().blas()?;
         // SAFETY: batch g reads rows g·gs..(g+1)·gs of every column of X
         // (within n·in values) and writes gs² values at g·gs².
-        unsafe {
-            self.gpu()
-                .blas()
-                .gemm_strided_batched(cfg, &x.data, &x.data, &mut gram)
-        }
-        .during("AWQ's group Gram matrices")?;
+        unsafe { blas.gemm_strided_batched(cfg, &x.data, &x.data, &mut gram) }
+            .during("AWQ's group Gram matrices")?;
         Ok(gram)
     }
 

@@ -926,7 +926,7 @@ impl<'g> LlamaOps<'g> {
             beta: 0.0,
             ldc: to_i32(plan.ldc, what)?,
         };
-        let blas = self.gpu.blas();
+        let blas = self.gpu.blas()?;
         if plan.batch == 1 {
             // SAFETY: `plan.check` proved a, b and c hold every value the
             // product reads or writes (their extents at these leading

@@ -22,7 +22,7 @@ pub use backend::CudaBackend;
 pub use error::GpuError;
 pub use quant::{DeviceHessian, DeviceQuantizer};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
@@ -50,8 +50,11 @@ pub const QUANT_KERNELS: &str = include_str!("kernels/quant.cu");
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    solver: DnHandle,
+    /// cuBLAS and cuSOLVER, created on first use: loading and initialising
+    /// them takes a good part of a second, which a weight-only job (RTN,
+    /// INT8, FP8) never needs.
+    blas: OnceLock<CudaBlas>,
+    solver: OnceLock<DnHandle>,
     quant: Arc<CudaModule>,
     name: String,
 }
@@ -69,10 +72,11 @@ pub struct Tf32Guard<'g> {
 
 impl Drop for Tf32Guard<'_> {
     fn drop(&mut self) {
-        if let Err(e) = set_math_mode(
-            &self.gpu.blas,
-            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-        ) {
+        let Some(blas) = self.gpu.blas.get() else {
+            return;
+        };
+        if let Err(e) = set_math_mode(blas, cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+        {
             tracing::warn!(error = %e, "could not restore cuBLAS's default math mode");
         }
     }
@@ -100,6 +104,18 @@ fn require_libraries() -> Result<(), GpuError> {
         Some((library, _)) => Err(GpuError::MissingLibrary { library }),
         None => Ok(()),
     }
+}
+
+/// The cell's value, created by `init` the first time.
+fn created_once<T>(
+    cell: &OnceLock<T>,
+    init: impl FnOnce() -> Result<T, GpuError>,
+) -> Result<&T, GpuError> {
+    if let Some(value) = cell.get() {
+        return Ok(value);
+    }
+    let value = init()?;
+    Ok(cell.get_or_init(|| value))
 }
 
 /// Compiles CUDA C for the given compute capability with NVRTC.
@@ -145,6 +161,7 @@ impl Gpu {
     /// Opens GPU `ordinal`: loads the libraries, creates the context, the
     /// stream and the library handles, and compiles the kernels.
     pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        let opening = std::time::Instant::now();
         require_libraries()?;
         // cuInit fails (CUDA_ERROR_NO_DEVICE) where the driver is installed
         // but no GPU is visible: that is "no device", not a broken driver.
@@ -157,11 +174,6 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).during("creating the context")?;
         let stream = ctx.new_stream().during("creating a stream")?;
-        let blas = CudaBlas::new(stream.clone()).during("creating the cuBLAS handle")?;
-        let solver = DnHandle::new(stream.clone()).map_err(|e| GpuError::Cusolver {
-            action: "creating the cuSOLVER handle".to_string(),
-            status: format!("{e:?}"),
-        })?;
         let (major, minor) = ctx
             .compute_capability()
             .during("reading the compute capability")?;
@@ -174,13 +186,14 @@ impl Gpu {
             device = %name,
             compute_capability = format!("{major}.{minor}"),
             compile_s,
+            open_s = opening.elapsed().as_secs_f64(),
             "GPU opened"
         );
         Ok(Self {
             ctx,
             stream,
-            blas,
-            solver,
+            blas: OnceLock::new(),
+            solver: OnceLock::new(),
             quant,
             name,
         })
@@ -224,8 +237,10 @@ impl Gpu {
     }
 
     /// The cuBLAS handle, bound to [`Gpu::stream`].
-    pub fn blas(&self) -> &CudaBlas {
-        &self.blas
+    pub fn blas(&self) -> Result<&CudaBlas, GpuError> {
+        created_once(&self.blas, || {
+            CudaBlas::new(self.stream.clone()).during("creating the cuBLAS handle")
+        })
     }
 
     /// A function of the quantization kernels.
@@ -264,14 +279,19 @@ impl Gpu {
     /// full f32.
     pub fn tf32(&self) -> Result<Tf32Guard<'_>, GpuError> {
         set_math_mode(
-            &self.blas,
+            self.blas()?,
             cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
         )?;
         Ok(Tf32Guard { gpu: self })
     }
 
-    pub(crate) fn solver(&self) -> &DnHandle {
-        &self.solver
+    pub(crate) fn solver(&self) -> Result<&DnHandle, GpuError> {
+        created_once(&self.solver, || {
+            DnHandle::new(self.stream.clone()).map_err(|e| GpuError::Cusolver {
+                action: "creating the cuSOLVER handle".to_string(),
+                status: format!("{e:?}"),
+            })
+        })
     }
 }
 

@@ -91,7 +91,6 @@ pub fn quantize_checkpoint(
         GPU_CALIBRATION_BATCH,
     );
     check_fits(gpu, &estimate)?;
-    let _tf32 = gpu.tf32()?;
     // The writer needs codes and scales; the dequantized weights stay on the device.
     let quantizer = DeviceQuantizer::new(gpu)?.keeping_weights_on_device();
     let job = Job {
@@ -104,6 +103,7 @@ pub fn quantize_checkpoint(
     };
     let mut out = BTreeMap::new();
     if calibrated {
+        let _tf32 = gpu.tf32()?;
         quantize_calibrated(&job, calibration, &mut out)?;
     } else {
         quantize_weight_only(&job, &mut out)?;

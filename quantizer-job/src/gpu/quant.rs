@@ -163,7 +163,7 @@ impl DeviceHessian {
             ldc: d,
         };
         // SAFETY: x holds rows·d values (checked above), sum d·d.
-        unsafe { gpu.blas().gemm(cfg, x, x, &mut self.sum) }
+        unsafe { gpu.blas()?.gemm(cfg, x, x, &mut self.sum) }
             .during(format!("accumulating the Hessian of {}", self.layer))?;
         self.samples += rows;
         Ok(())
@@ -792,7 +792,7 @@ impl<'g> DeviceQuantizer<'g> {
         let mut c = wp.slice_mut(i2..);
         // SAFETY: the views start inside their buffers and the leading
         // dimensions keep every access within rows·n (wp) and n² (u).
-        unsafe { self.gpu.blas().gemm(cfg, &b, err, &mut c) }.during("GPTQ's trailing update")
+        unsafe { self.gpu.blas()?.gemm(cfg, &b, err, &mut c) }.during("GPTQ's trailing update")
     }
 
     /// The diagonal of an `n × n` f64 matrix, on the host.
@@ -870,7 +870,7 @@ impl<'g> DeviceQuantizer<'g> {
         step: &'static str,
     ) -> Result<(), GpuError> {
         let stream = self.gpu.stream();
-        let handle = self.gpu.solver().cu();
+        let handle = self.gpu.solver()?.cu();
         let n_i = n as i32;
         let mut lwork = 0i32;
         let mut info = stream.alloc_zeros::<i32>(1).during("allocating devInfo")?;

@@ -11,6 +11,7 @@
 //! quantizes the current one.
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -69,11 +70,15 @@ where
     std::thread::scope(|scope| {
         let raws = &raws;
         let reader = scope.spawn(move || read_ahead(names, raws, empty_rx, full_tx));
+        let started = Instant::now();
+        let mut waited = Duration::ZERO;
         let uploaded = (|| -> anyhow::Result<()> {
             for (name, raw) in names.iter().zip(raws) {
+                let asked = Instant::now();
                 let buffer = full_rx
                     .recv()
                     .map_err(|_| anyhow::anyhow!("the staging reader stopped before {name}"))?;
+                waited += asked.elapsed();
                 let values = upload_staged(gpu, name, raw, &buffer)?;
                 // The copy out of `buffer` is queued; it must finish before
                 // the reader refills the buffer.
@@ -98,7 +103,17 @@ where
             .join()
             .map_err(|_| anyhow::anyhow!("the staging reader panicked"))?;
         uploaded?;
-        read
+        read?;
+        // Where the time went: waiting on the reader means the disk or the
+        // page cache is the bound, the rest is the device and the downloads.
+        tracing::info!(
+            tensors = raws.len(),
+            bytes = raws.iter().map(|raw| raw.bytes.len()).sum::<usize>(),
+            seconds = started.elapsed().as_secs_f64(),
+            waiting_for_reads_s = waited.as_secs_f64(),
+            "staged uploads"
+        );
+        Ok(())
     })
 }
 
