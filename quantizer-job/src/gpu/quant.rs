@@ -13,6 +13,7 @@ use cudarc::driver::{
 
 use super::Gpu;
 use super::error::{DriverContext, GpuError};
+use super::staging::Downloads;
 use crate::quant::{
     ActOrder, Codes, FloatDtype, Hessian, IntScheme, Matrix, QuantError, QuantizedLinear,
     WeightScheme, grid,
@@ -215,6 +216,8 @@ pub struct DeviceQuantizer<'g> {
     gptq_block: CudaFunction,
     unpermute_codes: CudaFunction,
     diagonal: CudaFunction,
+    /// The page-locked buffer codes come back through.
+    downloads: Downloads,
 }
 
 /// The two cuSOLVER steps GPTQ's inverse needs.
@@ -253,6 +256,7 @@ impl<'g> DeviceQuantizer<'g> {
             gptq_block: gpu.quant_fn("gptq_block")?,
             unpermute_codes: gpu.quant_fn("unpermute_codes")?,
             diagonal: gpu.quant_fn("diagonal")?,
+            downloads: Downloads::default(),
         })
     }
 
@@ -393,7 +397,7 @@ impl<'g> DeviceQuantizer<'g> {
             shape,
             scheme: WeightScheme::Fp8 { scale_dtype },
             act_order: ActOrder::None,
-            codes: Codes::Fp8(stream.clone_dtoh(&codes).during("downloading codes")?),
+            codes: Codes::Fp8(self.downloads.bytes(self.gpu, &codes.as_view(), |b| b)?),
             scales: Matrix::new(
                 rows,
                 1,
@@ -488,6 +492,19 @@ impl<'g> DeviceQuantizer<'g> {
         Ok(started.elapsed().as_secs_f64() / reps as f64)
     }
 
+    /// Integer codes on the host, through the page-locked buffer.
+    fn download_int_codes(&self, codes: &CudaSlice<i8>) -> Result<Vec<i8>, GpuError> {
+        // SAFETY: i8 and u8 have the same size and every bit pattern is valid in both.
+        let Some(bytes) = (unsafe { codes.transmute::<u8>(codes.len()) }) else {
+            return Err(shape_error(
+                "codes".to_string(),
+                format!("{} bytes", codes.len()),
+                "a shorter device buffer".to_string(),
+            ));
+        };
+        self.downloads.bytes(self.gpu, &bytes, |b| b as i8)
+    }
+
     /// Downloads an integer result and assembles the [`QuantizedLinear`].
     #[allow(clippy::too_many_arguments)]
     fn finish_int(
@@ -518,7 +535,7 @@ impl<'g> DeviceQuantizer<'g> {
             shape,
             scheme: WeightScheme::Int(scheme),
             act_order,
-            codes: Codes::Int(stream.clone_dtoh(codes).during("downloading codes")?),
+            codes: Codes::Int(self.download_int_codes(codes)?),
             scales: Matrix::new(rows, groups, scales)?,
             zero_points,
             g_idx,

@@ -1,5 +1,5 @@
-//! Checkpoint tensors streamed to the device through page-locked staging
-//! buffers, read ahead on a host thread.
+//! Transfers through page-locked memory: checkpoint tensors streamed to the
+//! device, read ahead on a host thread, and results downloaded.
 //!
 //! A weight-only quantization (RTN, INT8, FP8) does milliseconds of kernel
 //! work per Linear; its time is reading the checkpoint and moving it over
@@ -10,18 +10,19 @@
 //! reads of 1 MiB chunks on several cores) while the device copies and
 //! quantizes the current one.
 
+use std::cell::RefCell;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, CudaView, PinnedHostSlice};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::Gpu;
 use super::error::DriverContext;
 use super::tensors::{UploadError, upload_f32, widen};
+use super::{Gpu, GpuError};
 use crate::checkpoint::{Checkpoint, RawTensor};
 
 /// Staging buffers: one being filled while the other is copied to the device.
@@ -163,4 +164,57 @@ fn upload_staged(
         .memcpy_htod(&host[..n], &mut bytes)
         .during(format!("uploading {name}"))?;
     Ok(widen(gpu, name, raw.dtype, &bytes, n / 2)?)
+}
+
+/// Page-locked memory that results come back through, grown to the largest
+/// asked for. A download into pageable memory is staged by the driver on
+/// one thread and faults every fresh page of the result in on the way (the
+/// codes of an 8B model are 7 GB); here the copy lands in page-locked
+/// memory and is copied into the result on the rayon pool.
+#[derive(Default)]
+pub struct Downloads {
+    buffer: RefCell<Option<PinnedHostSlice<u8>>>,
+}
+
+impl Downloads {
+    /// The bytes of `src`, each passed through `convert`.
+    pub fn bytes<T>(
+        &self,
+        gpu: &Gpu,
+        src: &CudaView<'_, u8>,
+        convert: impl Fn(u8) -> T + Sync,
+    ) -> Result<Vec<T>, GpuError>
+    where
+        T: Default + Clone + Send,
+    {
+        let n = src.len();
+        let mut slot = self.buffer.borrow_mut();
+        if slot.as_ref().is_none_or(|buffer| buffer.len() < n) {
+            // The old buffer is freed before the larger one is taken.
+            *slot = None;
+            // SAFETY: the buffer is written by the copy before it is read.
+            let buffer = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(n, 0) }
+                .during("allocating a page-locked download buffer")?;
+            *slot = Some(buffer);
+        }
+        let Some(buffer) = slot.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let host = buffer
+            .as_mut_slice()
+            .during("opening the page-locked download buffer")?;
+        gpu.stream()
+            .memcpy_dtoh(src, &mut host[..n])
+            .during("downloading a result")?;
+        gpu.synchronize()?;
+        let mut out = vec![T::default(); n];
+        out.par_chunks_mut(COPY_CHUNK)
+            .zip(host[..n].par_chunks(COPY_CHUNK))
+            .for_each(|(dst, src)| {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = convert(*s);
+                }
+            });
+        Ok(out)
+    }
 }
