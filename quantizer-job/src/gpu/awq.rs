@@ -83,7 +83,11 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         scheme: IntScheme,
         config: &AwqConfig,
     ) -> Result<AwqResult, GpuError> {
-        let group_size = check_inputs(layers, x, &scheme)?;
+        let shapes: Vec<(&str, [usize; 2])> = layers
+            .iter()
+            .map(|(name, w)| (*name, [w.rows, w.cols]))
+            .collect();
+        let group_size = check_inputs(&shapes, [x.rows, x.cols], &scheme)?;
         let x = subsample(x, config.max_samples);
         let xs = self.upload("inputs", &x)?;
         let weights = layers
