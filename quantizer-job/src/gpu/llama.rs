@@ -39,7 +39,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError};
+use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
@@ -803,6 +803,38 @@ impl DeviceLayer {
             slot.out * slot.inp,
         )?;
         Ok(std::mem::replace(&mut slot.weight, weight))
+    }
+
+    fn norm_slot(&mut self, kind: NormKind) -> &mut CudaSlice<f32> {
+        match kind {
+            NormKind::Input => &mut self.input_layernorm,
+            NormKind::PostAttention => &mut self.post_attention_layernorm,
+        }
+    }
+
+    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into.
+    pub fn norm(&self, kind: NormKind) -> &CudaSlice<f32> {
+        match kind {
+            NormKind::Input => &self.input_layernorm,
+            NormKind::PostAttention => &self.post_attention_layernorm,
+        }
+    }
+
+    /// Replaces an RMSNorm weight (by its AWQ-folded version) and returns
+    /// the previous one; the length must stay the same.
+    pub fn set_norm(
+        &mut self,
+        kind: NormKind,
+        weight: CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        let index = self.index;
+        let slot = self.norm_slot(kind);
+        check_len(
+            &format!("model.layers.{index} {kind:?} norm weight"),
+            weight.len(),
+            slot.len(),
+        )?;
+        Ok(std::mem::replace(slot, weight))
     }
 }
 

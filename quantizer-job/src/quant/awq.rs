@@ -202,6 +202,16 @@ impl RowSampler {
             .filter(|r| (seen + r).is_multiple_of(stride))
             .collect()
     }
+
+    /// How many rows batches of `batch_rows` rows leave in total: what a
+    /// capture point stores, and what the memory estimate counts.
+    pub fn total(batch_rows: &[usize]) -> usize {
+        let mut sampler = Self::new(batch_rows.len());
+        batch_rows
+            .iter()
+            .map(|&rows| sampler.next_batch(rows).len())
+            .sum()
+    }
 }
 
 /// The rows [`subsample`] keeps of `rows` rows, or `None` when it keeps
@@ -507,6 +517,7 @@ mod tests {
             let kept = sampled(&batch_rows);
             assert_eq!(kept, reference(&batch_rows), "{batch_rows:?}");
             let total: usize = kept.iter().map(Vec::len).sum();
+            assert_eq!(RowSampler::total(&batch_rows), total, "{batch_rows:?}");
             let all: usize = batch_rows.iter().sum();
             assert_eq!(total == all, all <= AWQ_MAX_ROWS, "{batch_rows:?}");
             // No batch gives more than its even share, rounded up.

@@ -86,10 +86,11 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let pipeline_started = Instant::now();
     let (quantized, dense) = match input.gpu {
         Some(gpu) if gpu::pipeline::supports(recipe.method) => {
-            let quantized =
+            let output =
                 gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
-            let dense = dense_tensors(&checkpoint, None, &quantized)?;
-            (quantized, dense)
+            let mut dense = dense_tensors(&checkpoint, None, &output.quantized)?;
+            replace_folded_norms(&mut dense, output.folded_norms)?;
+            (output.quantized, dense)
         }
         Some(gpu) => {
             tracing::info!(method = ?recipe.method, "searching on the GPU, forward passes on the CPU");
@@ -201,6 +202,22 @@ fn dense_tensors(
         dense.insert(name.to_string(), to_dense(&tensor)?);
     }
     Ok(dense)
+}
+
+/// Puts the RMSNorm weights AWQ folded its scales into (on the GPU) in
+/// place of the checkpoint's.
+fn replace_folded_norms(
+    dense: &mut BTreeMap<String, DenseTensor>,
+    folded: BTreeMap<String, Vec<f32>>,
+) -> anyhow::Result<()> {
+    for (name, values) in folded {
+        let slot = dense
+            .get_mut(&name)
+            .with_context(|| format!("AWQ folded {name}, which the checkpoint does not have"))?;
+        let len = values.len();
+        *slot = to_dense(&Tensor::from_vec(values, len, &candle_core::Device::Cpu)?)?;
+    }
+    Ok(())
 }
 
 /// The decoder-layer norm weights, which AWQ rewrites.
