@@ -2,6 +2,7 @@
 //! an input, which op absorbs AWQ's scales, and the conversions between the
 //! model's candle tensors and the algorithms' plain matrices.
 
+use crate::config::LlamaConfig;
 use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
 use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
@@ -32,6 +33,45 @@ pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)?)
 }
 
+/// The input groups of decoder layer `layer` of a Llama-family model, in
+/// AWQ's folding order: a group that folds into a Linear comes before the
+/// group that quantizes that Linear (`o` before `q,k,v`, `down` before
+/// `gate,up`), so no fold ever touches quantized weights. `o_proj` folds
+/// into `v_proj` only without grouped-query attention. The CPU driver (through
+/// [`LayeredModel::input_groups`]) and the GPU pipeline both take them from here.
+pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
+    let v_out = cfg.num_key_value_heads * cfg.head_dim;
+    let o_in = cfg.num_attention_heads * cfg.head_dim;
+    let m = |kind| module(layer, kind);
+    let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
+    vec![
+        InputGroup {
+            linears: vec![m(LinearKind::OProj)],
+            fold: o_fold,
+        },
+        InputGroup {
+            linears: vec![
+                m(LinearKind::QProj),
+                m(LinearKind::KProj),
+                m(LinearKind::VProj),
+            ],
+            fold: Some(ScaleSink::Norm(format!(
+                "model.layers.{layer}.input_layernorm"
+            ))),
+        },
+        InputGroup {
+            linears: vec![m(LinearKind::DownProj)],
+            fold: Some(ScaleSink::Linear(m(LinearKind::UpProj))),
+        },
+        InputGroup {
+            linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
+            fold: Some(ScaleSink::Norm(format!(
+                "model.layers.{layer}.post_attention_layernorm"
+            ))),
+        },
+    ]
+}
+
 impl LayeredModel for LlamaLayers<'_> {
     type Hidden = Tensor;
 
@@ -39,41 +79,8 @@ impl LayeredModel for LlamaLayers<'_> {
         self.model.num_layers()
     }
 
-    /// Groups in AWQ's folding order: a group that folds into a Linear comes
-    /// before the group that quantizes that Linear (`o` before `q,k,v`,
-    /// `down` before `gate,up`), so no fold ever touches quantized weights.
     fn input_groups(&self, layer: usize) -> Vec<InputGroup> {
-        let cfg = self.model.config();
-        let v_out = cfg.num_key_value_heads * cfg.head_dim;
-        let o_in = cfg.num_attention_heads * cfg.head_dim;
-        let m = |kind| module(layer, kind);
-        let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
-        vec![
-            InputGroup {
-                linears: vec![m(LinearKind::OProj)],
-                fold: o_fold,
-            },
-            InputGroup {
-                linears: vec![
-                    m(LinearKind::QProj),
-                    m(LinearKind::KProj),
-                    m(LinearKind::VProj),
-                ],
-                fold: Some(ScaleSink::Norm(format!(
-                    "model.layers.{layer}.input_layernorm"
-                ))),
-            },
-            InputGroup {
-                linears: vec![m(LinearKind::DownProj)],
-                fold: Some(ScaleSink::Linear(m(LinearKind::UpProj))),
-            },
-            InputGroup {
-                linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
-                fold: Some(ScaleSink::Norm(format!(
-                    "model.layers.{layer}.post_attention_layernorm"
-                ))),
-            },
-        ]
+        llama_input_groups(self.model.config(), layer)
     }
 
     fn outer_linears(&self) -> Vec<String> {

@@ -10,6 +10,7 @@
 //! op before them can absorb AWQ's scales).
 
 use crate::progress::Progress;
+use crate::quant::awq::RowSampler;
 use crate::quant::{
     ActOrder, AwqConfig, Hessian, IntScheme, Matrix, QuantBackend, QuantizedLinear, ScaleSink,
     WeightScheme,
@@ -120,10 +121,6 @@ enum Captured {
     Samples(Matrix),
 }
 
-/// AWQ searches on at most this many activation rows per input group, taken
-/// evenly over the calibration set (the search subsamples further).
-const AWQ_MAX_ROWS: usize = 4096;
-
 fn capture_layer<M: LayeredModel, B: QuantBackend>(
     model: &M,
     backend: &B,
@@ -138,7 +135,8 @@ fn capture_layer<M: LayeredModel, B: QuantBackend>(
         .filter_map(|(i, g)| g.linears.first().map(|n| (n.as_str(), i)))
         .collect();
     let mut captured: BTreeMap<usize, Captured> = BTreeMap::new();
-    let mut rows_seen: BTreeMap<usize, usize> = BTreeMap::new();
+    // AWQ keeps about AWQ_MAX_ROWS rows per group, spread over the set.
+    let mut samplers: BTreeMap<usize, RowSampler> = BTreeMap::new();
     for h in hidden {
         let mut sink = |module: &str, x: Matrix| -> anyhow::Result<()> {
             let Some(&index) = index_of.get(module) else {
@@ -155,8 +153,9 @@ fn capture_layer<M: LayeredModel, B: QuantBackend>(
                     backend.accumulate_hessian(hessian, &x)?;
                 }
                 _ => {
-                    let seen = rows_seen.entry(index).or_default();
-                    let stride = (hidden.len() * x.rows).div_ceil(AWQ_MAX_ROWS).max(1);
+                    let sampler = samplers
+                        .entry(index)
+                        .or_insert_with(|| RowSampler::new(hidden.len()));
                     let Captured::Samples(samples) = entry.or_insert_with(|| {
                         Captured::Samples(Matrix {
                             rows: 0,
@@ -166,13 +165,10 @@ fn capture_layer<M: LayeredModel, B: QuantBackend>(
                     }) else {
                         return Ok(());
                     };
-                    for r in 0..x.rows {
-                        if (*seen + r).is_multiple_of(stride) {
-                            samples.data.extend_from_slice(x.row(r));
-                            samples.rows += 1;
-                        }
+                    for r in sampler.next_batch(x.rows) {
+                        samples.data.extend_from_slice(x.row(r));
+                        samples.rows += 1;
                     }
-                    *seen += x.rows;
                 }
             }
             Ok(())

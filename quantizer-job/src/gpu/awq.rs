@@ -8,19 +8,29 @@
 //! summed in the CPU's order, so the candidate scales are bit-identical;
 //! the errors differ by summation order only, so the chosen α and clips
 //! agree with the CPU except on near-ties (gpu-check bounds the difference).
+//!
+//! [`DeviceAwq::search_on_device`] works on device-resident weights and
+//! inputs (the layer-streamed pipeline's); [`DeviceAwq::search`], for callers
+//! with host matrices ([`super::CudaBackend`]), uploads them and calls it.
+//! The folds of `1/s` into the op before a group are here too, so the
+//! pipeline never copies a weight to the host.
 
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::Gpu;
 use super::error::{DriverContext, GpuError};
-use super::quant::{DeviceQuantizer, dtype_code, per_element, per_team};
-use crate::quant::awq::{check_inputs, clip_steps, search_scales, skips_clip, subsample};
-use crate::quant::{AwqConfig, AwqResult, IntScheme, Matrix};
+use super::quant::{DeviceQuantized, DeviceQuantizer, dtype_code, per_element, per_team};
+use super::tensors::gather_rows;
+use crate::quant::awq::{
+    check_inputs, check_linear_fold, check_norm_fold, clip_steps, search_scales, skips_clip,
+    subsample, subsample_rows,
+};
+use crate::quant::{AwqConfig, AwqResult, IntScheme, Matrix, QuantError};
 
 /// Largest group the clipping kernel holds in shared memory (two floats per
 /// weight; 48 KiB is every GPU's default limit).
-const MAX_CLIP_GROUP: usize = 4096;
+pub(crate) const MAX_CLIP_GROUP: usize = 4096;
 
 /// The AWQ kernels, next to the quantizer that rounds the result.
 pub struct DeviceAwq<'q, 'g> {
@@ -28,17 +38,66 @@ pub struct DeviceAwq<'q, 'g> {
     column_abs_sum: CudaFunction,
     group_normalized_abs: CudaFunction,
     scale_columns: CudaFunction,
+    scale_rows: CudaFunction,
     awq_delta: CudaFunction,
     sum_squares: CudaFunction,
     awq_clip: CudaFunction,
 }
 
-/// A host matrix on the device, with its shape.
-struct Uploaded<'a> {
-    name: &'a str,
-    data: CudaSlice<f32>,
-    rows: usize,
-    cols: usize,
+/// A row-major `[rows, cols]` matrix on the device, borrowed, with the name
+/// errors and logs use: a Linear's weight (`[out, in]`) or its inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMatrix<'a> {
+    pub name: &'a str,
+    pub data: &'a CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> DeviceMatrix<'a> {
+    /// Other values of the same name and shape (a scaled or clipped copy).
+    fn with_data<'b>(&self, data: &'b CudaSlice<f32>) -> DeviceMatrix<'b>
+    where
+        'a: 'b,
+    {
+        DeviceMatrix { data, ..*self }
+    }
+
+    /// Fails unless the buffer holds exactly `rows · cols` values: the
+    /// kernels' bounds rest on it.
+    fn check(&self) -> Result<(), GpuError> {
+        if self.data.len() != self.rows * self.cols {
+            return Err(QuantError::Shape {
+                what: format!("{} on the device", self.name),
+                expected: format!(
+                    "{} values for [{}, {}]",
+                    self.rows * self.cols,
+                    self.rows,
+                    self.cols
+                ),
+                got: format!("{} values", self.data.len()),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// What [`DeviceAwq::search_on_device`] found: as [`AwqResult`], with each
+/// Linear's result still holding its dequantized weight on the device (the
+/// GPU pipeline puts it back into the layer) and the scales on the device
+/// too (the pipeline folds them into the op before).
+pub struct DeviceAwqResult {
+    /// Per-input-channel scales `s`; all ones when scaling did not help.
+    pub scales: Vec<f32>,
+    /// The same scales on the device.
+    pub device_scales: CudaSlice<f32>,
+    /// The chosen α; `None` when the identity scaling won.
+    pub alpha: Option<f32>,
+    /// `Q(W·s)` per input Linear, in the order given.
+    pub layers: Vec<DeviceQuantized>,
+    /// Output error of the chosen scales before clipping, summed over the Linears.
+    pub search_error: f64,
 }
 
 impl<'q, 'g> DeviceAwq<'q, 'g> {
@@ -50,6 +109,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
             column_abs_sum: gpu.quant_fn("column_abs_sum")?,
             group_normalized_abs: gpu.quant_fn("group_normalized_abs")?,
             scale_columns: gpu.quant_fn("scale_columns")?,
+            scale_rows: gpu.quant_fn("scale_rows")?,
             awq_delta: gpu.quant_fn("awq_delta")?,
             sum_squares: gpu.quant_fn("sum_squares")?,
             awq_clip: gpu.quant_fn("awq_clip")?,
@@ -60,22 +120,17 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         self.quantizer.gpu()
     }
 
-    fn upload<'a>(&self, name: &'a str, m: &Matrix) -> Result<Uploaded<'a>, GpuError> {
-        let data = self
-            .gpu()
+    fn upload(&self, m: &Matrix) -> Result<CudaSlice<f32>, GpuError> {
+        self.gpu()
             .stream()
             .clone_htod(&m.data)
-            .during("uploading an AWQ input")?;
-        Ok(Uploaded {
-            name,
-            data,
-            rows: m.rows,
-            cols: m.cols,
-        })
+            .during("uploading an AWQ input")
     }
 
     /// Searches scales and clipping for Linears sharing the input `x`, as
-    /// [`crate::quant::awq_search`] does, and rounds the result on the device.
+    /// [`crate::quant::awq_search`] does, and rounds the result on the device:
+    /// the entry point for callers holding host matrices, which uploads them
+    /// and runs [`Self::search_on_device`].
     pub fn search(
         &self,
         layers: &[(&str, &Matrix)],
@@ -83,66 +138,173 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         scheme: IntScheme,
         config: &AwqConfig,
     ) -> Result<AwqResult, GpuError> {
-        let group_size = check_inputs(layers, x, &scheme)?;
-        let x = subsample(x, config.max_samples);
-        let xs = self.upload("inputs", &x)?;
-        let weights = layers
+        let shapes: Vec<(&str, [usize; 2])> = layers
             .iter()
-            .map(|(name, w)| self.upload(name, w))
+            .map(|(name, w)| (*name, [w.rows, w.cols]))
+            .collect();
+        // Checked before anything is uploaded, so an empty input is the
+        // CPU's error and not a failed zero-byte copy.
+        check_inputs(&shapes, [x.rows, x.cols], &scheme)?;
+        // Only the rows the search uses travel; the device search's own
+        // subsampling then keeps them all.
+        let x = subsample(x, config.max_samples);
+        let xs = self.upload(&x)?;
+        let uploaded = layers
+            .iter()
+            .map(|(_, w)| self.upload(w))
             .collect::<Result<Vec<_>, _>>()?;
+        let weights: Vec<DeviceMatrix> = layers
+            .iter()
+            .zip(&uploaded)
+            .map(|((name, w), data)| DeviceMatrix {
+                name,
+                data,
+                rows: w.rows,
+                cols: w.cols,
+            })
+            .collect();
+        let inputs = DeviceMatrix {
+            name: "inputs",
+            data: &xs,
+            rows: x.rows,
+            cols: x.cols,
+        };
+        let found = self.search_on_device(&weights, inputs, scheme, config)?;
+        Ok(AwqResult {
+            scales: found.scales,
+            alpha: found.alpha,
+            layers: found.layers.into_iter().map(|q| q.linear).collect(),
+            search_error: found.search_error,
+        })
+    }
 
-        let x_mean = self.column_means(std::slice::from_ref(&xs), None)?;
-        let w_mean = self.column_means(&weights, Some(group_size))?;
-        let widest = weights.iter().map(|w| w.rows).max().unwrap_or(0);
+    /// The search on device-resident weights and inputs `x` (`[rows, in]`,
+    /// e.g. the activation rows the GPU pipeline kept), subsampled here to
+    /// `config.max_samples` rows as the CPU twin does. The weights are only
+    /// read; the caller decides what to do with `Q(W·s)` and the scales.
+    pub fn search_on_device(
+        &self,
+        layers: &[DeviceMatrix],
+        x: DeviceMatrix,
+        scheme: IntScheme,
+        config: &AwqConfig,
+    ) -> Result<DeviceAwqResult, GpuError> {
+        let shapes: Vec<(&str, [usize; 2])> =
+            layers.iter().map(|w| (w.name, [w.rows, w.cols])).collect();
+        let group_size = check_inputs(&shapes, [x.rows, x.cols], &scheme)?;
+        x.check()?;
+        for w in layers {
+            w.check()?;
+        }
+        let gathered = match subsample_rows(x.rows, config.max_samples) {
+            Some(rows) => {
+                let ids = rows
+                    .iter()
+                    .map(|&r| u32::try_from(r))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| QuantError::Shape {
+                        what: format!("{} for AWQ", x.name),
+                        expected: "fewer than 2^32 rows".to_string(),
+                        got: format!("{} rows", x.rows),
+                    })?;
+                Some((gather_rows(self.gpu(), x.data, x.cols, &ids)?, ids.len()))
+            }
+            None => None,
+        };
+        let xs = match &gathered {
+            Some((data, rows)) => DeviceMatrix {
+                data,
+                rows: *rows,
+                ..x
+            },
+            None => x,
+        };
+
+        let x_mean = self.column_means(&[xs], None)?;
+        let w_mean = self.column_means(layers, Some(group_size))?;
+        let widest = layers.iter().map(|w| w.rows).max().unwrap_or(0);
         let stream = self.gpu().stream();
         let mut delta = stream
-            .alloc_zeros::<f32>(widest * x.cols)
+            .alloc_zeros::<f32>(widest * xs.cols)
             .during("allocating AWQ's weight error")?;
         let mut y = stream
-            .alloc_zeros::<f32>(widest * x.rows)
+            .alloc_zeros::<f32>(widest * xs.rows)
             .during("allocating AWQ's output error")?;
         let choice = search_scales(&x_mean, &w_mean, config, |s| {
-            self.output_error(&xs, &weights, s, group_size, &scheme, &mut delta, &mut y)
+            self.output_error(xs, layers, s, group_size, &scheme, &mut delta, &mut y)
         })?;
         drop((delta, y));
 
         let scales = stream
             .clone_htod(&choice.scales)
             .during("uploading AWQ's scales")?;
-        let scaled_x = self.scale(&xs, &scales, true)?;
-        let clipping = weights.iter().any(|w| !skips_clip(config, w.name));
+        let scaled_x = self.scale(xs, &scales, true)?;
+        let scaled_x = xs.with_data(&scaled_x);
+        let clipping = layers.iter().any(|w| !skips_clip(config, w.name));
         let gram = if clipping && group_size <= MAX_CLIP_GROUP {
-            Some(self.group_grams(&scaled_x, group_size)?)
+            Some(self.group_grams(scaled_x, group_size)?)
         } else {
             None
         };
-        let mut out = Vec::with_capacity(weights.len());
-        for w in &weights {
-            let mut ws = self.scale(w, &scales, false)?;
-            if !skips_clip(config, w.name) {
-                ws = match &gram {
-                    Some(gram) => self.clip(&ws, gram, group_size, &scheme, config)?,
-                    None => self.clip_on_host(&ws, &scaled_x, group_size, scheme, config)?,
-                };
-            }
-            let q = self
-                .quantizer
-                .rtn(w.name, &ws.data, [ws.rows, ws.cols], scheme)?;
-            out.push(q.linear);
+        let mut out = Vec::with_capacity(layers.len());
+        for w in layers {
+            let scaled = self.scale(*w, &scales, false)?;
+            let ws = if skips_clip(config, w.name) {
+                scaled
+            } else {
+                let scaled = w.with_data(&scaled);
+                match &gram {
+                    Some(gram) => self.clip(scaled, gram, group_size, &scheme, config)?,
+                    None => self.clip_on_host(scaled, scaled_x, group_size, scheme, config)?,
+                }
+            };
+            out.push(self.quantizer.rtn(w.name, &ws, [w.rows, w.cols], scheme)?);
         }
-        Ok(AwqResult {
+        Ok(DeviceAwqResult {
             scales: choice.scales,
+            device_scales: scales,
             alpha: choice.alpha,
             layers: out,
             search_error: choice.loss,
         })
     }
 
+    /// `gamma / s` element-wise: AWQ's `1/s` folded into the RMSNorm before a
+    /// group, as [`crate::quant::fold_into_norm`] does (the same IEEE
+    /// division, so the result is the CPU's bit for bit). Returns the new weight.
+    pub fn fold_into_norm(
+        &self,
+        gamma: &CudaSlice<f32>,
+        scales: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        check_norm_fold(gamma.len(), scales.len())?;
+        let norm = DeviceMatrix {
+            name: "norm weight",
+            data: gamma,
+            rows: 1,
+            cols: gamma.len(),
+        };
+        self.scale(norm, scales, true)
+    }
+
+    /// `W[c, :] / s[c]`: AWQ's `1/s` folded into the output rows of the
+    /// Linear before a group, as [`crate::quant::fold_into_linear`] does.
+    /// Returns the new weight.
+    pub fn fold_into_linear(
+        &self,
+        w: DeviceMatrix,
+        scales: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        w.check()?;
+        check_linear_fold(w.rows, scales.len())?;
+        self.launch_scale(&self.scale_rows, w, scales, true, "scale_rows")
+    }
+
     /// Mean per column over all rows of `mats`: of `|x|`, or with a group
     /// size of `|w|` over its (row, group)'s max, as the CPU twin computes them.
     fn column_means(
         &self,
-        mats: &[Uploaded],
+        mats: &[DeviceMatrix],
         group_size: Option<usize>,
     ) -> Result<Vec<f32>, GpuError> {
         let stream = self.gpu().stream();
@@ -153,10 +315,10 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         let mut rows = 0usize;
         for m in mats {
             let normalized = match group_size {
-                Some(gs) => Some(self.normalized_abs(m, gs)?),
+                Some(gs) => Some(self.normalized_abs(*m, gs)?),
                 None => None,
             };
-            let src = normalized.as_ref().unwrap_or(&m.data);
+            let src = normalized.as_ref().unwrap_or(m.data);
             let (rows_i, cols_i) = (m.rows as i64, m.cols as i32);
             let mut launch = stream.launch_builder(&self.column_abs_sum);
             launch.arg(src).arg(&rows_i).arg(&cols_i).arg(&mut acc);
@@ -168,7 +330,11 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         Ok(sums.iter().map(|s| (s / rows as f64) as f32).collect())
     }
 
-    fn normalized_abs(&self, w: &Uploaded, group_size: usize) -> Result<CudaSlice<f32>, GpuError> {
+    fn normalized_abs(
+        &self,
+        w: DeviceMatrix,
+        group_size: usize,
+    ) -> Result<CudaSlice<f32>, GpuError> {
         let stream = self.gpu().stream();
         let mut out = stream
             .alloc_zeros::<f32>(w.data.len())
@@ -178,7 +344,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         let (rows, cols, gs) = (w.rows as i32, w.cols as i32, group_size as i32);
         let mut launch = stream.launch_builder(&self.group_normalized_abs);
         launch
-            .arg(&w.data)
+            .arg(w.data)
             .arg(&rows)
             .arg(&cols)
             .arg(&gs)
@@ -190,42 +356,51 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
     }
 
     /// `x · diag(s)`, or `x · diag(s)⁻¹` when `divide`.
-    fn scale<'a>(
+    fn scale(
         &self,
-        x: &Uploaded<'a>,
+        x: DeviceMatrix,
         s: &CudaSlice<f32>,
         divide: bool,
-    ) -> Result<Uploaded<'a>, GpuError> {
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        self.launch_scale(&self.scale_columns, x, s, divide, "scale_columns")
+    }
+
+    /// One of the element-wise scaling kernels (`scale_columns`: `s` per
+    /// column; `scale_rows`: `s` per row) into a new buffer.
+    fn launch_scale(
+        &self,
+        kernel: &CudaFunction,
+        x: DeviceMatrix,
+        s: &CudaSlice<f32>,
+        divide: bool,
+        what: &str,
+    ) -> Result<CudaSlice<f32>, GpuError> {
         let stream = self.gpu().stream();
         let n = x.data.len();
         let mut data = stream
             .alloc_zeros::<f32>(n)
             .during("allocating scaled values")?;
         let (n_i, cols, div) = (n as i64, x.cols as i32, i32::from(divide));
-        let mut launch = stream.launch_builder(&self.scale_columns);
+        let mut launch = stream.launch_builder(kernel);
         launch
-            .arg(&x.data)
+            .arg(x.data)
             .arg(&n_i)
             .arg(&cols)
             .arg(s)
             .arg(&div)
             .arg(&mut data);
-        // SAFETY: x and data hold n values, s one per column.
-        unsafe { launch.launch(per_element(n)) }.during("launching scale_columns")?;
-        Ok(Uploaded {
-            name: x.name,
-            data,
-            rows: x.rows,
-            cols: x.cols,
-        })
+        // SAFETY: x and data hold n = rows·cols values; s one per column
+        // (scale_columns) or per row (scale_rows), as the callers checked.
+        unsafe { launch.launch(per_element(n)) }.during(format!("launching {what}"))?;
+        Ok(data)
     }
 
     /// `Σ_layers ‖X (W − Q(W·s)/s)ᵀ‖²`, the loss of one scale candidate.
     #[allow(clippy::too_many_arguments)]
     fn output_error(
         &self,
-        x: &Uploaded,
-        weights: &[Uploaded],
+        x: DeviceMatrix,
+        weights: &[DeviceMatrix],
         s: &[f32],
         group_size: usize,
         scheme: &IntScheme,
@@ -242,7 +417,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
             let (cfg, team) = per_team(items, group_size);
             let (rows, cols, gs) = (w.rows as i32, w.cols as i32, group_size as i32);
             let mut launch = stream.launch_builder(&self.awq_delta);
-            launch.arg(&w.data).arg(&s).arg(&rows).arg(&cols).arg(&gs);
+            launch.arg(w.data).arg(&s).arg(&rows).arg(&cols).arg(&gs);
             launch.arg(&bits).arg(&sym).arg(&dtype).arg(&eps).arg(&team);
             launch.arg(&mut *delta);
             // SAFETY: delta holds at least rows·cols values (the widest layer);
@@ -262,7 +437,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
                 ldc: w.rows as i32,
             };
             // SAFETY: delta has out·in values, x n·in, y at least out·n.
-            unsafe { self.gpu().blas()?.gemm(gemm, &*delta, &x.data, &mut *y) }
+            unsafe { self.gpu().blas()?.gemm(gemm, &*delta, x.data, &mut *y) }
                 .during("AWQ's output error")?;
             let len = (w.rows * x.rows) as i64;
             let cfg = LaunchConfig {
@@ -280,7 +455,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
     }
 
     /// Each group's `Σ_t x_t x_tᵀ` (`[groups, gs, gs]`) by one strided-batched GEMM.
-    fn group_grams(&self, x: &Uploaded, group_size: usize) -> Result<CudaSlice<f32>, GpuError> {
+    fn group_grams(&self, x: DeviceMatrix, group_size: usize) -> Result<CudaSlice<f32>, GpuError> {
         let groups = x.cols / group_size;
         let mut gram = self
             .gpu()
@@ -310,20 +485,20 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         let blas = self.gpu().blas()?;
         // SAFETY: batch g reads rows g·gs..(g+1)·gs of every column of X
         // (within n·in values) and writes gs² values at g·gs².
-        unsafe { blas.gemm_strided_batched(cfg, &x.data, &x.data, &mut gram) }
+        unsafe { blas.gemm_strided_batched(cfg, x.data, x.data, &mut gram) }
             .during("AWQ's group Gram matrices")?;
         Ok(gram)
     }
 
     /// The clipping search on the device; returns the clamped weight.
-    fn clip<'a>(
+    fn clip(
         &self,
-        w: &Uploaded<'a>,
+        w: DeviceMatrix,
         gram: &CudaSlice<f32>,
         group_size: usize,
         scheme: &IntScheme,
         config: &AwqConfig,
-    ) -> Result<Uploaded<'a>, GpuError> {
+    ) -> Result<CudaSlice<f32>, GpuError> {
         let stream = self.gpu().stream();
         let mut data = stream
             .alloc_zeros::<f32>(w.data.len())
@@ -340,7 +515,7 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         let (bits, sym) = (i32::from(scheme.bits), i32::from(scheme.symmetric));
         let (dtype, eps) = (dtype_code(scheme.scale_dtype), scheme.scale_dtype.eps());
         let mut launch = stream.launch_builder(&self.awq_clip);
-        launch.arg(&w.data).arg(gram).arg(&rows).arg(&cols).arg(&gs);
+        launch.arg(w.data).arg(gram).arg(&rows).arg(&cols).arg(&gs);
         launch
             .arg(&steps)
             .arg(&grid)
@@ -351,27 +526,22 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
         // SAFETY: w and data hold rows·cols values, gram groups·gs²; one
         // block per (row, group) with 2·gs floats of shared memory.
         unsafe { launch.launch(cfg) }.during("launching awq_clip")?;
-        Ok(Uploaded {
-            name: w.name,
-            data,
-            rows: w.rows,
-            cols: w.cols,
-        })
+        Ok(data)
     }
 
     /// Groups too wide for the kernel's shared memory clip on the CPU twin.
-    fn clip_on_host<'a>(
+    fn clip_on_host(
         &self,
-        w: &Uploaded<'a>,
-        x: &Uploaded,
+        w: DeviceMatrix,
+        x: DeviceMatrix,
         group_size: usize,
         scheme: IntScheme,
         config: &AwqConfig,
-    ) -> Result<Uploaded<'a>, GpuError> {
+    ) -> Result<CudaSlice<f32>, GpuError> {
         let stream = self.gpu().stream();
-        let download = |m: &Uploaded| -> Result<Matrix, GpuError> {
+        let download = |m: DeviceMatrix| -> Result<Matrix, GpuError> {
             let data = stream
-                .clone_dtoh(&m.data)
+                .clone_dtoh(m.data)
                 .during("downloading for the CPU clip")?;
             Ok(Matrix::new(m.rows, m.cols, data)?)
         };
@@ -382,6 +552,6 @@ impl<'q, 'g> DeviceAwq<'q, 'g> {
             scheme,
             config,
         );
-        self.upload(w.name, &clipped)
+        self.upload(&clipped)
     }
 }

@@ -39,7 +39,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError};
+use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
@@ -803,6 +803,38 @@ impl DeviceLayer {
             slot.out * slot.inp,
         )?;
         Ok(std::mem::replace(&mut slot.weight, weight))
+    }
+
+    fn norm_slot(&mut self, kind: NormKind) -> &mut CudaSlice<f32> {
+        match kind {
+            NormKind::Input => &mut self.input_layernorm,
+            NormKind::PostAttention => &mut self.post_attention_layernorm,
+        }
+    }
+
+    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into.
+    pub fn norm(&self, kind: NormKind) -> &CudaSlice<f32> {
+        match kind {
+            NormKind::Input => &self.input_layernorm,
+            NormKind::PostAttention => &self.post_attention_layernorm,
+        }
+    }
+
+    /// Replaces an RMSNorm weight (by its AWQ-folded version) and returns
+    /// the previous one; the length must stay the same.
+    pub fn set_norm(
+        &mut self,
+        kind: NormKind,
+        weight: CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        let index = self.index;
+        let slot = self.norm_slot(kind);
+        check_len(
+            &format!("model.layers.{index} {kind:?} norm weight"),
+            weight.len(),
+            slot.len(),
+        )?;
+        Ok(std::mem::replace(slot, weight))
     }
 }
 
@@ -2398,5 +2430,332 @@ mod tests {
             .expect("restore");
         let z = forward_layer(&ops, &layer, &hidden, 1, 8, None).expect("layer");
         assert_ne!(host(&gpu, &y), host(&gpu, &z));
+    }
+
+    // ---- AWQ in the device pipeline against the CPU driver ----
+
+    use crate::gpu::awq::{DeviceAwq, DeviceMatrix};
+    use crate::gpu::pipeline::{self, PipelineOutput, Precision};
+    use crate::llama_layers::{LlamaLayers, to_tensor};
+    use crate::model::NormId;
+    use crate::quant::{
+        Codes, CpuBackend, FloatDtype, Matrix, QuantizedLinear, WeightScheme, fold_into_linear,
+        fold_into_norm,
+    };
+    use crate::sequential::quantize_model;
+    use quantops_api::{Method, QuantizationSpec};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn gpu_awq_folds_equal_the_cpus() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let quantizer = crate::gpu::DeviceQuantizer::new(&gpu).expect("kernels");
+        let awq = DeviceAwq::new(&quantizer).expect("AWQ kernels");
+        let (rows, cols) = (96, 40);
+        let w = values(rows * cols, 7);
+        let scales: Vec<f32> = values(rows, 8).iter().map(|v| 0.25 + v.abs()).collect();
+        let up = |v: &[f32]| gpu.stream().clone_htod(v).expect("upload");
+        let (w_dev, s_dev) = (up(&w), up(&scales));
+        let folded = awq
+            .fold_into_linear(
+                DeviceMatrix {
+                    name: "w",
+                    data: &w_dev,
+                    rows,
+                    cols,
+                },
+                &s_dev,
+            )
+            .expect("fold rows");
+        let mut expected = Matrix::new(rows, cols, w.clone()).expect("matrix");
+        fold_into_linear(&mut expected, &scales).expect("CPU fold");
+        assert_eq!(host(&gpu, &folded), expected.data);
+
+        let gamma = values(rows, 9);
+        let folded = awq.fold_into_norm(&up(&gamma), &s_dev).expect("fold norm");
+        let mut expected = gamma.clone();
+        fold_into_norm(&mut expected, &scales).expect("CPU fold");
+        assert_eq!(host(&gpu, &folded), expected);
+
+        // The lengths must match, as on the CPU.
+        assert!(awq.fold_into_norm(&up(&gamma[1..]), &s_dev).is_err());
+        let fewer_rows = up(&w[..(rows - 1) * cols]);
+        let short = DeviceMatrix {
+            name: "w",
+            data: &fewer_rows,
+            rows: rows - 1,
+            cols,
+        };
+        assert!(awq.fold_into_linear(short, &s_dev).is_err());
+    }
+
+    /// The calibration set of the AWQ tests: 20 sequences of 256 tokens, so
+    /// 5120 rows in batches of 8, 8 and 4 — AWQ's row sampling keeps every
+    /// second row of the full batches and all of the short one (3072 rows),
+    /// and the search subsamples those to 512.
+    const AWQ_SAMPLES: usize = 20;
+    const AWQ_SEQ: usize = 256;
+
+    fn awq_recipe() -> (QuantizationSpec, WeightScheme) {
+        let recipe = QuantizationSpec {
+            method: Method::Awq,
+            bits: 4,
+            group_size: 128,
+            symmetric: false,
+            act_order: false,
+            damp_percent: 0.01,
+            ignore: vec!["lm_head".to_string()],
+        };
+        let scheme = WeightScheme::from_spec(&recipe, FloatDtype::F16);
+        (recipe, scheme)
+    }
+
+    fn awq_calibration(m: &TinyLlama) -> Vec<Vec<u32>> {
+        m.tokens
+            .chunks_exact(AWQ_SEQ)
+            .take(AWQ_SAMPLES)
+            .map(<[u32]>::to_vec)
+            .collect()
+    }
+
+    /// Mean NLL on held-out text (8 windows of 512 tokens past the
+    /// calibration tokens), computed on the CPU.
+    fn held_out_nll(m: &TinyLlama, model: &LlamaModel) -> f64 {
+        let held_out = &m.tokens[8192..8192 + 8 * 512];
+        crate::eval::perplexity::perplexity_of_tokens(model, held_out, 512, 8)
+            .expect("perplexity")
+            .mean_nll
+    }
+
+    /// The CPU driver's AWQ of the tiny model, batched as the device
+    /// batches: its quantized Linears, the norms it folded (those that
+    /// differ from the checkpoint's) and its held-out NLL.
+    fn cpu_awq(
+        m: &TinyLlama,
+    ) -> (
+        BTreeMap<String, QuantizedLinear>,
+        BTreeMap<String, Vec<f32>>,
+        f64,
+    ) {
+        let (recipe, scheme) = awq_recipe();
+        let mut model = m.cpu.clone();
+        let batches = awq_calibration(m)
+            .chunks(pipeline::GPU_CALIBRATION_BATCH)
+            .map(|chunk| model.embed(&model.token_tensor(chunk)?))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("embed");
+        let quantized = quantize_model(
+            &mut LlamaLayers { model: &mut model },
+            &CpuBackend,
+            &recipe,
+            scheme,
+            batches,
+        )
+        .expect("CPU driver");
+        let vector = |t: &Tensor| t.to_vec1::<f32>().expect("norm");
+        let mut folded = BTreeMap::new();
+        for layer in 0..model.num_layers() {
+            let pairs = [
+                (
+                    "input_layernorm",
+                    model.input_layernorm(layer),
+                    m.cpu.input_layernorm(layer),
+                ),
+                (
+                    "post_attention_layernorm",
+                    model.post_attention_layernorm(layer),
+                    m.cpu.post_attention_layernorm(layer),
+                ),
+            ];
+            for (name, now, before) in pairs {
+                let (now, before) = (vector(now.expect("norm")), vector(before.expect("norm")));
+                if now != before {
+                    folded.insert(format!("model.layers.{layer}.{name}.weight"), now);
+                }
+            }
+        }
+        let nll = held_out_nll(m, &model);
+        (quantized, folded, nll)
+    }
+
+    /// The device artifact's model: the checkpoint with the device's codes
+    /// dequantized and its folded norms, as a reader would load it.
+    fn device_model(m: &TinyLlama, out: &PipelineOutput) -> LlamaModel {
+        let mut model = m.cpu.clone();
+        for (module, q) in &out.quantized {
+            let w = q.dequantize_codes().expect("dequantize");
+            model
+                .set_linear_weight(&format!("{module}.weight"), to_tensor(&w).expect("tensor"))
+                .expect("set weight");
+        }
+        for (name, values) in &out.folded_norms {
+            let id = NormId::parse(name).expect("a layer norm");
+            let t = Tensor::from_vec(values.clone(), values.len(), &candle_core::Device::Cpu)
+                .expect("tensor");
+            match id.kind {
+                crate::model::NormKind::Input => model.set_input_layernorm(id.layer, t),
+                crate::model::NormKind::PostAttention => {
+                    model.set_post_attention_layernorm(id.layer, t)
+                }
+            }
+            .expect("set norm");
+        }
+        model
+    }
+
+    fn code_mismatch(a: &QuantizedLinear, b: &QuantizedLinear) -> f64 {
+        match (&a.codes, &b.codes) {
+            (Codes::Int(a), Codes::Int(b)) if a.len() == b.len() => {
+                a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len().max(1) as f64
+            }
+            _ => 1.0,
+        }
+    }
+
+    fn layer_of(name: &str) -> usize {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|index| index.parse().ok())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Held-out NLL of the device's artifact against the CPU driver's: the
+    /// same noise that moves later layers' codes (see below) moved it by at
+    /// most 1.2e-3 relative; the quantization itself costs 6.7e-3 and
+    /// dropping the folded norms from the artifact 3.6e-3.
+    const AWQ_NLL_BOUND: f64 = 2.5e-3;
+
+    /// Compares a device run with the CPU driver's; prints every Linear's
+    /// and norm's difference, and returns (codes ≠ per Linear, relative
+    /// norm errors) by name.
+    fn compare_awq(
+        out: &PipelineOutput,
+        cpu: &BTreeMap<String, QuantizedLinear>,
+        cpu_norms: &BTreeMap<String, Vec<f32>>,
+    ) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+        // The same Linears quantized, and the same groups scaled (a norm is
+        // folded exactly when its group's search chose a scaling).
+        assert_eq!(
+            out.quantized.keys().collect::<Vec<_>>(),
+            cpu.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            out.folded_norms.keys().collect::<Vec<_>>(),
+            cpu_norms.keys().collect::<Vec<_>>()
+        );
+        let mut codes = BTreeMap::new();
+        for (name, q) in &out.quantized {
+            let c = &cpu[name];
+            assert_eq!((q.shape, q.scheme), (c.shape, c.scheme), "{name}");
+            let mismatch = code_mismatch(q, c);
+            let weight = relative_error(
+                &q.dequantize_codes().expect("device codes").data,
+                &c.dequantize_codes().expect("CPU codes").data,
+            );
+            eprintln!(
+                "{name}: codes ≠ CPU {mismatch:.2e}, dequantized relative error {weight:.2e}"
+            );
+            codes.insert(name.clone(), mismatch);
+        }
+        let mut norms = BTreeMap::new();
+        for (name, values) in &out.folded_norms {
+            let err = relative_error(values, &cpu_norms[name]);
+            eprintln!("{name}: relative error {err:.2e}");
+            norms.insert(name.clone(), err);
+        }
+        (codes, norms)
+    }
+
+    /// AWQ W4 g128 asymmetric through the device pipeline (f32 forward
+    /// passes) against the CPU driver on the bundled model.
+    ///
+    /// Layer 0 reads the embeddings on both sides, so its captured
+    /// activations differ by f32 summation order only (≈1e-7, see
+    /// `gpu_layer_and_captures_match_cpu_per_sequence`): its Linears' codes
+    /// must agree in ≥ 99 % of positions (a near-tie of the clipping search
+    /// flips a whole (row, group) of 128 codes, 3e-4 of down_proj, and the
+    /// GPU scores clip ratios by `dᵀGd`) and its folded norms to 1e-5
+    /// (differences seen under such noise: ≤ 1.6e-7).
+    ///
+    /// Past layer 0 the two may part legitimately: AWQ's choices are argmins
+    /// over 20 α values and 10 clip ratios, so one flipped (row, group)
+    /// changes the next layer's inputs slightly and can flip an α there,
+    /// which moves 10–25 % of that Linear's codes. Measured on the CPU alone
+    /// by perturbing every captured activation and layer output by a
+    /// relative 5e-7 to 1e-5 (14 runs): layer 1's folded norms moved by at
+    /// most 3.1e-5, later layers' by up to 7e-2, while propagating through
+    /// the unquantized layer instead (a pipeline bug) moves layer 1's by
+    /// 2.2e-3. So layer 1's norms are held to 5e-4, and the whole to what
+    /// AWQ optimises: the held-out NLL within [`AWQ_NLL_BOUND`].
+    #[test]
+    fn gpu_awq_pipeline_matches_the_cpu_driver() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let m = tiny_llama();
+        let (recipe, scheme) = awq_recipe();
+        let out = pipeline::quantize_checkpoint_with(
+            &gpu,
+            &m.checkpoint,
+            &recipe,
+            scheme,
+            &awq_calibration(&m),
+            Precision::F32,
+        )
+        .expect("device pipeline");
+        let (cpu, cpu_norms, cpu_nll) = cpu_awq(&m);
+        let (codes, norms) = compare_awq(&out, &cpu, &cpu_norms);
+        // Layers 0 and 1 fold their scales into both norms.
+        assert!(
+            (0..2).all(|l| norms.keys().filter(|n| layer_of(n) == l).count() == 2),
+            "{norms:?}"
+        );
+        for (name, mismatch) in &codes {
+            if layer_of(name) == 0 {
+                assert!(*mismatch <= 0.01, "{name}: {mismatch} of the codes differ");
+            }
+        }
+        for (name, err) in &norms {
+            match layer_of(name) {
+                0 => assert!(*err <= 1e-5, "{name}: relative error {err}"),
+                1 => assert!(*err <= 5e-4, "{name}: relative error {err}"),
+                _ => {}
+            }
+        }
+        let dev_nll = held_out_nll(&m, &device_model(&m, &out));
+        let base_nll = held_out_nll(&m, &m.cpu);
+        eprintln!(
+            "held-out NLL: base {base_nll:.5}, CPU AWQ {cpu_nll:.5}, device AWQ {dev_nll:.5}"
+        );
+        assert!(
+            (dev_nll - cpu_nll).abs() <= AWQ_NLL_BOUND * cpu_nll,
+            "device {dev_nll} vs CPU {cpu_nll}"
+        );
+    }
+
+    /// The same with the forward passes in TF32, as jobs run: the captured
+    /// activations now differ by ~1e-3 (TF32's 10-bit mantissas), so codes
+    /// and norms part from the CPU's from layer 0 on; the held-out NLL must
+    /// stay within [`AWQ_NLL_BOUND`] of the CPU's (relative noise of 1e-3 on
+    /// the CPU moved it by at most 1.1e-3 in 6 runs).
+    #[test]
+    fn gpu_awq_pipeline_in_tf32_keeps_the_cpu_drivers_quality() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let m = tiny_llama();
+        let (recipe, scheme) = awq_recipe();
+        let out = pipeline::quantize_checkpoint(
+            &gpu,
+            &m.checkpoint,
+            &recipe,
+            scheme,
+            &awq_calibration(&m),
+        )
+        .expect("device pipeline");
+        let (cpu, cpu_norms, cpu_nll) = cpu_awq(&m);
+        compare_awq(&out, &cpu, &cpu_norms);
+        let dev_nll = held_out_nll(&m, &device_model(&m, &out));
+        eprintln!("held-out NLL: CPU AWQ {cpu_nll:.5}, device AWQ (TF32) {dev_nll:.5}");
+        assert!(
+            (dev_nll - cpu_nll).abs() <= AWQ_NLL_BOUND * cpu_nll,
+            "device {dev_nll} vs CPU {cpu_nll}"
+        );
     }
 }

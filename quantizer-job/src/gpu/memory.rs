@@ -4,13 +4,20 @@
 //!
 //! The GPU pipeline holds at once: the calibration set's hidden states (in
 //! and out of the current layer), one decoder layer's weights, the forward
-//! pass's scratch for one batch, the layer's four Hessians and the working
-//! set of the largest Linear's GPTQ. Weights stream layer by layer, so the
-//! model's depth does not count; on the host the results (codes and the
-//! dequantized weights) and the embedding table do.
+//! pass's scratch for one batch, and then either the layer's four Hessians
+//! and the working set of the largest Linear's GPTQ, or AWQ's kept
+//! activation rows of the four capture points and the working set of its
+//! largest group's search. Weights stream layer by layer, so the model's
+//! depth does not count; on the host the results (codes and the dequantized
+//! weights) and the embedding table do.
+
+use quantops_api::Method;
 
 use super::GpuError;
+use super::awq::MAX_CLIP_GROUP;
 use crate::config::LlamaConfig;
+use crate::quant::AwqConfig;
+use crate::quant::awq::RowSampler;
 
 const F32: u64 = 4;
 const F64: u64 = 8;
@@ -46,22 +53,78 @@ fn layer_linears(cfg: &LlamaConfig) -> [[u64; 2]; 7] {
     [[q, h], [kv, h], [kv, h], [h, q], [i, h], [i, h], [h, i]]
 }
 
-/// Estimates a job that quantizes `cfg` with (`calibrated`) or without
-/// calibration: `samples × sequence_length` tokens in batches of `batch`
-/// sequences.
+/// AWQ's kept rows of one capture point when `samples` sequences of
+/// `sequence_length` tokens pass in batches of `batch`: exactly what the
+/// pipeline allocates (about [`crate::quant::awq::AWQ_MAX_ROWS`]).
+fn awq_rows(samples: usize, sequence_length: usize, batch: usize) -> u64 {
+    let batch = batch.max(1);
+    let batch_rows: Vec<usize> = (0..samples.div_ceil(batch))
+        .map(|b| (samples - b * batch).min(batch) * sequence_length)
+        .collect();
+    RowSampler::total(&batch_rows) as u64
+}
+
+/// What AWQ keeps on the device besides the layer: its activation rows of
+/// the four capture points (`rows` each) and the largest group's search,
+/// returned as (samples, search) bytes.
+fn awq_bytes(linears: &[[u64; 2]; 7], rows: u64) -> (u64, u64) {
+    // Capture points' widths: q/k/v's input, o's, gate/up's, down's.
+    let ins = [linears[0][1], linears[3][1], linears[4][1], linears[6][1]];
+    let samples = ins.iter().map(|n| rows * n * F32).sum();
+    // The search's rows (subsampled).
+    let n = rows.min(AwqConfig::default().max_samples as u64);
+    // The input groups: o; q, k, v; down; gate, up.
+    let groups: [&[[u64; 2]]; 4] = [
+        &linears[3..4],
+        &linears[0..3],
+        &linears[6..7],
+        &linears[4..6],
+    ];
+    let search = groups
+        .iter()
+        .map(|group| {
+            let inp = group.first().map_or(0, |[_, i]| *i);
+            let widest = group.iter().map(|[o, _]| *o).max().unwrap_or(0);
+            let largest = group.iter().map(|[o, i]| o * i).max().unwrap_or(0);
+            let all: u64 = group.iter().map(|[o, i]| o * i).sum();
+            // Subsampled and scaled inputs; the weight error and the output
+            // of one candidate; the clipping search's Gram matrices (`in ·
+            // group size` values, and only for groups the kernel takes: the
+            // recipe's group size is not known here, so the widest); each
+            // Linear's dequantized result until it replaces the weight; the
+            // scaled, clipped weight and the codes of the one being rounded
+            // (a folded copy of the Linear before is smaller than these).
+            2 * n * inp * F32
+                + widest * inp * F32
+                + widest * n * F32
+                + inp * inp.min(MAX_CLIP_GROUP as u64) * F32
+                + all * F32
+                + largest * (2 * F32 + 1)
+        })
+        .max()
+        .unwrap_or(0);
+    (samples, search)
+}
+
+/// Estimates a job that quantizes `cfg` by `method`, with calibration when
+/// the method takes it: `samples × sequence_length` tokens in batches of
+/// `batch` sequences.
 pub fn estimate(
     cfg: &LlamaConfig,
-    calibrated: bool,
+    method: Method,
     samples: usize,
     sequence_length: usize,
     batch: usize,
 ) -> MemoryEstimate {
+    let calibrated = method.needs_calibration();
     let linears = layer_linears(cfg);
     let layer_weights: u64 = linears.iter().map(|[o, i]| o * i * F32).sum();
     let largest = linears.iter().map(|[o, i]| o * i).max().unwrap_or(0);
     let h = cfg.hidden_size as u64;
     let tokens = (samples * sequence_length) as u64;
-    let (hidden, scratch, hessians, gptq) = if calibrated {
+    // The last two terms: GPTQ's Hessians and largest working set, or AWQ's
+    // samples and largest search.
+    let (hidden, scratch, kept, working) = if calibrated {
         let hidden = 2 * tokens * h * F32;
         let batch_tokens = (batch.min(samples) * sequence_length) as u64;
         let widths = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) as u64
@@ -70,30 +133,40 @@ pub fn estimate(
             + 4 * h;
         let scores = (cfg.num_attention_heads as u64) * (sequence_length as u64).pow(2) * F32;
         let scratch = batch_tokens * widths * F32 + scores;
-        let ins = [linears[0][1], linears[3][1], linears[4][1], linears[6][1]];
-        let hessians: u64 = ins.iter().map(|n| n * n * F32).sum();
-        let gptq = linears
-            .iter()
-            .map(|[o, n]| n * n * (2 * F64 + F32) + o * n * (4 * F32 + 1))
-            .max()
-            .unwrap_or(0);
-        (hidden, scratch, hessians, gptq)
+        let (kept, working) = if method == Method::Awq {
+            awq_bytes(&linears, awq_rows(samples, sequence_length, batch))
+        } else {
+            let ins = [linears[0][1], linears[3][1], linears[4][1], linears[6][1]];
+            let hessians: u64 = ins.iter().map(|n| n * n * F32).sum();
+            let gptq = linears
+                .iter()
+                .map(|[o, n]| n * n * (2 * F64 + F32) + o * n * (4 * F32 + 1))
+                .max()
+                .unwrap_or(0);
+            (hessians, gptq)
+        };
+        (hidden, scratch, kept, working)
     } else {
         (0, 0, 0, largest * (3 * F32 + 1))
     };
-    let gpu_bytes = hidden + layer_weights + scratch + hessians + gptq;
+    let gpu_bytes = hidden + layer_weights + scratch + kept + working;
     let all_linears: u64 =
         linears.iter().map(|[o, i]| o * i).sum::<u64>() * cfg.num_hidden_layers as u64;
     let embedding = cfg.vocab_size as u64 * h * F32;
     let host_bytes = all_linears * (F32 + 1) + embedding + tokens * 4;
     let gib = |b: u64| b as f64 / GIB;
+    let (kept_name, working_name) = if method == Method::Awq {
+        ("AWQ's activation samples", "largest AWQ group's search")
+    } else {
+        ("Hessians", "largest Linear's working set")
+    };
     let detail = format!(
-        "hidden states {:.2} GiB, one layer's weights {:.2} GiB, forward scratch {:.2} GiB, Hessians {:.2} GiB, largest Linear's working set {:.2} GiB",
+        "hidden states {:.2} GiB, one layer's weights {:.2} GiB, forward scratch {:.2} GiB, {kept_name} {:.2} GiB, {working_name} {:.2} GiB",
         gib(hidden),
         gib(layer_weights),
         gib(scratch),
-        gib(hessians),
-        gib(gptq)
+        gib(kept),
+        gib(working)
     );
     MemoryEstimate {
         gpu_bytes,
@@ -122,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_small_gpu_is_refused_with_the_estimate() {
-        let e = estimate(&config(32, 4096, 14336, 32, 8), true, 128, 2048, 8);
+        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
         let gib = 1usize << 30;
         assert!(fits(&e, 80 * gib, 80 * gib).is_ok());
         let err = fits(&e, 16 * gib, 16 * gib).unwrap_err().to_string();
@@ -153,8 +226,8 @@ mod tests {
 
     #[test]
     fn depth_does_not_count_on_the_gpu_but_on_the_host() {
-        let shallow = estimate(&config(2, 4096, 14336, 32, 8), true, 128, 2048, 8);
-        let deep = estimate(&config(32, 4096, 14336, 32, 8), true, 128, 2048, 8);
+        let shallow = estimate(&config(2, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
+        let deep = estimate(&config(32, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
         assert_eq!(shallow.gpu_bytes, deep.gpu_bytes);
         assert!(deep.host_bytes > 10 * shallow.host_bytes / 2);
         // Llama-3-8B shapes with 128×2048 calibration tokens: the hidden
@@ -165,8 +238,42 @@ mod tests {
     }
 
     #[test]
+    fn awq_counts_its_samples_and_search_instead_of_hessians() {
+        // Kept rows per capture point: all tokens of a small set, then
+        // AWQ_MAX_ROWS (20 × 256 in batches of 8 ends with a short batch).
+        assert_eq!(awq_rows(16, 128, 8), 2048);
+        assert_eq!(awq_rows(128, 2048, 8), 4096);
+        assert_eq!(awq_rows(20, 256, 8), 3072);
+        assert_eq!(awq_rows(0, 0, 8), 0);
+
+        let cfg = config(32, 4096, 14336, 32, 8);
+        let (samples, search) = awq_bytes(&layer_linears(&cfg), 4096);
+        // 4096 rows of q/k/v's, o's, gate/up's and down's inputs.
+        assert_eq!(samples, 4096 * (4096 + 4096 + 4096 + 14336) * 4);
+        // Llama-3-8B's widest groups (gate+up, down) need about a GiB.
+        let gib = search as f64 / GIB;
+        assert!(gib > 0.5 && gib < 2.0, "{gib} GiB");
+
+        let awq = estimate(&cfg, Method::Awq, 128, 2048, 8);
+        let gptq = estimate(&cfg, Method::Gptq, 128, 2048, 8);
+        assert!(
+            awq.detail.contains("AWQ's activation samples 0.41 GiB")
+                && awq.detail.contains("largest AWQ group's search")
+                && !awq.detail.contains("Hessians"),
+            "{}",
+            awq.detail
+        );
+        // Both hold the same hidden states, layer and forward scratch; AWQ's
+        // own terms are smaller than GPTQ's f64 working set.
+        assert!(awq.gpu_bytes < gptq.gpu_bytes);
+        assert!(awq.gpu_bytes > samples + search);
+        let shallow = estimate(&config(2, 4096, 14336, 32, 8), Method::Awq, 128, 2048, 8);
+        assert_eq!(shallow.gpu_bytes, awq.gpu_bytes);
+    }
+
+    #[test]
     fn weight_only_needs_one_linear() {
-        let e = estimate(&config(32, 4096, 14336, 32, 8), false, 0, 0, 8);
+        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Rtn, 0, 0, 8);
         assert!(e.gpu_gib() < 3.0, "{}", e.detail);
         assert!(e.detail.contains("largest Linear"));
     }

@@ -333,6 +333,9 @@ mod tests {
                 "awq_delta",
                 "awq_clip",
                 "sum_squares",
+                "scale_columns",
+                "scale_rows",
+                "gather_rows",
             ] {
                 assert!(
                     text.contains(kernel),

@@ -1,6 +1,6 @@
 //! Layer-by-layer quantization with everything on the device: the GPU twin
-//! of [`crate::sequential`] for the methods the device implements (RTN,
-//! INT8, FP8, GPTQ).
+//! of [`crate::sequential`] for every method (RTN, INT8, FP8, GPTQ, and
+//! AWQ in [`awq`]).
 //!
 //! Weights stream from the checkpoint one decoder layer at a time, the
 //! calibration set's hidden states stay on the device, each Linear's inputs
@@ -9,7 +9,8 @@
 //! propagated — the same order as the CPU driver (capture with the layer's
 //! original weights, quantize, propagate with the quantized ones), so both
 //! produce the same artifact up to rounding. Only codes, scales and the
-//! dequantized weights the writer stores come back to the host.
+//! dequantized weights the writer stores come back to the host (and, for
+//! AWQ, the RMSNorm weights its scales were folded into).
 
 use std::collections::BTreeMap;
 
@@ -29,6 +30,8 @@ use crate::progress::Progress;
 use crate::quant::{ActOrder, QuantizedLinear, WeightScheme};
 use crate::sequential::is_ignored;
 
+mod awq;
+
 /// Calibration sequences per forward pass on the device.
 pub const GPU_CALIBRATION_BATCH: usize = 8;
 
@@ -46,10 +49,28 @@ fn module_name(layer: usize, kind: LinearKind) -> String {
     LinearId { layer, kind }.module_name()
 }
 
-/// Whether the device pipeline implements `method`. AWQ does not: its search
-/// runs on the GPU through [`super::CudaBackend`], its forward passes on the CPU.
-pub fn supports(method: Method) -> bool {
-    !matches!(method, Method::Awq)
+/// The cuBLAS math of the calibration's matrix products: the forward
+/// passes, GPTQ's Hessians and updates. AWQ's search always runs in f32 (its
+/// choices compare close losses, and so it agrees with the CPU twin).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// TF32 tensor cores with f32 accumulation (see [`Gpu::tf32`]): what jobs run.
+    #[default]
+    Tf32,
+    /// Plain f32, so that the activations equal the CPU driver's up to
+    /// summation order: what the tests comparing the two run.
+    F32,
+}
+
+/// What the pipeline produced.
+#[derive(Debug)]
+pub struct PipelineOutput {
+    /// Every quantized Linear by module name, as the writer stores it.
+    pub quantized: BTreeMap<String, QuantizedLinear>,
+    /// The RMSNorm weights AWQ folded its scales into, by tensor name
+    /// (`model.layers.0.input_layernorm.weight`): they replace the
+    /// checkpoint's in the artifact. Empty for the other methods.
+    pub folded_norms: BTreeMap<String, Vec<f32>>,
 }
 
 /// Checks the job's estimate against the GPU's free memory.
@@ -74,18 +95,33 @@ pub fn quantize_checkpoint(
     recipe: &QuantizationSpec,
     scheme: WeightScheme,
     calibration: &[Vec<u32>],
-) -> anyhow::Result<BTreeMap<String, QuantizedLinear>> {
-    anyhow::ensure!(
-        supports(recipe.method),
-        "spec.quantization.method: {:?} has no GPU implementation",
-        recipe.method
-    );
+) -> anyhow::Result<PipelineOutput> {
+    quantize_checkpoint_with(
+        gpu,
+        checkpoint,
+        recipe,
+        scheme,
+        calibration,
+        Precision::default(),
+    )
+}
+
+/// [`quantize_checkpoint`] with the calibration's matrix products in the
+/// given precision.
+pub fn quantize_checkpoint_with(
+    gpu: &Gpu,
+    checkpoint: &Checkpoint,
+    recipe: &QuantizationSpec,
+    scheme: WeightScheme,
+    calibration: &[Vec<u32>],
+    precision: Precision,
+) -> anyhow::Result<PipelineOutput> {
     let cfg = checkpoint.config().clone();
     let calibrated = recipe.method.needs_calibration();
     let sequence_length = calibration.first().map_or(0, Vec::len);
     let estimate = memory::estimate(
         &cfg,
-        calibrated,
+        recipe.method,
         calibration.len(),
         sequence_length,
         GPU_CALIBRATION_BATCH,
@@ -100,10 +136,19 @@ pub fn quantize_checkpoint(
         cfg: &cfg,
         recipe,
         scheme,
+        precision,
     };
     let mut out = BTreeMap::new();
-    if calibrated {
-        let _tf32 = gpu.tf32()?;
+    let mut folded_norms = BTreeMap::new();
+    if recipe.method == Method::Awq {
+        folded_norms = awq::quantize_layers(&job, calibration, &mut out)?;
+    } else if calibrated {
+        // GPTQ's forward passes and Hessians take TF32 (see `Gpu::tf32`); a
+        // weight-only job never creates the cuBLAS handle at all.
+        let _tf32 = match precision {
+            Precision::Tf32 => Some(gpu.tf32()?),
+            Precision::F32 => None,
+        };
         quantize_calibrated(&job, calibration, &mut out)?;
     } else {
         quantize_weight_only(&job, &mut out)?;
@@ -115,7 +160,10 @@ pub fn quantize_checkpoint(
         let q = weight_only(&quantizer, "lm_head", &w.0, w.1, scheme)?;
         out.insert("lm_head".to_string(), q.linear);
     }
-    Ok(out)
+    Ok(PipelineOutput {
+        quantized: out,
+        folded_norms,
+    })
 }
 
 /// A checkpoint tensor `[out, in]` on the device.
@@ -152,6 +200,7 @@ struct Job<'a> {
     cfg: &'a LlamaConfig,
     recipe: &'a QuantizationSpec,
     scheme: WeightScheme,
+    precision: Precision,
 }
 
 /// RTN, INT8 and FP8: each Linear on its own, streamed from the checkpoint
@@ -168,6 +217,7 @@ fn quantize_weight_only(
         cfg,
         recipe,
         scheme,
+        ..
     } = *job;
     let modules: Vec<(usize, String)> = (0..cfg.num_hidden_layers)
         .flat_map(|layer| LinearKind::ALL.map(|kind| (layer, module_name(layer, kind))))
@@ -206,6 +256,7 @@ fn quantize_calibrated(
         cfg,
         recipe,
         scheme,
+        ..
     } = *job;
     let WeightScheme::Int(int) = scheme else {
         anyhow::bail!("spec.quantization.method: GPTQ needs an integer scheme");

@@ -3,13 +3,14 @@
 //! host-to-device traffic and skips the host conversion that otherwise
 //! dominates a weight-only quantization.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
 use safetensors::Dtype;
 
 use super::error::DriverContext;
 use super::quant::per_element;
 use super::{Gpu, GpuError};
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::quant::QuantError;
 
 /// Why a checkpoint tensor did not reach the device.
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +81,50 @@ pub fn gather_rows(
     width: usize,
     ids: &[u32],
 ) -> Result<CudaSlice<f32>, GpuError> {
-    let stream = gpu.stream();
-    let ids_dev = stream.clone_htod(ids).during("uploading token ids")?;
+    let mut out = gpu
+        .stream()
+        .alloc_zeros::<f32>(ids.len() * width)
+        .during("allocating gathered rows")?;
+    gather_rows_into(gpu, table, width, ids, &mut out.as_view_mut())?;
+    Ok(out)
+}
+
+/// Writes the rows `ids` of a device table `[rows, width]` into `out`
+/// (`[ids.len(), width]`, e.g. a slice of a larger buffer): how the
+/// embeddings and AWQ's kept activation rows are taken, without a copy.
+pub fn gather_rows_into(
+    gpu: &Gpu,
+    table: &CudaSlice<f32>,
+    width: usize,
+    ids: &[u32],
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<(), GpuError> {
     let n = ids.len() * width;
-    let mut out = stream
-        .alloc_zeros::<f32>(n)
-        .during("allocating embeddings")?;
+    let rows = table.len() / width.max(1);
+    if out.len() != n || rows * width != table.len() {
+        return Err(QuantError::Shape {
+            what: "gathered rows".to_string(),
+            expected: format!(
+                "a [rows, {width}] table and {n} values for {} rows",
+                ids.len()
+            ),
+            got: format!("{} table values, {} output values", table.len(), out.len()),
+        }
+        .into());
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+        return Err(QuantError::Shape {
+            what: "gathered row id".to_string(),
+            expected: format!("below {rows}"),
+            got: id.to_string(),
+        }
+        .into());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let stream = gpu.stream();
+    let ids_dev = stream.clone_htod(ids).during("uploading row ids")?;
     let (tokens, width_i) = (ids.len() as i64, width as i32);
     let f = gpu.quant_fn("gather_rows")?;
     let mut launch = stream.launch_builder(&f);
@@ -94,9 +133,9 @@ pub fn gather_rows(
         .arg(&ids_dev)
         .arg(&tokens)
         .arg(&width_i)
-        .arg(&mut out);
-    // SAFETY: the caller checked every id against the table's rows; out
-    // holds tokens · width values.
+        .arg(out);
+    // SAFETY: every id is below the table's rows (checked above); out holds
+    // ids.len() · width values.
     unsafe { launch.launch(per_element(n)) }.during("launching gather_rows")?;
-    Ok(out)
+    Ok(())
 }

@@ -78,15 +78,35 @@ pub fn llama_awq_mappings(prefix: &str, v_out: usize, o_in: usize) -> Vec<AwqMap
     out
 }
 
-/// Folds `1/s` into a norm weight: `gamma[c] /= s[c]`.
-pub fn fold_into_norm(gamma: &mut [f32], s: &[f32]) -> Result<(), QuantError> {
-    if gamma.len() != s.len() {
+/// Fails unless a norm of `len` weights can absorb `scales` scales (one per
+/// weight). The CPU fold and the GPU pipeline's fold both check here.
+pub(crate) fn check_norm_fold(len: usize, scales: usize) -> Result<(), QuantError> {
+    if len != scales {
         return Err(QuantError::Shape {
             what: "AWQ norm fold".to_string(),
-            expected: format!("{} norm weights", s.len()),
-            got: format!("{}", gamma.len()),
+            expected: format!("{scales} norm weights"),
+            got: format!("{len}"),
         });
     }
+    Ok(())
+}
+
+/// Fails unless a Linear of `rows` output rows can absorb `scales` scales
+/// (one per row).
+pub(crate) fn check_linear_fold(rows: usize, scales: usize) -> Result<(), QuantError> {
+    if rows != scales {
+        return Err(QuantError::Shape {
+            what: "AWQ linear fold".to_string(),
+            expected: format!("{scales} output rows"),
+            got: format!("{rows}"),
+        });
+    }
+    Ok(())
+}
+
+/// Folds `1/s` into a norm weight: `gamma[c] /= s[c]`.
+pub fn fold_into_norm(gamma: &mut [f32], s: &[f32]) -> Result<(), QuantError> {
+    check_norm_fold(gamma.len(), s.len())?;
     for (g, f) in gamma.iter_mut().zip(s) {
         *g /= f;
     }
@@ -95,13 +115,7 @@ pub fn fold_into_norm(gamma: &mut [f32], s: &[f32]) -> Result<(), QuantError> {
 
 /// Folds `1/s` into the previous Linear's output rows: `W[c, :] /= s[c]`.
 pub fn fold_into_linear(w: &mut Matrix, s: &[f32]) -> Result<(), QuantError> {
-    if w.rows != s.len() {
-        return Err(QuantError::Shape {
-            what: "AWQ linear fold".to_string(),
-            expected: format!("{} output rows", s.len()),
-            got: format!("{}", w.rows),
-        });
-    }
+    check_linear_fold(w.rows, s.len())?;
     for (row, f) in w.data.chunks_mut(w.cols).zip(s) {
         for v in row.iter_mut() {
             *v /= f;
@@ -151,17 +165,75 @@ pub struct AwqResult {
     pub search_error: f64,
 }
 
+/// AWQ searches on at most this many activation rows per input group, taken
+/// evenly over the calibration set while its batches pass through a layer
+/// (the search subsamples further, to [`AwqConfig::max_samples`]). Both
+/// drivers keep them, the CPU's on the host and the GPU pipeline's on the
+/// device, so this also bounds the device memory AWQ's samples take.
+pub const AWQ_MAX_ROWS: usize = 4096;
+
+/// Which activation rows of each calibration batch AWQ keeps, batch after
+/// batch in order: row `r` of a batch is kept when its position in the
+/// stream, `seen + r`, is a multiple of the stride `⌈batches · rows /
+/// AWQ_MAX_ROWS⌉`, so no batch gives more than `⌈AWQ_MAX_ROWS / batches⌉`
+/// rows. The stride is worked out from the batch at hand (its rows times
+/// the number of batches), as the CPU driver always has: with equal batches
+/// that is the whole calibration set's row count; a shorter last batch gets
+/// a smaller stride. Both drivers batch alike, so they keep the same rows.
+#[derive(Clone, Debug)]
+pub struct RowSampler {
+    batches: usize,
+    seen: usize,
+}
+
+impl RowSampler {
+    /// A sampler for a calibration set of `batches` batches.
+    pub fn new(batches: usize) -> Self {
+        Self { batches, seen: 0 }
+    }
+
+    /// The kept rows (indices within the batch, ascending) of the next
+    /// batch, which has `rows` rows.
+    pub fn next_batch(&mut self, rows: usize) -> Vec<usize> {
+        let stride = (self.batches * rows).div_ceil(AWQ_MAX_ROWS).max(1);
+        let seen = self.seen;
+        self.seen += rows;
+        (0..rows)
+            .filter(|r| (seen + r).is_multiple_of(stride))
+            .collect()
+    }
+
+    /// How many rows batches of `batch_rows` rows leave in total: what a
+    /// capture point stores, and what the memory estimate counts.
+    pub fn total(batch_rows: &[usize]) -> usize {
+        let mut sampler = Self::new(batch_rows.len());
+        batch_rows
+            .iter()
+            .map(|&rows| sampler.next_batch(rows).len())
+            .sum()
+    }
+}
+
+/// The rows [`subsample`] keeps of `rows` rows, or `None` when it keeps
+/// them all; the GPU search gathers the same rows on the device.
+pub(crate) fn subsample_rows(rows: usize, max: usize) -> Option<Vec<usize>> {
+    if rows <= max || max == 0 {
+        return None;
+    }
+    Some((0..max).map(|k| k * rows / max).collect())
+}
+
 /// At most `max` rows of `x`, evenly spaced (all of them when `max` is 0).
 pub(crate) fn subsample(x: &Matrix, max: usize) -> Matrix {
-    if x.rows <= max || max == 0 {
+    let Some(rows) = subsample_rows(x.rows, max) else {
         return x.clone();
-    }
-    let mut data = Vec::with_capacity(max * x.cols);
-    for k in 0..max {
-        data.extend_from_slice(x.row(k * x.rows / max));
+    };
+    let mut data = Vec::with_capacity(rows.len() * x.cols);
+    for &r in &rows {
+        data.extend_from_slice(x.row(r));
     }
     Matrix {
-        rows: max,
+        rows: rows.len(),
         cols: x.cols,
         data,
     }
@@ -187,11 +259,12 @@ fn unscale_columns(w: &Matrix, s: &[f32]) -> Matrix {
     out
 }
 
-/// Checks that the Linears share `x`'s width and fit the scheme's groups;
-/// returns the group size. Both the CPU and the GPU search start here.
+/// Checks that the Linears (name, `[out, in]`) share the width of the
+/// inputs `x` (`[rows, in]`) and fit the scheme's groups; returns the group
+/// size. Both the CPU and the GPU search start here.
 pub(crate) fn check_inputs(
-    layers: &[(&str, &Matrix)],
-    x: &Matrix,
+    layers: &[(&str, [usize; 2])],
+    x: [usize; 2],
     scheme: &IntScheme,
 ) -> Result<usize, QuantError> {
     let Some((first, _)) = layers.first() else {
@@ -201,19 +274,19 @@ pub(crate) fn check_inputs(
             got: "none".to_string(),
         });
     };
-    let inp = x.cols;
-    if x.rows == 0 {
+    let [rows, inp] = x;
+    if rows == 0 {
         return Err(QuantError::NoSamples {
             layer: first.to_string(),
         });
     }
     let mut group_size = inp;
-    for (name, w) in layers {
-        if w.cols != inp {
+    for (name, [out, cols]) in layers {
+        if *cols != inp {
             return Err(QuantError::Shape {
                 what: format!("{name} weight for AWQ"),
                 expected: format!("[out, {inp}] (the shared input width)"),
-                got: format!("[{}, {}]", w.rows, w.cols),
+                got: format!("[{out}, {cols}]"),
             });
         }
         group_size = grid::validate(scheme, name, inp)?;
@@ -294,7 +367,11 @@ pub fn awq_search(
     scheme: IntScheme,
     config: &AwqConfig,
 ) -> Result<AwqResult, QuantError> {
-    let group_size = check_inputs(layers, x, &scheme)?;
+    let shapes: Vec<(&str, [usize; 2])> = layers
+        .iter()
+        .map(|(name, w)| (*name, [w.rows, w.cols]))
+        .collect();
+    let group_size = check_inputs(&shapes, [x.rows, x.cols], &scheme)?;
     let inp = x.cols;
     let x = subsample(x, config.max_samples);
 
@@ -400,4 +477,93 @@ pub(crate) fn clip_search(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU driver's selection before it moved here, written out: row `r`
+    /// of a batch is kept when `seen + r` is a multiple of
+    /// `⌈batches · rows / AWQ_MAX_ROWS⌉`.
+    fn reference(batch_rows: &[usize]) -> Vec<Vec<usize>> {
+        let mut seen = 0;
+        batch_rows
+            .iter()
+            .map(|&rows| {
+                let stride = (batch_rows.len() * rows).div_ceil(AWQ_MAX_ROWS).max(1);
+                let kept = (0..rows).filter(|r| (seen + r) % stride == 0).collect();
+                seen += rows;
+                kept
+            })
+            .collect()
+    }
+
+    fn sampled(batch_rows: &[usize]) -> Vec<Vec<usize>> {
+        let mut sampler = RowSampler::new(batch_rows.len());
+        batch_rows.iter().map(|&r| sampler.next_batch(r)).collect()
+    }
+
+    #[test]
+    fn row_sampler_keeps_every_stride_th_row_of_the_stream() {
+        for batch_rows in [
+            vec![1024; 2],          // 2048 rows: all kept
+            vec![8 * 2048; 16],     // 128 × 2048 tokens in batches of 8: stride 64
+            vec![2048, 2048, 1024], // 20 × 256: a shorter last batch
+            vec![8 * 512; 8],
+            vec![3 * 100, 3 * 100, 100],
+            vec![],
+        ] {
+            let kept = sampled(&batch_rows);
+            assert_eq!(kept, reference(&batch_rows), "{batch_rows:?}");
+            let total: usize = kept.iter().map(Vec::len).sum();
+            assert_eq!(RowSampler::total(&batch_rows), total, "{batch_rows:?}");
+            let all: usize = batch_rows.iter().sum();
+            assert_eq!(total == all, all <= AWQ_MAX_ROWS, "{batch_rows:?}");
+            // No batch gives more than its even share, rounded up.
+            let share = AWQ_MAX_ROWS.div_ceil(batch_rows.len().max(1));
+            assert!(kept.iter().all(|k| k.len() <= share), "{batch_rows:?}");
+        }
+        // Equal batches: the kept rows are the stream's multiples of the stride.
+        let kept = sampled(&[8 * 2048; 16]);
+        let stream: Vec<usize> = kept
+            .iter()
+            .enumerate()
+            .flat_map(|(b, rows)| rows.iter().map(move |r| b * 8 * 2048 + r))
+            .collect();
+        assert_eq!(stream.len(), AWQ_MAX_ROWS);
+        assert!(stream.iter().enumerate().all(|(k, &r)| r == 64 * k));
+    }
+
+    #[test]
+    fn subsample_takes_the_rows_subsample_rows_names() {
+        assert_eq!(subsample_rows(512, 512), None);
+        assert_eq!(subsample_rows(10, 0), None);
+        assert_eq!(subsample_rows(10, 4), Some(vec![0, 2, 5, 7]));
+        let x = Matrix {
+            rows: 10,
+            cols: 2,
+            data: (0..20).map(|v| v as f32).collect(),
+        };
+        let s = subsample(&x, 4);
+        assert_eq!((s.rows, s.cols), (4, 2));
+        assert_eq!(s.data, vec![0.0, 1.0, 4.0, 5.0, 10.0, 11.0, 14.0, 15.0]);
+        assert_eq!(subsample(&x, 20).data, x.data);
+    }
+
+    #[test]
+    fn folds_check_their_lengths() {
+        let mut gamma = vec![2.0f32, 3.0];
+        assert!(fold_into_norm(&mut gamma, &[1.0]).is_err());
+        fold_into_norm(&mut gamma, &[2.0, 0.5]).expect("fold");
+        assert_eq!(gamma, vec![1.0, 6.0]);
+        let mut w = Matrix {
+            rows: 2,
+            cols: 2,
+            data: vec![1.0, 2.0, 3.0, 4.0],
+        };
+        assert!(fold_into_linear(&mut w, &[1.0, 2.0, 3.0]).is_err());
+        fold_into_linear(&mut w, &[2.0, 4.0]).expect("fold");
+        assert_eq!(w.data, vec![0.5, 1.0, 0.75, 1.0]);
+    }
 }

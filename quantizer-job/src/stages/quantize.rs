@@ -55,8 +55,8 @@ type Quantized = (
 );
 
 /// The CPU driver: the model's forward passes with candle on the host, each
-/// Linear's algorithm on `backend` (the CPU twin, or the GPU for the
-/// methods whose driver is not on the device).
+/// Linear's algorithm on `backend` (the CPU twin; `gpu-check` runs the same
+/// driver with the GPU's backend).
 fn quantize_on_host<B: QuantBackend>(
     checkpoint: &Checkpoint,
     backend: &B,
@@ -91,15 +91,10 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let scheme = WeightScheme::from_spec(recipe, dtype);
     let pipeline_started = Instant::now();
     let (quantized, rewritten) = match input.gpu {
-        Some(gpu) if gpu::pipeline::supports(recipe.method) => {
-            let quantized =
-                gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
-            (quantized, BTreeMap::new())
-        }
         Some(gpu) => {
-            tracing::info!(method = ?recipe.method, "searching on the GPU, forward passes on the CPU");
-            let backend = gpu::CudaBackend::new(gpu)?;
-            quantize_on_host(&checkpoint, &backend, recipe, scheme, samples)?
+            let output =
+                gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
+            (output.quantized, folded_norms(output.folded_norms))
         }
         None => quantize_on_host(&checkpoint, &CpuBackend, recipe, scheme, samples)?,
     };
@@ -214,6 +209,9 @@ fn dense_tensors<'c>(
         };
         dense.insert(name.to_string(), tensor);
     }
+    if let Some(name) = rewritten.keys().next() {
+        anyhow::bail!("quantization rewrote {name}, which the checkpoint does not have");
+    }
     Ok(dense)
 }
 
@@ -239,6 +237,17 @@ fn norms_of(
         norms.insert(name.to_string(), to_dense(norm)?);
     }
     Ok(norms)
+}
+
+/// The RMSNorm weights AWQ folded its scales into on the GPU, as dense tensors.
+fn folded_norms(folded: BTreeMap<String, Vec<f32>>) -> BTreeMap<String, DenseTensor> {
+    folded
+        .into_iter()
+        .map(|(name, data)| {
+            let shape = vec![data.len()];
+            (name, DenseTensor { shape, data })
+        })
+        .collect()
 }
 
 fn to_dense(t: &Tensor) -> anyhow::Result<DenseTensor> {

@@ -570,6 +570,18 @@ extern "C" __global__ void scale_columns(const float* __restrict__ x, long long 
     out[i] = divide ? x[i] / f : x[i] * f;
 }
 
+// x[r, c] · s[r], or x[r, c] / s[r] when `divide` (AWQ's fold of 1/s into the
+// output rows of the Linear before a group: fold_into_linear), one thread per
+// element.
+extern "C" __global__ void scale_rows(const float* __restrict__ x, long long n, int cols,
+                                      const float* __restrict__ s, int divide,
+                                      float* __restrict__ out) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float f = s[i / cols];
+    out[i] = divide ? x[i] / f : x[i] * f;
+}
+
 // delta = w − Q(w·s)/s per (row, group): the weight error of one AWQ
 // candidate, whose product with the inputs is the candidate's output error.
 extern "C" __global__ void awq_delta(const float* __restrict__ w, const float* __restrict__ s,
