@@ -306,12 +306,7 @@ fn quantize_calibrated(
         gpu.synchronize()?;
         let quantized = started.elapsed().as_secs_f64();
         if layer + 1 < cfg.num_hidden_layers {
-            hidden = hidden
-                .iter()
-                .map(|(h, batch)| {
-                    forward_layer(&ops, &weights, h, *batch, seq, None).map(|next| (next, *batch))
-                })
-                .collect::<Result<_, _>>()?;
+            hidden = propagate(&ops, &weights, &hidden, seq)?;
         }
         gpu.synchronize()?;
         tracing::debug!(
@@ -324,6 +319,21 @@ fn quantize_calibrated(
         progress.step(layer + 1, "layer");
     }
     Ok(())
+}
+
+/// Every batch's hidden states through the (quantized) layer, for the next.
+fn propagate(
+    ops: &LlamaOps,
+    weights: &DeviceLayer,
+    hidden: &[(CudaSlice<f32>, usize)],
+    seq: usize,
+) -> Result<Vec<(CudaSlice<f32>, usize)>, GpuError> {
+    hidden
+        .iter()
+        .map(|(h, batch)| {
+            forward_layer(ops, weights, h, *batch, seq, None).map(|next| (next, *batch))
+        })
+        .collect()
 }
 
 /// Runs the layer over every batch, adding each Linear group's input into

@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::Context;
 use cudarc::driver::CudaSlice;
 
-use super::{Job, Precision, embed_batches, input_of, weight_only};
+use super::{Job, Precision, embed_batches, input_of, propagate, weight_only};
 use crate::gpu::awq::{DeviceAwq, DeviceMatrix};
 use crate::gpu::error::DriverContext;
 use crate::gpu::llama::{CapturePoint, DeviceLayer, LlamaOps, forward_layer};
@@ -93,12 +93,7 @@ pub(super) fn quantize_layers(
         let quantized = started.elapsed().as_secs_f64();
         if layer + 1 < cfg.num_hidden_layers {
             let _math = forward_math(job)?;
-            hidden = hidden
-                .iter()
-                .map(|(h, batch)| {
-                    forward_layer(&ops, &weights, h, *batch, seq, None).map(|next| (next, *batch))
-                })
-                .collect::<Result<_, _>>()?;
+            hidden = propagate(&ops, &weights, &hidden, seq)?;
         }
         gpu.synchronize()?;
         tracing::debug!(
