@@ -7,12 +7,14 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{load_all, model_dir, norm_inputs, reference_dir, scratch};
+use quantizer_job::format::pack::pack_rows;
 use quantizer_job::format::{
     CheckpointOptions, DenseInput, DenseTensor, quantization_config, read_checkpoint,
     write_checkpoint, write_model_config,
 };
 use quantizer_job::quant::{
-    ActOrder, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend, QuantizedLinear,
+    ActOrder, Codes, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, PackedCodes, QuantBackend,
+    QuantizedLinear,
 };
 
 const LINEARS: [&str; 7] = [
@@ -366,4 +368,81 @@ fn stored_dense_bytes_are_copied_or_converted() {
         .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
         .collect();
     assert_eq!(converted.data(), &expected[..]);
+}
+
+/// What the GPU hands over (codes packed on the device) is written byte for
+/// byte as what the CPU hands over (codes one per byte, packed by the writer);
+/// packed codes that do not match the scheme or the shape are refused.
+#[test]
+fn packed_codes_are_written_as_the_writer_packs_them() {
+    let all = load_all();
+    for scheme in [int(4, false, Some(32)), int(8, true, None)] {
+        let (dense, unpacked) = build(Case::Rtn(scheme), &all, &[0]);
+        let packed: BTreeMap<String, QuantizedLinear> = unpacked
+            .iter()
+            .map(|(name, q)| {
+                let Codes::Int(codes) = &q.codes else {
+                    panic!("the CPU keeps codes unpacked")
+                };
+                let words = pack_rows(codes, q.shape[0], q.shape[1], scheme.bits)
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                let codes = Codes::Packed(PackedCodes {
+                    bits: scheme.bits,
+                    words,
+                });
+                (name.clone(), QuantizedLinear { codes, ..q.clone() })
+            })
+            .collect();
+        let written = |quantized: &BTreeMap<String, QuantizedLinear>, label: &str| {
+            let dir = scratch(&format!("packed-{}-{label}", scheme.bits));
+            write_checkpoint(
+                &dir,
+                &as_inputs(&dense),
+                quantized,
+                CheckpointOptions::default(),
+            )
+            .expect("write");
+            let bytes = std::fs::read(dir.join("model.safetensors")).expect("read checkpoint");
+            let _ = std::fs::remove_dir_all(&dir);
+            bytes
+        };
+        assert!(
+            written(&unpacked, "cpu") == written(&packed, "gpu"),
+            "{scheme:?}: packed and unpacked codes write the same file"
+        );
+
+        let (name, q) = packed.iter().next().expect("a quantized Linear");
+        let Codes::Packed(p) = &q.codes else {
+            unreachable!()
+        };
+        let other_bits = Codes::Packed(PackedCodes {
+            bits: 12 - scheme.bits,
+            words: p.words.clone(),
+        });
+        let short = Codes::Packed(PackedCodes {
+            bits: scheme.bits,
+            words: p.words[4..].to_vec(),
+        });
+        for (codes, expected) in [
+            (other_bits, "do not match scheme"),
+            (short, "weight_packed"),
+        ] {
+            let bad = BTreeMap::from([(name.clone(), QuantizedLinear { codes, ..q.clone() })]);
+            let dir = scratch(&format!("packed-bad-{}", scheme.bits));
+            let err = write_checkpoint(&dir, &BTreeMap::new(), &bad, CheckpointOptions::default())
+                .expect_err("refused");
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        // Unpacked on demand, the words are the CPU's codes again.
+        let cpu = &unpacked[name];
+        assert_eq!(q.codes_differing(cpu), Some(0));
+        assert_eq!(
+            q.dequantize_codes().expect("dequantize packed"),
+            cpu.dequantize_codes().expect("dequantize unpacked")
+        );
+    }
 }

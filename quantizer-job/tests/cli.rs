@@ -59,3 +59,22 @@ fn missing_model_path_is_named() {
         "{stderr}"
     );
 }
+
+/// The GPU benchmark's specs (`bench/gpu/specs`) run only on a GPU machine;
+/// here they are checked to be valid `QuantizedModel`s, so a typo does not
+/// wait for the device to be found.
+#[test]
+fn gpu_benchmark_specs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/gpu/specs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("bench/gpu/specs") {
+        let path = entry.expect("spec entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(e) = quantops_api::spec_file::load_quantized_model(&path) {
+                panic!("{}: {e}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 9, "{checked} specs found");
+}

@@ -21,13 +21,14 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 use tracing::info;
 
 use super::FormatError;
-use super::pack::{pack_cols, pack_rows};
+use super::pack::{pack_cols, pack_factor, pack_rows, packs};
 use super::tensors::{DenseInput, bytes_to_floats, float_dtype, floats_to_bytes, i32_bytes};
 use crate::quant::{ActOrder, Codes, FloatDtype, QuantizedLinear, WeightScheme};
 
@@ -117,16 +118,28 @@ fn linear_tensors<'q>(
                 bytes: Cow::Borrowed(codes),
             },
         )),
-        (WeightScheme::Int(s), Codes::Int(codes)) => {
-            let packed = matches!(s.bits, 4 | 8);
+        (WeightScheme::Int(s), codes @ (Codes::Int(_) | Codes::Packed(_))) => {
+            let packed = packs(s.bits);
             if packed {
-                let words = pack_rows(codes, out, inp, s.bits);
+                let words: Cow<'q, [u8]> = match codes {
+                    Codes::Int(codes) => Cow::Owned(i32_bytes(&pack_rows(codes, out, inp, s.bits))),
+                    Codes::Packed(p) if p.bits == s.bits => Cow::Borrowed(&p.words),
+                    _ => return Err(codes_mismatch(name, s)),
+                };
+                let row_words = inp.div_ceil(pack_factor(s.bits));
+                if words.len() != 4 * out * row_words {
+                    return Err(FormatError::Shape {
+                        name: format!("{name}.weight_packed"),
+                        expected: format!("[{out}, {row_words}] int32 words"),
+                        got: vec![words.len() / 4],
+                    });
+                }
                 t.push((
                     format!("{name}.weight_packed"),
                     Stored {
                         dtype: Dtype::I32,
-                        shape: vec![out, words.len() / out.max(1)],
-                        bytes: Cow::Owned(i32_bytes(&words)),
+                        shape: vec![out, row_words],
+                        bytes: words,
                     },
                 ));
                 t.push((
@@ -143,6 +156,9 @@ fn linear_tensors<'q>(
                     },
                 ));
             } else {
+                let Codes::Int(codes) = codes else {
+                    return Err(codes_mismatch(name, s));
+                };
                 t.push((
                     format!("{name}.weight"),
                     Stored {
@@ -180,13 +196,13 @@ fn linear_tensors<'q>(
                 ));
             }
         }
-        (scheme, _) => {
-            return Err(FormatError::Unsupported(format!(
-                "{name}: codes do not match scheme {scheme:?}"
-            )));
-        }
+        (scheme, _) => return Err(codes_mismatch(name, scheme)),
     }
     Ok(t)
+}
+
+fn codes_mismatch(name: &str, scheme: &impl std::fmt::Debug) -> FormatError {
+    FormatError::Unsupported(format!("{name}: codes do not match scheme {scheme:?}"))
 }
 
 /// A dense tensor in the checkpoint's dtype: stored bytes of that dtype as
@@ -226,6 +242,30 @@ fn dense_stored<'a>(
         shape: shape.clone(),
         bytes,
     })
+}
+
+/// Writes one safetensors file of the named tensors.
+fn write_shard(
+    path: &Path,
+    names: &[&String],
+    all: &BTreeMap<String, Stored>,
+) -> Result<PathBuf, FormatError> {
+    let safetensors_error = |source| FormatError::SafeTensors {
+        path: path.to_path_buf(),
+        source,
+    };
+    let views = names
+        .iter()
+        .map(|name| {
+            let s = &all[*name];
+            TensorView::new(s.dtype, s.shape.clone(), &s.bytes)
+                .map(|view| ((*name).clone(), view))
+                .map_err(safetensors_error)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(safetensors_error)?;
+    Ok(path.to_path_buf())
 }
 
 /// Writes `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
@@ -271,39 +311,27 @@ pub fn write_checkpoint(
     }
     let total_bytes: usize = all.values().map(|s| s.bytes.len()).sum();
     let n = shards.len();
-    let mut files = Vec::with_capacity(n);
-    let mut weight_map = BTreeMap::new();
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    for (i, names) in shards.iter().enumerate() {
-        let file = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        };
-        let path = dir.join(&file);
-        let mut views = Vec::with_capacity(names.len());
-        for name in names {
-            let s = &all[*name];
-            let view = TensorView::new(s.dtype, s.shape.clone(), &s.bytes).map_err(|e| {
-                FormatError::SafeTensors {
-                    path: path.clone(),
-                    source: e,
-                }
-            })?;
-            views.push(((*name).clone(), view));
-            weight_map.insert((*name).clone(), file.clone());
-        }
-        safetensors::serialize_to_file(views, metadata.clone(), &path).map_err(|e| {
-            FormatError::SafeTensors {
-                path: path.clone(),
-                source: e,
+    let file_names: Vec<String> = (0..n)
+        .map(|i| {
+            if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{n:05}.safetensors", i + 1)
             }
-        })?;
-        files.push(path);
-    }
+        })
+        .collect();
+    let weight_map: BTreeMap<&String, &String> = shards
+        .iter()
+        .zip(&file_names)
+        .flat_map(|(names, file)| names.iter().map(move |name| (*name, file)))
+        .collect();
+    // Shards are written side by side: a large model's artifact is tens of
+    // gigabytes, and one writer thread was most of the stage's time.
+    let files = shards
+        .par_iter()
+        .zip(&file_names)
+        .map(|(names, file)| write_shard(&dir.join(file), names, &all))
+        .collect::<Result<Vec<_>, _>>()?;
     if n > 1 {
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
         let path = dir.join("model.safetensors.index.json");

@@ -16,6 +16,12 @@
 
 use rayon::prelude::*;
 
+/// Whether codes of `bits` are stored packed (`pack-quantized`) rather than
+/// one int8 each (`naive-quantized`); see the module doc for why 4 and 8.
+pub fn packs(bits: u8) -> bool {
+    matches!(bits, 4 | 8)
+}
+
 /// Codes per int32 word.
 pub fn pack_factor(bits: u8) -> usize {
     32 / usize::from(bits)
@@ -54,6 +60,16 @@ pub fn pack_rows(codes: &[i8], rows: usize, cols: usize, bits: u8) -> Vec<i32> {
             }
         });
     out
+}
+
+/// Unpacks words stored as little-endian bytes (what the artifact and the
+/// GPU's pack kernel hold) like [`unpack_rows`].
+pub fn unpack_row_bytes(bytes: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<i8> {
+    let words: Vec<i32> = bytes
+        .chunks_exact(4)
+        .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect();
+    unpack_rows(&words, rows, cols, bits)
 }
 
 /// Inverse of [`pack_rows`].
@@ -135,6 +151,8 @@ mod tests {
                 codes,
                 "rows, {bits} bits"
             );
+            let le: Vec<u8> = p.iter().flat_map(|w| w.to_le_bytes()).collect();
+            assert_eq!(unpack_row_bytes(&le, rows, cols, bits), codes);
             let p = pack_cols(&codes, rows, cols, bits);
             assert_eq!(p.len(), rows.div_ceil(pack_factor(bits)) * cols);
             assert_eq!(

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::FormatError;
-use super::pack::{unpack_cols, unpack_rows};
+use super::pack::{unpack_cols, unpack_row_bytes};
 use super::tensors::{DenseTensor, bytes_to_floats, bytes_to_ints};
 use crate::quant::e4m3_to_f32;
 
@@ -250,14 +250,9 @@ fn dequantize_module(
             &p.shape,
             &[out, inp.div_ceil(32 / usize::from(bits))],
         )?;
-        let words: Vec<i32> = p
-            .bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         consumed.insert(packed_name);
         consumed.insert(shape_name);
-        (out, inp, unpack_rows(&words, out, inp, bits))
+        (out, inp, unpack_row_bytes(&p.bytes, out, inp, bits))
     } else {
         let w = take(raw, &weight_name, m)?;
         if w.dtype != Dtype::I8 {

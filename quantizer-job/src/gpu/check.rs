@@ -21,7 +21,7 @@ use super::error::DriverContext;
 use super::{CudaBackend, DeviceQuantizer, Gpu};
 use crate::checkpoint::Checkpoint;
 use crate::quant::{
-    ActOrder, AwqConfig, Codes, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend,
+    ActOrder, AwqConfig, CpuBackend, FloatDtype, Hessian, IntScheme, Matrix, QuantBackend,
     QuantizedLinear, output_error,
 };
 
@@ -436,11 +436,7 @@ fn compare_results(
     gpu: &QuantizedLinear,
     w: &Matrix,
 ) -> CheckRow {
-    let mismatch = match (&cpu.codes, &gpu.codes) {
-        (Codes::Int(a), Codes::Int(b)) => a.iter().zip(b).filter(|(x, y)| x != y).count(),
-        (Codes::Fp8(a), Codes::Fp8(b)) => a.iter().zip(b).filter(|(x, y)| x != y).count(),
-        _ => usize::MAX,
-    };
+    let mismatch = cpu.codes_differing(gpu).unwrap_or(usize::MAX);
     let total = (shape[0] * shape[1]).max(1);
     let scale_max_rel = cpu
         .scales

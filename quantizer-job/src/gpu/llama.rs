@@ -2181,26 +2181,9 @@ mod tests {
 
     // ---- On a GPU (skipped elsewhere unless QUANTOPS_REQUIRE_GPU is set) ----
 
-    use crate::gpu::DeviceChoice;
+    use crate::gpu::tests::gpu_or_skip;
     use crate::tokenizer::Tokenizer;
     use std::path::PathBuf;
-
-    /// The GPU, or `None` (with a note) where there is none and
-    /// QUANTOPS_REQUIRE_GPU is unset.
-    fn gpu_or_skip() -> Option<Gpu> {
-        let required = std::env::var_os("QUANTOPS_REQUIRE_GPU").is_some();
-        match Gpu::for_choice(DeviceChoice::Auto) {
-            Ok(Some(gpu)) => Some(gpu),
-            Ok(None) if !required => {
-                eprintln!(
-                    "skipped: no usable GPU (set QUANTOPS_REQUIRE_GPU to make this a failure)"
-                );
-                None
-            }
-            Ok(None) => panic!("QUANTOPS_REQUIRE_GPU is set but no GPU is usable"),
-            Err(e) => panic!("opening the GPU: {e}"),
-        }
-    }
 
     /// `shared/data` beside the checkout, or QUANTOPS_SHARED_DATA.
     fn shared_data() -> PathBuf {
@@ -2439,7 +2422,7 @@ mod tests {
     use crate::llama_layers::{LlamaLayers, to_tensor};
     use crate::model::NormId;
     use crate::quant::{
-        Codes, CpuBackend, FloatDtype, Matrix, QuantizedLinear, WeightScheme, fold_into_linear,
+        CpuBackend, FloatDtype, Matrix, QuantizedLinear, WeightScheme, fold_into_linear,
         fold_into_norm,
     };
     use crate::sequential::quantize_model;
@@ -2604,11 +2587,9 @@ mod tests {
     }
 
     fn code_mismatch(a: &QuantizedLinear, b: &QuantizedLinear) -> f64 {
-        match (&a.codes, &b.codes) {
-            (Codes::Int(a), Codes::Int(b)) if a.len() == b.len() => {
-                a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len().max(1) as f64
-            }
-            _ => 1.0,
+        match a.codes_differing(b) {
+            Some(n) => n as f64 / (a.shape[0] * a.shape[1]).max(1) as f64,
+            None => 1.0,
         }
     }
 

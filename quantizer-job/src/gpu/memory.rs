@@ -8,16 +8,18 @@
 //! and the working set of the largest Linear's GPTQ, or AWQ's kept
 //! activation rows of the four capture points and the working set of its
 //! largest group's search. Weights stream layer by layer, so the model's
-//! depth does not count; on the host the results (codes and the dequantized
-//! weights) and the embedding table do.
+//! depth does not count on the GPU; on the host the results do (codes, packed
+//! for 4 and 8 bits, and scales wait there for the writer), and the
+//! embedding table for the calibrated methods.
 
 use quantops_api::Method;
 
 use super::GpuError;
 use super::awq::MAX_CLIP_GROUP;
 use crate::config::LlamaConfig;
-use crate::quant::AwqConfig;
+use crate::format::pack;
 use crate::quant::awq::RowSampler;
+use crate::quant::{AwqConfig, WeightScheme};
 
 const F32: u64 = 4;
 const F64: u64 = 8;
@@ -106,12 +108,25 @@ fn awq_bytes(linears: &[[u64; 2]; 7], rows: u64) -> (u64, u64) {
     (samples, search)
 }
 
-/// Estimates a job that quantizes `cfg` by `method`, with calibration when
-/// the method takes it: `samples × sequence_length` tokens in batches of
-/// `batch` sequences.
+/// Host bytes of a quantized `[out, in]` Linear as it waits for the writer:
+/// codes (a 4-bit code packed in half a byte) and f32 scales and zero points.
+fn stored_bytes(scheme: &WeightScheme, [out, inp]: [u64; 2]) -> u64 {
+    let (code_bits, group) = match scheme {
+        WeightScheme::Int(s) if pack::packs(s.bits) => (u64::from(s.bits), s.group_size),
+        WeightScheme::Int(s) => (8, s.group_size),
+        WeightScheme::Fp8 { .. } => (8, None),
+    };
+    let groups = group.map_or(1, |g| inp.div_ceil(g.max(1) as u64));
+    out * inp * code_bits / 8 + out * groups * (F32 + 1)
+}
+
+/// Estimates a job that quantizes `cfg` by `method` into `scheme`, with
+/// calibration when the method takes it: `samples × sequence_length` tokens
+/// in batches of `batch` sequences.
 pub fn estimate(
     cfg: &LlamaConfig,
     method: Method,
+    scheme: &WeightScheme,
     samples: usize,
     sequence_length: usize,
     batch: usize,
@@ -150,10 +165,17 @@ pub fn estimate(
         (0, 0, 0, largest * (3 * F32 + 1))
     };
     let gpu_bytes = hidden + layer_weights + scratch + kept + working;
-    let all_linears: u64 =
-        linears.iter().map(|[o, i]| o * i).sum::<u64>() * cfg.num_hidden_layers as u64;
-    let embedding = cfg.vocab_size as u64 * h * F32;
-    let host_bytes = all_linears * (F32 + 1) + embedding + tokens * 4;
+    let results: u64 = linears
+        .iter()
+        .map(|shape| stored_bytes(scheme, *shape))
+        .sum::<u64>()
+        * cfg.num_hidden_layers as u64;
+    let embedding = if calibrated {
+        cfg.vocab_size as u64 * h * F32
+    } else {
+        0
+    };
+    let host_bytes = results + embedding + tokens * 4;
     let gib = |b: u64| b as f64 / GIB;
     let (kept_name, working_name) = if method == Method::Awq {
         ("AWQ's activation samples", "largest AWQ group's search")
@@ -192,10 +214,31 @@ pub fn fits(estimate: &MemoryEstimate, free: usize, total: usize) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::{FloatDtype, IntScheme};
+
+    const INT4: WeightScheme = WeightScheme::Int(IntScheme {
+        bits: 4,
+        symmetric: true,
+        group_size: Some(128),
+        scale_dtype: FloatDtype::Bf16,
+    });
+
+    /// A job on Llama-3-8B's shapes with `layers` layers and 128 × 2048
+    /// calibration tokens in batches of 8.
+    fn llama3_8b_shaped(layers: usize, method: Method) -> MemoryEstimate {
+        estimate(
+            &config(layers, 4096, 14336, 32, 8),
+            method,
+            &INT4,
+            128,
+            2048,
+            8,
+        )
+    }
 
     #[test]
     fn a_small_gpu_is_refused_with_the_estimate() {
-        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
+        let e = llama3_8b_shaped(32, Method::Gptq);
         let gib = 1usize << 30;
         assert!(fits(&e, 80 * gib, 80 * gib).is_ok());
         let err = fits(&e, 16 * gib, 16 * gib).unwrap_err().to_string();
@@ -226,10 +269,15 @@ mod tests {
 
     #[test]
     fn depth_does_not_count_on_the_gpu_but_on_the_host() {
-        let shallow = estimate(&config(2, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
-        let deep = estimate(&config(32, 4096, 14336, 32, 8), Method::Gptq, 128, 2048, 8);
+        let shallow = llama3_8b_shaped(2, Method::Gptq);
+        let deep = llama3_8b_shaped(32, Method::Gptq);
         assert_eq!(shallow.gpu_bytes, deep.gpu_bytes);
-        assert!(deep.host_bytes > 10 * shallow.host_bytes / 2);
+        // On the host, each layer's results: 30 more layers, 30 more of them.
+        let layer: u64 = layer_linears(&config(2, 4096, 14336, 32, 8))
+            .iter()
+            .map(|shape| stored_bytes(&INT4, *shape))
+            .sum();
+        assert_eq!(deep.host_bytes - shallow.host_bytes, 30 * layer);
         // Llama-3-8B shapes with 128×2048 calibration tokens: the hidden
         // states (2 × 4 GiB) and down_proj's GPTQ (14336² f64 twice) dominate;
         // the whole must fit an 80 GB GPU but not a 16 GB one.
@@ -254,8 +302,8 @@ mod tests {
         let gib = search as f64 / GIB;
         assert!(gib > 0.5 && gib < 2.0, "{gib} GiB");
 
-        let awq = estimate(&cfg, Method::Awq, 128, 2048, 8);
-        let gptq = estimate(&cfg, Method::Gptq, 128, 2048, 8);
+        let awq = estimate(&cfg, Method::Awq, &INT4, 128, 2048, 8);
+        let gptq = estimate(&cfg, Method::Gptq, &INT4, 128, 2048, 8);
         assert!(
             awq.detail.contains("AWQ's activation samples 0.41 GiB")
                 && awq.detail.contains("largest AWQ group's search")
@@ -267,14 +315,39 @@ mod tests {
         // own terms are smaller than GPTQ's f64 working set.
         assert!(awq.gpu_bytes < gptq.gpu_bytes);
         assert!(awq.gpu_bytes > samples + search);
-        let shallow = estimate(&config(2, 4096, 14336, 32, 8), Method::Awq, 128, 2048, 8);
+        let shallow = llama3_8b_shaped(2, Method::Awq);
         assert_eq!(shallow.gpu_bytes, awq.gpu_bytes);
     }
 
     #[test]
     fn weight_only_needs_one_linear() {
-        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Rtn, 0, 0, 8);
+        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Rtn, &INT4, 0, 0, 8);
         assert!(e.gpu_gib() < 3.0, "{}", e.detail);
         assert!(e.detail.contains("largest Linear"));
+    }
+
+    #[test]
+    fn the_host_holds_the_codes_as_the_writer_stores_them() {
+        // One [4096, 4096] Linear: packed 4-bit codes at half a byte, with
+        // 32 groups of 128 per row; 3-bit and FP8 codes at a byte each.
+        let shape = [4096, 4096];
+        let n = 4096 * 4096;
+        assert_eq!(stored_bytes(&INT4, shape), n / 2 + 4096 * 32 * 5);
+        let int3 = WeightScheme::Int(IntScheme {
+            bits: 3,
+            symmetric: true,
+            group_size: None,
+            scale_dtype: FloatDtype::Bf16,
+        });
+        assert_eq!(stored_bytes(&int3, shape), n + 4096 * 5);
+        let fp8 = WeightScheme::Fp8 {
+            scale_dtype: FloatDtype::Bf16,
+        };
+        assert_eq!(stored_bytes(&fp8, shape), n + 4096 * 5);
+        // Llama-3-8B's 7 B Linear weights in int4: about 3.5 GB of results,
+        // and no embedding table without calibration.
+        let e = estimate(&config(32, 4096, 14336, 32, 8), Method::Rtn, &INT4, 0, 0, 8);
+        let gib = e.host_gib();
+        assert!(gib > 3.0 && gib < 4.0, "{gib} GiB");
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 use error::DriverContext;
 
@@ -226,7 +226,7 @@ impl Gpu {
         self.ctx.mem_get_info().during("reading free memory")
     }
 
-    /// The stream every operation of this backend runs on.
+    /// The context every allocation of this backend belongs to.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -234,6 +234,21 @@ impl Gpu {
     /// The stream every operation is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A device buffer that the next operation on [`Gpu::stream`] fills
+    /// entirely (a kernel or a copy), so it is not zeroed first:
+    /// `alloc_zeros` costs a memset launch and a pass over the buffer, as
+    /// much as a weight-only kernel's own writes. Only for plain numbers,
+    /// for which every bit pattern is a value.
+    pub(crate) fn buffer_to_fill<T: DeviceRepr>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>, GpuError> {
+        // SAFETY: the buffer is filled by an operation queued before any
+        // read of it on the same stream, and T is a plain number type.
+        unsafe { self.stream.alloc::<T>(len) }.during(format!("allocating {what}"))
     }
 
     /// The cuBLAS handle, bound to [`Gpu::stream`].
@@ -312,8 +327,26 @@ pub(crate) fn nvrtc_for_tests() -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The GPU, or `None` (with a note) where there is none and
+    /// QUANTOPS_REQUIRE_GPU is unset: the GPU tests run in CI as skips and
+    /// on the device as failures when the GPU is missing.
+    pub(crate) fn gpu_or_skip() -> Option<Gpu> {
+        let required = std::env::var_os("QUANTOPS_REQUIRE_GPU").is_some();
+        match Gpu::for_choice(DeviceChoice::Auto) {
+            Ok(Some(gpu)) => Some(gpu),
+            Ok(None) if !required => {
+                eprintln!(
+                    "skipped: no usable GPU (set QUANTOPS_REQUIRE_GPU to make this a failure)"
+                );
+                None
+            }
+            Ok(None) => panic!("QUANTOPS_REQUIRE_GPU is set but no GPU is usable"),
+            Err(e) => panic!("opening the GPU: {e}"),
+        }
+    }
 
     #[test]
     fn quant_kernels_compile_for_hopper_and_ampere() {
@@ -327,6 +360,7 @@ mod tests {
             for kernel in [
                 "rtn_int",
                 "fp8_rows",
+                "pack_words",
                 "gptq_block",
                 "unpermute_codes",
                 "diagonal",

@@ -122,6 +122,7 @@ pub fn quantize_checkpoint_with(
     let estimate = memory::estimate(
         &cfg,
         recipe.method,
+        &scheme,
         calibration.len(),
         sequence_length,
         GPU_CALIBRATION_BATCH,

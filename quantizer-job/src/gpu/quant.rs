@@ -14,9 +14,10 @@ use cudarc::driver::{
 use super::Gpu;
 use super::error::{DriverContext, GpuError};
 use super::staging::Downloads;
+use crate::format::pack;
 use crate::quant::{
-    ActOrder, Codes, FloatDtype, Hessian, IntScheme, Matrix, QuantError, QuantizedLinear,
-    WeightScheme, grid,
+    ActOrder, Codes, FloatDtype, Hessian, IntScheme, Matrix, PackedCodes, QuantError,
+    QuantizedLinear, WeightScheme, grid,
 };
 
 /// Threads per block of the warp-per-item kernels: four warps.
@@ -205,6 +206,7 @@ pub struct DeviceQuantizer<'g> {
     rtn_int_long: CudaFunction,
     fp8_rows: CudaFunction,
     fp8_rows_long: CudaFunction,
+    pack_words: CudaFunction,
     dequantize_int: CudaFunction,
     dequantize_fp8: CudaFunction,
     hessian_finalize: CudaFunction,
@@ -235,6 +237,16 @@ struct DeviceGrid {
     zeros: CudaSlice<i32>,
 }
 
+impl DeviceGrid {
+    /// Room for `items` grids, for `rtn_int` to fill.
+    fn for_kernel(gpu: &Gpu, items: usize) -> Result<Self, GpuError> {
+        Ok(Self {
+            scales: gpu.buffer_to_fill(items, "scales")?,
+            zeros: gpu.buffer_to_fill(items, "zero points")?,
+        })
+    }
+}
+
 impl<'g> DeviceQuantizer<'g> {
     /// Loads the kernels from the GPU's compiled module.
     pub fn new(gpu: &'g Gpu) -> Result<Self, GpuError> {
@@ -245,6 +257,7 @@ impl<'g> DeviceQuantizer<'g> {
             rtn_int_long: gpu.quant_fn("rtn_int_long")?,
             fp8_rows: gpu.quant_fn("fp8_rows")?,
             fp8_rows_long: gpu.quant_fn("fp8_rows_long")?,
+            pack_words: gpu.quant_fn("pack_words")?,
             dequantize_int: gpu.quant_fn("dequantize_int")?,
             dequantize_fp8: gpu.quant_fn("dequantize_fp8")?,
             hessian_finalize: gpu.quant_fn("hessian_finalize")?,
@@ -299,17 +312,12 @@ impl<'g> DeviceQuantizer<'g> {
         shape: [usize; 2],
         group_size: usize,
         scheme: &IntScheme,
+        grid: &mut DeviceGrid,
         out: Option<(&mut CudaSlice<i8>, &mut CudaSlice<f32>)>,
-    ) -> Result<DeviceGrid, GpuError> {
+    ) -> Result<(), GpuError> {
         let [rows, cols] = shape;
         let groups = cols / group_size;
         let stream = self.gpu.stream();
-        let mut scales = stream
-            .alloc_zeros::<f32>(rows * groups)
-            .during("allocating scales")?;
-        let mut zeros = stream
-            .alloc_zeros::<i32>(rows * groups)
-            .during("allocating zero points")?;
         let (rows_i, cols_i, gs) = (rows as i32, cols as i32, group_size as i32);
         let (bits, sym) = (i32::from(scheme.bits), i32::from(scheme.symmetric));
         let dtype = dtype_code(scheme.scale_dtype);
@@ -338,11 +346,25 @@ impl<'g> DeviceQuantizer<'g> {
                 launch.arg(&null).arg(&null);
             }
         }
-        launch.arg(&mut scales).arg(&mut zeros);
+        launch.arg(&mut grid.scales).arg(&mut grid.zeros);
         // SAFETY: w holds rows·cols values; codes/deq (when given) as many;
         // scales/zeros rows·groups; one team per (row, group).
         unsafe { launch.launch(cfg) }.during("launching rtn_int")?;
-        Ok(DeviceGrid { scales, zeros })
+        Ok(())
+    }
+
+    /// `rtn_int`'s grids (and, with `out`, codes and weights) in new buffers.
+    fn rtn_grid(
+        &self,
+        w: &CudaSlice<f32>,
+        shape: [usize; 2],
+        group_size: usize,
+        scheme: &IntScheme,
+        out: Option<(&mut CudaSlice<i8>, &mut CudaSlice<f32>)>,
+    ) -> Result<DeviceGrid, GpuError> {
+        let mut grid = DeviceGrid::for_kernel(self.gpu, shape[0] * (shape[1] / group_size))?;
+        self.rtn_launch(w, shape, group_size, scheme, &mut grid, out)?;
+        Ok(grid)
     }
 
     /// Round-to-nearest of a device weight `[rows, cols]` (also INT8).
@@ -355,13 +377,10 @@ impl<'g> DeviceQuantizer<'g> {
     ) -> Result<DeviceQuantized, GpuError> {
         check_len(layer, w, shape)?;
         let group_size = grid::validate(&scheme, layer, shape[1])?;
-        let stream = self.gpu.stream();
         let n = shape[0] * shape[1];
-        let mut codes = stream.alloc_zeros::<i8>(n).during("allocating codes")?;
-        let mut deq = stream
-            .alloc_zeros::<f32>(n)
-            .during("allocating the dequantized weight")?;
-        let grid = self.rtn_launch(w, shape, group_size, &scheme, Some((&mut codes, &mut deq)))?;
+        let mut codes = self.gpu.buffer_to_fill(n, "codes")?;
+        let mut deq = self.gpu.buffer_to_fill(n, "the dequantized weight")?;
+        let grid = self.rtn_grid(w, shape, group_size, &scheme, Some((&mut codes, &mut deq)))?;
         self.finish_int(shape, scheme, ActOrder::None, &codes, grid, None, deq)
     }
 
@@ -383,21 +402,17 @@ impl<'g> DeviceQuantizer<'g> {
             ));
         }
         let stream = self.gpu.stream();
-        let mut codes = stream
-            .alloc_zeros::<u8>(rows * cols)
-            .during("allocating codes")?;
-        let mut deq = stream
-            .alloc_zeros::<f32>(rows * cols)
-            .during("allocating the dequantized weight")?;
-        let mut scales = stream
-            .alloc_zeros::<f32>(rows)
-            .during("allocating scales")?;
+        let mut codes = self.gpu.buffer_to_fill(rows * cols, "codes")?;
+        let mut deq = self
+            .gpu
+            .buffer_to_fill(rows * cols, "the dequantized weight")?;
+        let mut scales = self.gpu.buffer_to_fill(rows, "scales")?;
         self.fp8_launch(w, shape, scale_dtype, &mut codes, &mut deq, &mut scales)?;
         let linear = QuantizedLinear {
             shape,
             scheme: WeightScheme::Fp8 { scale_dtype },
             act_order: ActOrder::None,
-            codes: Codes::Fp8(self.downloads.bytes(self.gpu, &codes.as_view(), |b| b)?),
+            codes: Codes::Fp8(self.download_bytes(&codes, |b| b)?),
             scales: Matrix::new(
                 rows,
                 1,
@@ -468,11 +483,17 @@ impl<'g> DeviceQuantizer<'g> {
             Some(s) => {
                 let group_size = grid::validate(&s, "timing", shape[1])?;
                 let mut codes = stream.alloc_zeros::<i8>(n).during("allocating codes")?;
-                self.rtn_launch(w, shape, group_size, &s, Some((&mut codes, &mut deq)))?;
+                let mut grid =
+                    DeviceGrid::for_kernel(self.gpu, shape[0] * (shape[1] / group_size))?;
+                let mut run = || {
+                    let out = Some((&mut codes, &mut deq));
+                    self.rtn_launch(w, shape, group_size, &s, &mut grid, out)
+                };
+                run()?;
                 self.gpu.synchronize()?;
                 started = std::time::Instant::now();
                 for _ in 0..reps {
-                    self.rtn_launch(w, shape, group_size, &s, Some((&mut codes, &mut deq)))?;
+                    run()?;
                 }
             }
             None => {
@@ -492,17 +513,55 @@ impl<'g> DeviceQuantizer<'g> {
         Ok(started.elapsed().as_secs_f64() / reps as f64)
     }
 
-    /// Integer codes on the host, through the page-locked buffer.
-    fn download_int_codes(&self, codes: &CudaSlice<i8>) -> Result<Vec<i8>, GpuError> {
-        // SAFETY: i8 and u8 have the same size and every bit pattern is valid in both.
-        let Some(bytes) = (unsafe { codes.transmute::<u8>(codes.len()) }) else {
+    /// Integer codes on the host as the writer stores them: packed on the
+    /// device when the artifact packs them (a 4-bit code then crosses PCIe
+    /// and waits in host memory as half a byte), one byte each otherwise.
+    fn download_codes(
+        &self,
+        codes: &CudaSlice<i8>,
+        [rows, cols]: [usize; 2],
+        bits: u8,
+    ) -> Result<Codes, GpuError> {
+        if !pack::packs(bits) {
+            return Ok(Codes::Int(self.download_bytes(codes, |b| b as i8)?));
+        }
+        let n = rows * cols.div_ceil(pack::pack_factor(bits));
+        let mut words = self.gpu.buffer_to_fill::<u32>(n, "packed codes")?;
+        let (rows_l, cols_i, bits_i) = (rows as i64, cols as i32, i32::from(bits));
+        let mut launch = self.gpu.stream().launch_builder(&self.pack_words);
+        launch
+            .arg(codes)
+            .arg(&rows_l)
+            .arg(&cols_i)
+            .arg(&bits_i)
+            .arg(&mut words);
+        // SAFETY: codes holds rows·cols values, words rows·ceil(cols / (32 / bits)).
+        unsafe { launch.launch(per_element(n)) }.during("launching pack_words")?;
+        Ok(Codes::Packed(PackedCodes {
+            bits,
+            words: self.download_bytes(&words, |b| b)?,
+        }))
+    }
+
+    /// A device buffer's bytes on the host, through the page-locked buffer.
+    fn download_bytes<T, U>(
+        &self,
+        src: &CudaSlice<T>,
+        convert: impl Fn(u8) -> U + Sync,
+    ) -> Result<Vec<U>, GpuError>
+    where
+        U: Default + Clone + Send,
+    {
+        let len = src.len() * std::mem::size_of::<T>();
+        // SAFETY: read as bytes only; every bit pattern is a valid u8.
+        let Some(bytes) = (unsafe { src.transmute::<u8>(len) }) else {
             return Err(shape_error(
-                "codes".to_string(),
-                format!("{} bytes", codes.len()),
+                "a download".to_string(),
+                format!("{len} bytes"),
                 "a shorter device buffer".to_string(),
             ));
         };
-        self.downloads.bytes(self.gpu, &bytes, |b| b as i8)
+        self.downloads.bytes(self.gpu, &bytes, convert)
     }
 
     /// Downloads an integer result and assembles the [`QuantizedLinear`].
@@ -535,7 +594,7 @@ impl<'g> DeviceQuantizer<'g> {
             shape,
             scheme: WeightScheme::Int(scheme),
             act_order,
-            codes: Codes::Int(self.download_int_codes(codes)?),
+            codes: self.download_codes(codes, shape, scheme.bits)?,
             scales: Matrix::new(rows, groups, scales)?,
             zero_points,
             g_idx,
@@ -660,7 +719,7 @@ impl<'g> DeviceQuantizer<'g> {
 
         // Static order: grid parameters from the (dead-zeroed) original weight.
         let static_grid = if act_order == ActOrder::Static {
-            Some(self.rtn_launch(&w, shape, group_size, &scheme, None)?)
+            Some(self.rtn_grid(&w, shape, group_size, &scheme, None)?)
         } else {
             None
         };
@@ -983,8 +1042,17 @@ impl<'g> DeviceQuantizer<'g> {
         let [rows, cols] = q.shape;
         let stream = self.gpu.stream();
         match &q.codes {
-            Codes::Int(codes) => {
-                let codes = stream.clone_htod(codes).during("uploading codes")?;
+            Codes::Int(_) | Codes::Packed(_) => {
+                let codes = q.codes.ints(q.shape).ok_or_else(|| {
+                    shape_error(
+                        "integer codes".to_string(),
+                        format!("{rows} × {cols} codes"),
+                        "codes that do not fill the shape".to_string(),
+                    )
+                })?;
+                let codes = stream
+                    .clone_htod(codes.as_ref())
+                    .during("uploading codes")?;
                 let grid = DeviceGrid {
                     scales: stream
                         .clone_htod(&q.scales.data)
@@ -1074,5 +1142,67 @@ fn check_info(
             action: step.to_string(),
             status: format!("invalid argument {}", -other),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::pack_rows;
+    use crate::gpu::tests::gpu_or_skip;
+    use crate::quant::{CpuBackend, QuantBackend};
+
+    /// A deterministic weight with a spread of values in every group.
+    fn weight(rows: usize, cols: usize) -> Matrix {
+        let data = (0..rows * cols)
+            .map(|k| ((k * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (k % 5) as f32))
+            .collect();
+        Matrix { rows, cols, data }
+    }
+
+    #[test]
+    fn gpu_codes_are_packed_on_the_device_as_the_writer_packs_them() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let q = DeviceQuantizer::new(&gpu).expect("kernels");
+        // 4 and 8 bits come back packed, 2 bits one byte each; 1030 columns
+        // leave a partial last word per row (6 of 8 nibbles, 2 of 4 bytes).
+        for (bits, group_size, cols) in [
+            (4, Some(128), 512),
+            (4, None, 1030),
+            (8, None, 1030),
+            (2, None, 1030),
+        ] {
+            let rows = 24;
+            let w = weight(rows, cols);
+            let scheme = IntScheme {
+                bits,
+                symmetric: false,
+                group_size,
+                scale_dtype: FloatDtype::F16,
+            };
+            let cpu = CpuBackend.quantize_rtn("w", &w, scheme).expect("cpu rtn");
+            let dev_w = gpu.stream().clone_htod(&w.data).expect("upload");
+            let out = q.rtn("w", &dev_w, [rows, cols], scheme).expect("gpu rtn");
+            let Codes::Int(cpu_codes) = &cpu.codes else {
+                panic!("the CPU keeps codes unpacked")
+            };
+            match &out.linear.codes {
+                Codes::Packed(p) => {
+                    assert!(pack::packs(bits), "{bits} bits packed");
+                    assert_eq!(p.bits, bits);
+                    let host: Vec<u8> = pack_rows(cpu_codes, rows, cols, bits)
+                        .iter()
+                        .flat_map(|w| w.to_le_bytes())
+                        .collect();
+                    assert_eq!(p.words, host, "{bits}-bit words of {cols} columns");
+                }
+                Codes::Int(codes) => {
+                    assert!(!pack::packs(bits), "{bits} bits unpacked");
+                    assert_eq!(codes, cpu_codes);
+                }
+                Codes::Fp8(_) => panic!("integer scheme gave FP8 codes"),
+            }
+            assert_eq!(out.linear.codes_differing(&cpu), Some(0));
+        }
     }
 }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::error::DriverContext;
-use super::tensors::{UploadError, upload_f32, widen};
+use super::tensors::{UploadError, upload_raw_f32, widen};
 use super::{Gpu, GpuError};
 use crate::checkpoint::{Checkpoint, RawTensor};
 
@@ -47,9 +47,8 @@ where
         .collect::<Result<Vec<_>, _>>()?;
     // F32 tensors need no widening and are rare in checkpoints: uploaded as they are.
     if raws.iter().any(|raw| raw.dtype == Dtype::F32) {
-        for name in names {
-            let (values, shape) = upload_f32(gpu, checkpoint, name)?;
-            consume(name, values, shape)?;
+        for (name, raw) in names.iter().zip(&raws) {
+            consume(name, upload_raw_f32(gpu, name, raw)?, raw.shape.clone())?;
         }
         return Ok(());
     }
@@ -157,9 +156,7 @@ fn upload_staged(
     let host = buffer
         .as_slice()
         .during("reading a page-locked staging buffer")?;
-    let mut bytes = stream
-        .alloc_zeros::<u8>(n)
-        .during(format!("allocating {name}"))?;
+    let mut bytes = gpu.buffer_to_fill::<u8>(n, name)?;
     stream
         .memcpy_htod(&host[..n], &mut bytes)
         .during(format!("uploading {name}"))?;
@@ -189,16 +186,14 @@ impl Downloads {
     {
         let n = src.len();
         let mut slot = self.buffer.borrow_mut();
-        if slot.as_ref().is_none_or(|buffer| buffer.len() < n) {
-            // The old buffer is freed before the larger one is taken.
-            *slot = None;
-            // SAFETY: the buffer is written by the copy before it is read.
-            let buffer = unsafe { gpu.context().alloc_pinned_with_flags::<u8>(n, 0) }
-                .during("allocating a page-locked download buffer")?;
-            *slot = Some(buffer);
-        }
-        let Some(buffer) = slot.as_mut() else {
-            return Ok(Vec::new());
+        // Taken out while in use; the old buffer is freed before a larger one is taken.
+        let mut buffer = match slot.take() {
+            Some(buffer) if buffer.len() >= n => buffer,
+            _ => {
+                // SAFETY: the buffer is written by the copy before it is read.
+                unsafe { gpu.context().alloc_pinned_with_flags::<u8>(n, 0) }
+                    .during("allocating a page-locked download buffer")?
+            }
         };
         let host = buffer
             .as_mut_slice()
@@ -215,6 +210,7 @@ impl Downloads {
                     *d = convert(*s);
                 }
             });
+        *slot = Some(buffer);
         Ok(out)
     }
 }

@@ -9,7 +9,7 @@ use safetensors::Dtype;
 use super::error::DriverContext;
 use super::quant::per_element;
 use super::{Gpu, GpuError};
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{Checkpoint, CheckpointError, RawTensor};
 use crate::quant::QuantError;
 
 /// Why a checkpoint tensor did not reach the device.
@@ -28,6 +28,15 @@ pub fn upload_f32(
     name: &str,
 ) -> Result<(CudaSlice<f32>, Vec<usize>), UploadError> {
     let raw = checkpoint.raw(name)?;
+    Ok((upload_raw_f32(gpu, name, &raw)?, raw.shape))
+}
+
+/// Uploads a tensor already looked up in the checkpoint as f32.
+pub(super) fn upload_raw_f32(
+    gpu: &Gpu,
+    name: &str,
+    raw: &RawTensor<'_>,
+) -> Result<CudaSlice<f32>, UploadError> {
     let stream = gpu.stream();
     let values = match raw.dtype {
         Dtype::F32 => {
@@ -49,7 +58,7 @@ pub fn upload_f32(
             widen(gpu, name, dtype, &src, raw.bytes.len() / 2)?
         }
     };
-    Ok((values, raw.shape))
+    Ok(values)
 }
 
 /// The first `n` F16/BF16 values of the device bytes `src`, as f32.
@@ -61,9 +70,7 @@ pub(super) fn widen(
     n: usize,
 ) -> Result<CudaSlice<f32>, GpuError> {
     let stream = gpu.stream();
-    let mut dst = stream
-        .alloc_zeros::<f32>(n)
-        .during(format!("allocating {name}"))?;
+    let mut dst = gpu.buffer_to_fill::<f32>(n, name)?;
     let code: i32 = if dtype == Dtype::BF16 { 1 } else { 0 };
     let n_l = n as i64;
     let f = gpu.quant_fn("widen_to_f32")?;

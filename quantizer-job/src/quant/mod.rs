@@ -31,7 +31,11 @@ pub use hessian::Hessian;
 pub use matrix::{Matrix, dot, output_error};
 pub use rtn::rtn;
 
+use std::borrow::Cow;
+
 use quantops_api::quantized_model::{Method, QuantizationSpec};
+
+use crate::format::pack;
 
 /// A floating-point storage dtype: of the scales (compressed-tensors: the model's dtype
 /// unless `scale_dtype` says otherwise) and of the unquantized tensors. Scales are rounded to it while
@@ -125,13 +129,45 @@ impl WeightScheme {
     }
 }
 
-/// Stored codes of one Linear, row-major `[out, in]`, unpacked.
+/// Stored codes of one Linear, row-major `[out, in]`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Codes {
-    /// Signed integer codes in `[-2^(b-1), 2^(b-1) - 1]`.
+    /// Signed integer codes in `[-2^(b-1), 2^(b-1) - 1]`, one per byte.
     Int(Vec<i8>),
+    /// Integer codes already packed the way the artifact stores them
+    /// ([`crate::format::pack`]): the GPU packs on the device, so a 4-bit
+    /// model's codes cross PCIe and wait for the writer at half a byte each.
+    Packed(PackedCodes),
     /// FP8 E4M3 bit patterns.
     Fp8(Vec<u8>),
+}
+
+/// `pack-quantized` words of `bits`-bit codes: `[out, ceil(in / (32 / bits))]`
+/// little-endian int32s, as bytes so that the writer stores them as they are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedCodes {
+    pub bits: u8,
+    pub words: Vec<u8>,
+}
+
+impl Codes {
+    /// The integer codes one per value (unpacked when packed), for
+    /// comparisons and dequantization; `None` for FP8 and for codes that do
+    /// not fill `[rows, cols]`.
+    pub fn ints(&self, [rows, cols]: [usize; 2]) -> Option<Cow<'_, [i8]>> {
+        match self {
+            Codes::Int(codes) if codes.len() == rows * cols => Some(Cow::Borrowed(codes)),
+            Codes::Packed(p)
+                if pack::packs(p.bits)
+                    && p.words.len() == 4 * rows * cols.div_ceil(pack::pack_factor(p.bits)) =>
+            {
+                Some(Cow::Owned(pack::unpack_row_bytes(
+                    &p.words, rows, cols, p.bits,
+                )))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One quantized Linear: what the writer stores and what the model continues with.
@@ -155,6 +191,21 @@ pub struct QuantizedLinear {
 }
 
 impl QuantizedLinear {
+    /// How many codes differ from `other`'s, packed or not; `None` when the
+    /// two cannot be compared (other shape, integer against FP8).
+    pub fn codes_differing(&self, other: &QuantizedLinear) -> Option<usize> {
+        if self.shape != other.shape {
+            return None;
+        }
+        fn count<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+            (a.len() == b.len()).then(|| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        }
+        match (&self.codes, &other.codes) {
+            (Codes::Fp8(a), Codes::Fp8(b)) => count(a, b),
+            (a, b) => count(&a.ints(self.shape)?, &b.ints(self.shape)?),
+        }
+    }
+
     /// Recomputes the weight from the stored codes, scales, zero points and
     /// `g_idx` (what a kernel or a reader does), independent of `dequantized`.
     pub fn dequantize_codes(&self) -> Result<Matrix, QuantError> {
@@ -168,7 +219,15 @@ impl QuantizedLinear {
                     *d = e4m3_to_f32(*b) * self.scales.data[k / inp];
                 }
             }
-            Codes::Int(codes) => {
+            Codes::Int(_) | Codes::Packed(_) => {
+                let codes = self
+                    .codes
+                    .ints(self.shape)
+                    .ok_or_else(|| QuantError::Shape {
+                        what: "integer codes".to_string(),
+                        expected: format!("{out} × {inp} codes"),
+                        got: "codes that do not fill the shape".to_string(),
+                    })?;
                 for r in 0..out {
                     for c in 0..inp {
                         let g = match &self.g_idx {

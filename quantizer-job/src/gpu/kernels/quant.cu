@@ -318,6 +318,26 @@ __device__ __forceinline__ void fp8_rows_body(const float* __restrict__ w, int r
 extern "C" __global__ void fp8_rows(FP8_ROWS_PARAMS) { fp8_rows_body<1>(FP8_ROWS_ARGS); }
 extern "C" __global__ void fp8_rows_long(FP8_ROWS_PARAMS) { fp8_rows_body<LONG_ITEM_CACHE>(FP8_ROWS_ARGS); }
 
+// compressed-tensors' pack-quantized words (format/pack.rs is the host
+// twin): `32 / bits` codes per int32 along each row, the first in the lowest
+// bits, each stored as q + 2^(bits-1); a row's last word zero-padded. One
+// thread per word.
+extern "C" __global__ void pack_words(const signed char* __restrict__ codes, long long rows,
+                                      int cols, int bits, unsigned int* __restrict__ words) {
+    const int per_word = 32 / bits;
+    const int row_words = (cols + per_word - 1) / per_word;
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= rows * row_words) return;
+    const long long r = k / row_words;
+    const int first = (int)(k % row_words) * per_word;
+    const int n = min(per_word, cols - first);
+    const signed char* src = codes + r * cols + first;
+    const unsigned int offset = 1u << (bits - 1), mask = (1u << bits) - 1;
+    unsigned int w = 0;
+    for (int i = 0; i < n; ++i) w |= ((unsigned int)((int)src[i] + (int)offset) & mask) << (bits * i);
+    words[k] = w;
+}
+
 // The weight recomputed from integer codes: `(q - zp) * scale`, with the
 // column's group from `g_idx` when given (GPTQ's group act order).
 extern "C" __global__ void dequantize_int(const signed char* __restrict__ codes, long long rows,
