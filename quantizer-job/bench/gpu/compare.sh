@@ -12,13 +12,20 @@
 #            data-free RTN W4A16 symmetric g128.
 #   llama8b  a Llama-3-8B-shaped random model (16 GB, tied embeddings): FP8
 #            with both tools, quantops' GPTQ W4A16 g128 on 128 × 2048 ids.
+#   llama70b-rtn, llama70b-gptq
+#            a model larger than the GPU: Llama-3-70B's layer shapes, 50 of
+#            them (88 GB of bf16 weights, tied embeddings), written once per
+#            machine by make-sharded with the shards split between the disk
+#            and /dev/shm (the lent machine's disk is smaller than its GPU);
+#            quantops alone: RTN W4A16 g128, or GPTQ W4A16 g128 on 16 × 512
+#            ids. The artifact goes to /dev/shm and is deleted once measured.
 #
 # Builds nothing: quantizer-job is carried (BIN), llm-compressor comes as
 # wheels in .whl. Prints RESULT lines (JSON) and a table at the end.
 #   BIN=.device/quantizer-job MODEL=.device/model TEXT=.device/text \
-#     quantizer-job/bench/gpu/compare.sh tiny|llama1b|llama8b OUT_DIR
+#     quantizer-job/bench/gpu/compare.sh tiny|llama1b|llama8b|llama70b-rtn|llama70b-gptq OUT_DIR
 set -euo pipefail
-case_name=${1:?tiny, llama1b or llama8b}
+case_name=${1:?tiny, llama1b, llama8b, llama70b-rtn or llama70b-gptq}
 out=${2:-${OUT:-/tmp/compare-out}}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
@@ -34,7 +41,11 @@ fi
 export PYTHONUNBUFFERED=1
 ref=(python3 "$here/reference.py")
 mkdir -p "$out"
-vol=$(mktemp -d /tmp/quantops-vol.XXXX)
+case $case_name in
+llama70b-*) vol_root=/dev/shm ;;
+*) vol_root=/tmp ;;
+esac
+vol=$(mktemp -d "$vol_root/quantops-vol.XXXX")
 cp -r "$repo/manifests/examples/volume/system-tests.yaml" "$repo/manifests/examples/volume/tasks" "$vol/"
 ln -s "$model" "$vol/tiny-llama"
 ln -s "$text" "$vol/text"
@@ -58,14 +69,16 @@ quantops() {
     kill "$sampler"
     artifact=$(dirname "$(find "$vol/out" -name quantize.json -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)")
     python3 - "$label" "$start" "$end" "$artifact" "$idle" "$out/$label.mem" <<'EOF' | while read -r line; do result "$line"; done
-import json, sys
+import json, os, sys
 label, start, end, artifact = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 idle, mem = int(sys.argv[5]), sys.argv[6]
 q = json.load(open(f"{artifact}/quantize.json"))
 used = [int(l) for l in open(mem) if l.strip().isdigit()]
+size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(artifact) for f in fs)
 print(json.dumps({"tool": "quantops", "run": label, "oneshot_s": round(q["pipeline_seconds"], 2),
                   "stage_s": round(q["seconds"], 2), "process_s": round(end - start, 2),
                   "peak_gpu_gib": round((max(used, default=idle) - idle) / 1024, 2),
+                  "artifact_gib": round(size / 2**30, 2),
                   "device": q.get("device"), "artifact": artifact}))
 EOF
     ln -sfn "$artifact" "$vol/$label"
@@ -126,8 +139,26 @@ llama8b)
     quantops quantops-fp8 "$here/specs/llama8b-fp8.yaml"
     quantops quantops-gptq "$here/specs/llama8b-gptq.yaml"
     ;;
+llama70b-*)
+    # Made once per machine: a later case finds the model in place.
+    large=/dev/shm/quantops-llama70b
+    if [ ! -f "$large/model/model.safetensors.index.json" ]; then
+        rm -rf "$large" /tmp/quantops-llama70b-shards
+        "${ref[@]}" make-sharded --out "$large/model" --tokenizer-dir "$vol/tiny-llama" \
+            --shard-dir /tmp/quantops-llama70b-shards="${DISK_GB:-46}" --shard-dir "$large/shards=1000" \
+            --calib-out "$large/calib.json" --samples 16 --seq-len 512 \
+            --layers 50 --hidden 8192 --intermediate 28672 --vocab 128256 --heads 64 --kv-heads 8 |
+            tee -a "$results"
+    fi
+    ln -s "$large/model" "$vol/llama70b"
+    ln -s "$large/calib.json" "$vol/calib70b.json"
+    nvidia-smi --query-gpu=memory.total --format=csv,noheader
+    df -h /tmp /dev/shm | tail -2
+    quantops "quantops-${case_name#llama70b-}" "$here/specs/$case_name.yaml"
+    rm -rf "$vol/out"
+    ;;
 *)
-    echo "unknown case $case_name (tiny, llama1b or llama8b)" >&2
+    echo "unknown case $case_name (tiny, llama1b, llama8b, llama70b-rtn or llama70b-gptq)" >&2
     exit 2
     ;;
 esac

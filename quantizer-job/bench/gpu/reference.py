@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """The llm-compressor side of the quantops GPU benchmark.
 
-One script, three subcommands, each printing one JSON line of results on
+One script, four subcommands, each printing one JSON line of results on
 stdout (logs go to stderr):
 
 ``make-llama1b``
     Builds the Llama-3.2-1B-shaped model of ``shared/BENCHMARKS.md`` with
     random bf16 weights, saves it as a loadable checkpoint directory and
     writes random calibration token ids as JSON.
+``make-sharded``
+    Writes a random Llama-shaped checkpoint one decoder layer per shard,
+    spreading the shards over several directories (disk and ``/dev/shm``)
+    so that a model larger than the GPU, and than either filesystem, fits.
 ``quantize``
     Runs llm-compressor's ``oneshot`` (GPTQ or RTN/FP8) on a checkpoint with
     those token ids and saves the result with ``save_compressed=True``,
@@ -148,7 +152,16 @@ def make_llama1b(args: argparse.Namespace) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     del model
     copied = copy_tokenizer(tok_dir, out)
+    calib = write_calibration(args)
+    return made_record(args, params, copied, calib, device, start)
 
+
+def write_calibration(args: argparse.Namespace) -> Path:
+    """Write ``--samples`` × ``--seq-len`` random token ids to ``--calib-out``.
+
+    The ids come from a CPU generator seeded by ``--seed``, so any machine
+    writes the same ones.
+    """
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(
         0,
@@ -161,9 +174,20 @@ def make_llama1b(args: argparse.Namespace) -> dict:
     calib.parent.mkdir(parents=True, exist_ok=True)
     with calib.open("w", encoding="utf-8") as fh:
         json.dump({"input_ids": ids.tolist()}, fh, separators=(",", ":"))
+    return calib
 
+
+def made_record(
+    args: argparse.Namespace,
+    params: int,
+    copied: list[str],
+    calib: Path,
+    device: torch.device,
+    start: float,
+) -> dict:
+    """Describe a made checkpoint: its shapes, files and calibration ids."""
     return {
-        "made": str(out),
+        "made": str(Path(args.out)),
         "params": params,
         "layers": args.layers,
         "hidden": args.hidden,
@@ -177,6 +201,125 @@ def make_llama1b(args: argparse.Namespace) -> dict:
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+# --------------------------------------------------------------------------
+# make-sharded
+# --------------------------------------------------------------------------
+
+
+def shard_places(specs: list[str]) -> list[tuple[Path, float]]:
+    """Parse ``DIR=GB`` entries: where shards go and how many GB each takes."""
+    places = []
+    for spec in specs:
+        path, sep, gb = spec.rpartition("=")
+        if not sep or not path:
+            raise SystemExit(f"--shard-dir {spec!r}: expected DIR=GB")
+        places.append((Path(path), float(gb)))
+    return places
+
+
+def make_sharded(args: argparse.Namespace) -> dict:
+    """Write a random Llama-shaped checkpoint one shard per decoder layer.
+
+    The model is never whole in memory: each layer's tensors are drawn on
+    the GPU (or CPU), saved as one safetensors shard and dropped. Shards go
+    to the ``--shard-dir DIR=GB`` places in turn, each filled up to its GB,
+    and are linked from ``--out`` with the index, so a model larger than
+    any one filesystem (and than the GPU) can be made where RAM-backed
+    ``/dev/shm`` and the disk together hold it.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    places = shard_places(args.shard_dir) or [(out, float("inf"))]
+    device = pick_device(args.device)
+    start = time.perf_counter()
+    head_dim = args.hidden // args.heads
+    kv = args.kv_heads * head_dim
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "dtype": "bfloat16",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": args.vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    copied = copy_tokenizer(Path(args.tokenizer_dir), out)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(rows: int, cols: int) -> torch.Tensor:
+        w = torch.randn(rows, cols, generator=gen, device=device) * 0.02
+        return w.to(torch.bfloat16).cpu()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    def shard(i: int) -> dict[str, torch.Tensor]:
+        if i == 0:
+            return {
+                "model.embed_tokens.weight": rand(args.vocab, args.hidden),
+                "model.norm.weight": ones(args.hidden),
+            }
+        p = f"model.layers.{i - 1}."
+        h, m = args.hidden, args.intermediate
+        return {
+            p + "input_layernorm.weight": ones(h),
+            p + "post_attention_layernorm.weight": ones(h),
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(m, h),
+            p + "mlp.up_proj.weight": rand(m, h),
+            p + "mlp.down_proj.weight": rand(h, m),
+        }
+
+    count = args.layers + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    place, used, placed = 0, 0.0, {}
+    for i in range(count):
+        tensors = shard(i)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        while place < len(places) - 1 and used + size / 1e9 > places[place][1]:
+            place, used = place + 1, 0.0
+        where = places[place][0]
+        where.mkdir(parents=True, exist_ok=True)
+        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file(tensors, str(where / name), metadata={"format": "pt"})
+        if where.resolve() != out.resolve():
+            link = out / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to((where / name).resolve())
+        used += size / 1e9
+        total += size
+        placed[str(where)] = placed.get(str(where), 0) + size
+        weight_map.update({t: name for t in tensors})
+        log(f"shard {i + 1}/{count} ({size / 1e9:.2f} GB) in {where}")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=1), encoding="utf-8"
+    )
+
+    calib = write_calibration(args)
+    record = made_record(args, total // 2, copied, calib, device, start)
+    record.update(bytes=total, gib=round(total / GIB, 2), bytes_by_place=placed)
+    return record
 
 
 # --------------------------------------------------------------------------
@@ -476,6 +619,38 @@ def parser() -> argparse.ArgumentParser:
     make.add_argument("--kv-heads", type=int, default=LLAMA_1B["kv_heads"])
     make.add_argument("--device", default="auto", help="auto, cuda or cpu")
     make.set_defaults(func=make_llama1b)
+
+    sharded = sub.add_parser(
+        "make-sharded",
+        help="random Llama-shaped model, one shard per layer, spread over places",
+    )
+    sharded.add_argument("--out", required=True, help="checkpoint directory")
+    sharded.add_argument(
+        "--tokenizer-dir",
+        required=True,
+        help="directory holding tokenizer.json",
+    )
+    sharded.add_argument(
+        "--shard-dir",
+        action="append",
+        default=[],
+        metavar="DIR=GB",
+        help="where shards go, in turn, and how many GB each place takes",
+    )
+    sharded.add_argument(
+        "--calib-out", required=True, help="calibration JSON to write"
+    )
+    sharded.add_argument("--samples", type=int, default=16)
+    sharded.add_argument("--seq-len", type=int, default=512)
+    sharded.add_argument("--seed", type=int, default=0)
+    sharded.add_argument("--layers", type=int, required=True)
+    sharded.add_argument("--hidden", type=int, required=True)
+    sharded.add_argument("--intermediate", type=int, required=True)
+    sharded.add_argument("--vocab", type=int, default=LLAMA_1B["vocab"])
+    sharded.add_argument("--heads", type=int, required=True)
+    sharded.add_argument("--kv-heads", type=int, required=True)
+    sharded.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    sharded.set_defaults(func=make_sharded)
 
     quant = sub.add_parser("quantize", help="llm-compressor oneshot")
     quant.add_argument("--model", required=True, help="checkpoint directory")
