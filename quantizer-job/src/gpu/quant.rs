@@ -238,8 +238,14 @@ struct DeviceGrid {
 }
 
 impl DeviceGrid {
-    /// Room for `items` grids, for `rtn_int` to fill.
-    fn for_kernel(gpu: &Gpu, items: usize) -> Result<Self, GpuError> {
+    /// Room for the `[rows, cols / group_size]` grids of a weight, for
+    /// `rtn_int` to fill.
+    fn for_kernel(
+        gpu: &Gpu,
+        [rows, cols]: [usize; 2],
+        group_size: usize,
+    ) -> Result<Self, GpuError> {
+        let items = rows * (cols / group_size);
         Ok(Self {
             scales: gpu.buffer_to_fill(items, "scales")?,
             zeros: gpu.buffer_to_fill(items, "zero points")?,
@@ -362,7 +368,7 @@ impl<'g> DeviceQuantizer<'g> {
         scheme: &IntScheme,
         out: Option<(&mut CudaSlice<i8>, &mut CudaSlice<f32>)>,
     ) -> Result<DeviceGrid, GpuError> {
-        let mut grid = DeviceGrid::for_kernel(self.gpu, shape[0] * (shape[1] / group_size))?;
+        let mut grid = DeviceGrid::for_kernel(self.gpu, shape, group_size)?;
         self.rtn_launch(w, shape, group_size, scheme, &mut grid, out)?;
         Ok(grid)
     }
@@ -483,8 +489,7 @@ impl<'g> DeviceQuantizer<'g> {
             Some(s) => {
                 let group_size = grid::validate(&s, "timing", shape[1])?;
                 let mut codes = stream.alloc_zeros::<i8>(n).during("allocating codes")?;
-                let mut grid =
-                    DeviceGrid::for_kernel(self.gpu, shape[0] * (shape[1] / group_size))?;
+                let mut grid = DeviceGrid::for_kernel(self.gpu, shape, group_size)?;
                 let mut run = || {
                     let out = Some((&mut codes, &mut deq));
                     self.rtn_launch(w, shape, group_size, &s, &mut grid, out)
