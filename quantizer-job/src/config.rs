@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::rope::{RawRope, RopeError, RopeScaling};
+
 /// The Llama-family architectures the CPU forward pass implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     /// `LlamaForCausalLM`.
     Llama,
-    /// `MistralForCausalLM` (Llama layout; sliding-window attention is not
-    /// applied, which is exact for sequences shorter than the window).
+    /// `MistralForCausalLM` (Llama layout with sliding-window attention).
     Mistral,
     /// `Qwen2ForCausalLM` (Llama layout plus biases on q/k/v).
     Qwen2,
@@ -67,13 +68,28 @@ pub enum ConfigError {
         /// The architecture named there.
         found: String,
     },
-    /// A rope scaling type other than the default one.
-    #[error("unsupported rope type {found:?} in {path}: only \"default\" RoPE is implemented")]
-    UnsupportedRopeType {
+    /// The rope fields describe a RoPE variant the tables cannot express.
+    #[error("{source} (in {key} of {path})")]
+    Rope {
         /// The config file.
         path: PathBuf,
-        /// The rope type named there.
+        /// `rope_parameters` or `rope_scaling`.
+        key: &'static str,
+        /// What is wrong with it.
+        source: RopeError,
+    },
+    /// A config key that changes the model's math in a way the forward pass
+    /// does not implement: refused rather than ignored.
+    #[error("unsupported {key} = {found} in {path}: {supported}")]
+    UnsupportedFeature {
+        /// The config file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// Its value, as written.
         found: String,
+        /// What the worker supports instead.
+        supported: &'static str,
     },
     /// A field has a value the forward pass cannot work with.
     #[error("invalid field {field} in {path}: {reason}")]
@@ -110,6 +126,14 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE scaling (`rope_type` and its parameters).
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
+    /// Keys each query sees at most (itself and the `window - 1` before it),
+    /// in every layer: Mistral's `sliding_window`; `None` is full causal
+    /// attention.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
     /// Longest sequence the RoPE tables are built for.
     pub max_position_embeddings: usize,
     /// Whether `lm_head` shares the embedding matrix.
@@ -122,12 +146,6 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if declared (the first one when a list).
     pub eos_token_id: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct RawRopeParameters {
-    rope_theta: Option<f64>,
-    rope_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -159,8 +177,12 @@ struct RawConfig {
     vocab_size: usize,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RawRopeParameters>,
-    rope_scaling: Option<RawRopeParameters>,
+    rope_parameters: Option<RawRope>,
+    rope_scaling: Option<RawRope>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
+    mlp_bias: Option<bool>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -202,19 +224,6 @@ impl LlamaConfig {
                 found: arch_name.clone(),
             }
         })?;
-        for rope in [&raw.rope_parameters, &raw.rope_scaling]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(kind) = &rope.rope_type
-                && kind != "default"
-            {
-                return Err(ConfigError::UnsupportedRopeType {
-                    path: path.to_path_buf(),
-                    found: kind.clone(),
-                });
-            }
-        }
         if let Some(act) = &raw.hidden_act
             && act != "silu"
         {
@@ -223,12 +232,62 @@ impl LlamaConfig {
                 format!("expected \"silu\", found {act:?}"),
             ));
         }
-        let rope_theta = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(raw.rope_theta)
-            .unwrap_or(10_000.0);
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        let (rope_key, rope) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(r), _) => ("rope_parameters", r.clone()),
+            (None, Some(r)) => ("rope_scaling", r.clone()),
+            (None, None) => ("rope_parameters", RawRope::default()),
+        };
+        let rope_scaling =
+            rope.scaling(max_position_embeddings)
+                .map_err(|source| ConfigError::Rope {
+                    path: path.to_path_buf(),
+                    key: rope_key,
+                    source,
+                })?;
+        let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
+        let unsupported = |key: &'static str, found: String, supported: &'static str| {
+            ConfigError::UnsupportedFeature {
+                path: path.to_path_buf(),
+                key,
+                found,
+                supported,
+            }
+        };
+        if raw.mlp_bias == Some(true) {
+            return Err(unsupported(
+                "mlp_bias",
+                "true".into(),
+                "the MLP projections carry no bias",
+            ));
+        }
+        if raw.use_sliding_window == Some(true) {
+            return Err(unsupported(
+                "use_sliding_window",
+                "true".into(),
+                "sliding-window attention only as Mistral declares it (sliding_window in every layer)",
+            ));
+        }
+        if let Some(kind) = raw
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|kind| *kind != "full_attention")
+        {
+            return Err(unsupported(
+                "layer_types",
+                format!("{kind:?}"),
+                "every layer \"full_attention\"",
+            ));
+        }
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            // Qwen2 writes a window it does not use unless use_sliding_window.
+            Architecture::Llama | Architecture::Qwen2 => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(invalid("sliding_window", "must be positive".into()));
+        }
         if raw.num_attention_heads == 0 {
             return Err(invalid("num_attention_heads", "must be positive".into()));
         }
@@ -268,7 +327,9 @@ impl LlamaConfig {
             vocab_size: raw.vocab_size,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            rope_scaling,
+            sliding_window,
+            max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,

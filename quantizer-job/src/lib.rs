@@ -22,6 +22,7 @@ pub mod probe;
 pub mod progress;
 pub mod quant;
 pub mod report_sections;
+pub mod rope;
 pub mod sequential;
 pub mod serve;
 pub mod stages;

@@ -611,25 +611,15 @@ fn has_bias(cfg: &LlamaConfig, kind: LinearKind) -> bool {
     }
 }
 
-/// RoPE tables `[positions, head_dim / 2]` (cos, sin), computed exactly as
-/// the CPU's `Rope::new`, so the device rotation equals the CPU's.
+/// RoPE tables `[positions, head_dim / 2]` (cos, sin): the ones the CPU
+/// rotates with ([`crate::rope::tables`]), so the device rotation equals it.
 fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
-    let d = cfg.head_dim;
-    let half = d / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)) as f32)
-        .collect();
-    let positions = cfg.max_position_embeddings;
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for pos in 0..positions {
-        for f in &inv_freq {
-            let angle = pos as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    (cos, sin)
+    crate::rope::tables(
+        &cfg.rope_scaling,
+        cfg.head_dim,
+        cfg.rope_theta,
+        cfg.max_position_embeddings,
+    )
 }
 
 /// Uploads one tensor of a weight source as f32, checking its shape.
@@ -1110,11 +1100,17 @@ impl<'g> LlamaOps<'g> {
         check_len("attention scores", scores.len(), rows * kv_len)?;
         let (t_i, kv_i) = (to_i32(t, "queries")?, to_i32(kv_len, "keys")?);
         let past = to_i32(kv_len - t, "cached positions")?;
+        let window = to_i32(self.cfg.sliding_window.unwrap_or(0), "sliding window")?;
         let mut launch = self
             .gpu
             .stream()
             .launch_builder(&self.kernels.causal_softmax);
-        launch.arg(scores).arg(&t_i).arg(&kv_i).arg(&past);
+        launch
+            .arg(scores)
+            .arg(&t_i)
+            .arg(&kv_i)
+            .arg(&past)
+            .arg(&window);
         // SAFETY: scores holds heads·t rows of kv_len values (checked above);
         // block r reads and writes row r only.
         unsafe { launch.launch(per_row(rows)?) }.during("launching causal_softmax")?;

@@ -217,6 +217,7 @@ impl LlamaModel {
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
+            &config.rope_scaling,
             config.max_position_embeddings,
         )?;
         Ok(LlamaModel {
@@ -494,8 +495,9 @@ impl LlamaModel {
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, kv_len))?;
-        let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, kv_len)?)?
+        let window = cfg.sliding_window.filter(|w| *w < kv_len);
+        let scores = if t > 1 || window.is_some() {
+            scores.broadcast_add(&causal_mask(t, kv_len, window)?)?
         } else {
             scores
         };
@@ -547,13 +549,16 @@ fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Additive causal mask `[t, kv_len]` for queries at the last `t` of
-/// `kv_len` positions.
-fn causal_mask(t: usize, kv_len: usize) -> candle_core::Result<Tensor> {
+/// `kv_len` positions; with a sliding `window`, query `i` sees keys
+/// `i - window < j <= i` (transformers' sliding-window mask).
+fn causal_mask(t: usize, kv_len: usize, window: Option<usize>) -> candle_core::Result<Tensor> {
     let past = kv_len - t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
+            let last = past + i;
+            let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
             (0..kv_len).map(move |j| {
-                if j <= past + i {
+                if (first..=last).contains(&j) {
                     0.0
                 } else {
                     f32::NEG_INFINITY

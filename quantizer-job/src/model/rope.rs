@@ -1,6 +1,10 @@
-//! Rotary position embeddings (the "default" rope type of transformers).
+//! Rotary position embeddings on candle: the tables of [`crate::rope`]
+//! (every supported rope type, shared with the GPU path) applied as
+//! transformers' `rotate_half`.
 
 use candle_core::{D, Device, Result, Tensor};
+
+use crate::rope::{RopeScaling, tables};
 
 /// Precomputed cos/sin tables of shape `[max_positions, head_dim]`, laid out
 /// as transformers does (`cat(freqs, freqs)`), so `rotate_half` matches.
@@ -11,22 +15,21 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    pub(crate) fn new(head_dim: usize, theta: f64, max_positions: usize) -> Result<Self> {
+    pub(crate) fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        max_positions: usize,
+    ) -> Result<Self> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for pos in 0..max_positions {
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    let angle = pos as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
+        let (cos_half, sin_half) = tables(scaling, head_dim, theta, max_positions);
+        // `cat(freqs, freqs)`: each row's half repeated.
+        let repeat = |t: &[f32]| -> Vec<f32> {
+            t.chunks(half)
+                .flat_map(|row| row.iter().chain(row.iter()).copied())
+                .collect()
+        };
+        let (cos, sin) = (repeat(&cos_half), repeat(&sin_half));
         Ok(Rope {
             cos: Tensor::from_vec(cos, (max_positions, head_dim), &Device::Cpu)?,
             sin: Tensor::from_vec(sin, (max_positions, head_dim), &Device::Cpu)?,

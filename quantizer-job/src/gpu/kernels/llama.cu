@@ -151,26 +151,29 @@ extern "C" __global__ void rope_inplace(float* __restrict__ x,
 
 // Softmax in place over rows of attention scores [rows, kv_len] (already
 // scaled by 1/sqrt(head_dim)). Row r is query r % t of its head, at position
-// past + r % t; key j is visible when j <= past + r % t, the others get
+// past + r % t; key j is visible when j <= past + r % t (and, with a sliding
+// window w > 0, j > past + r % t - w), the others get
 // probability 0 (the CPU adds -inf to them). One block per row.
 extern "C" __global__ void causal_softmax(float* __restrict__ scores, int t, int kv_len,
-                                          int past) {
+                                          int past, int window) {
     const long long row = blockIdx.x;
     float* p = scores + row * kv_len;
     const int last = past + (int)(row % t);
     const int visible = last + 1 < kv_len ? last + 1 : kv_len;
+    // A sliding window (window > 0) hides keys at or before last - window.
+    const int first = window > 0 && last + 1 > window ? last + 1 - window : 0;
     float mx = -F32_INF;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+    for (int j = first + threadIdx.x; j < visible; j += blockDim.x) {
         mx = fmaxf(mx, p[j]);
     }
     mx = block_max(mx);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < visible; j += blockDim.x) {
+    for (int j = first + threadIdx.x; j < visible; j += blockDim.x) {
         sum += expf(p[j] - mx);
     }
     sum = block_sum(sum);
     for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
-        p[j] = j < visible ? expf(p[j] - mx) / sum : 0.0f;
+        p[j] = j >= first && j < visible ? expf(p[j] - mx) / sum : 0.0f;
     }
 }
 

@@ -1,0 +1,267 @@
+//! Model-family conformance against transformers, the reference forward.
+//!
+//! `tests/fixtures/families/` holds, per family, a tiny random-weight
+//! checkpoint written by transformers 5.17 with that family's real config
+//! features, and transformers' fp32 logits for fixed token ids
+//! (`make_fixtures.py` made them on the GPU machine; `manifest.json` says
+//! what each exercises). Every fixture is either supported — the CPU forward
+//! reproduces transformers' logits — or refused when its config is read, with
+//! an error naming what is not supported. Nothing runs with a feature ignored.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use quantizer_job::gpu::llama::GpuLlama;
+use quantizer_job::gpu::{DeviceChoice, Gpu};
+use quantizer_job::rope::RopeScaling;
+use quantizer_job::{Checkpoint, LlamaConfig, LlamaModel};
+use safetensors::SafeTensors;
+
+/// Fixtures the forward pass implements, with what they prove.
+const SUPPORTED: &[&str] = &[
+    "llama",        // default RoPE, untied lm_head
+    "llama3",       // rope_type llama3, tied embeddings
+    "llama-linear", // rope_type linear
+    "llama-yarn",   // rope_type yarn (attention factor on cos/sin)
+    "mistral",      // sliding_window 16 over 40 tokens
+    "qwen2",        // q/k/v bias, tied, sliding_window disabled
+];
+
+/// Fixtures refused up front, with a part of the error that names why.
+const REFUSED: &[(&str, &str)] = &[
+    ("llama-dynamic", "unsupported rope type \"dynamic\""),
+    ("phi3", "\"Phi3ForCausalLM\""),
+    ("phi3-longrope", "\"Phi3ForCausalLM\""),
+    ("qwen3", "\"Qwen3ForCausalLM\""),
+    ("gemma2", "\"Gemma2ForCausalLM\""),
+    ("gemma3", "\"Gemma3ForCausalLM\""),
+    ("olmo2", "\"Olmo2ForCausalLM\""),
+    ("granite", "\"GraniteForCausalLM\""),
+    ("mixtral", "\"MixtralForCausalLM\""),
+    ("qwen2-moe", "\"Qwen2MoeForCausalLM\""),
+    ("qwen3-moe", "\"Qwen3MoeForCausalLM\""),
+    ("olmoe", "\"OlmoeForCausalLM\""),
+];
+
+/// Largest |quantops − transformers| allowed on a logit: both compute in
+/// f32 from the same fp16 weights, in different orders.
+const TOLERANCE: f32 = 5e-5;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families")
+}
+
+struct Reference {
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    vocab: usize,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).expect("read reference");
+    let st = SafeTensors::deserialize(&bytes).expect("parse reference");
+    let ids = st.tensor("input_ids").expect("input_ids");
+    let ids = ids
+        .data()
+        .chunks_exact(8)
+        .map(|c| {
+            let v = i64::from_le_bytes(c.try_into().expect("8 bytes"));
+            u32::try_from(v).expect("token id")
+        })
+        .collect();
+    let logits = st.tensor("logits").expect("logits");
+    let vocab = logits.shape()[1];
+    let logits = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    Reference { ids, logits, vocab }
+}
+
+fn cpu_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let checkpoint = Checkpoint::open(dir).expect("open fixture");
+    let model = LlamaModel::from_checkpoint(&checkpoint).expect("load fixture");
+    let tokens = model.token_tensor(&[ids.to_vec()]).expect("tokens");
+    let logits: Tensor = model.forward(&tokens).expect("forward");
+    logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("logits")
+}
+
+#[test]
+fn every_fixture_is_classified() {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures())
+        .expect("fixtures dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("config.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut known: Vec<String> = SUPPORTED
+        .iter()
+        .map(|s| s.to_string())
+        .chain(REFUSED.iter().map(|(s, _)| s.to_string()))
+        .collect();
+    known.sort();
+    assert_eq!(names, known, "each fixture is either SUPPORTED or REFUSED");
+}
+
+#[test]
+fn supported_families_match_transformers_logits() {
+    let mut report = Vec::new();
+    for name in SUPPORTED {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        let ours = cpu_logits(&dir, &r.ids);
+        assert_eq!(ours.len(), r.logits.len(), "{name}: logits shape");
+        let max_diff = ours
+            .iter()
+            .zip(&r.logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let argmax_agree = ours
+            .chunks(r.vocab)
+            .zip(r.logits.chunks(r.vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        report.push(format!(
+            "{name}: max |diff| {max_diff:.2e}, argmax agrees at {argmax_agree}/{} positions",
+            r.ids.len()
+        ));
+        assert!(
+            max_diff < TOLERANCE,
+            "{name}: logits differ from transformers' by up to {max_diff}"
+        );
+    }
+    println!("{}", report.join("\n"));
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+#[test]
+fn unsupported_families_are_refused_naming_the_feature() {
+    for (name, expected) in REFUSED {
+        let dir = fixtures().join(name);
+        let err = match Checkpoint::open(&dir) {
+            Ok(_) => panic!("{name}: opened, but the forward does not implement it"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(expected) && err.contains("config.json"),
+            "{name}: error {err:?} should name {expected:?} and the file"
+        );
+    }
+}
+
+/// The CPU logits of a fixture with its config changed by `tweak`.
+fn logits_with(dir: &Path, ids: &[u32], tweak: impl FnOnce(&mut LlamaConfig)) -> Vec<f32> {
+    let checkpoint = Checkpoint::open(dir).expect("open");
+    let mut config = checkpoint.config().clone();
+    tweak(&mut config);
+    let tensors = checkpoint.load_all_f32().expect("tensors");
+    let model = LlamaModel::from_tensors(config, tensors).expect("model");
+    let tokens = model.token_tensor(&[ids.to_vec()]).expect("tokens");
+    model
+        .forward(&tokens)
+        .expect("forward")
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("logits")
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+#[test]
+fn each_fixture_really_exercises_its_feature() {
+    // Guards the conformance test itself: computed with the feature ignored,
+    // each fixture's logits are far from transformers'.
+    for name in ["llama3", "llama-linear", "llama-yarn"] {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        let ours = logits_with(&dir, &r.ids, |c| c.rope_scaling = RopeScaling::Default);
+        let d = max_diff(&ours, &r.logits);
+        assert!(d > 1e-2, "{name}: default RoPE is within {d} of its own");
+    }
+    // Mistral's window (16) is shorter than its 40 tokens: inside the window
+    // full attention agrees, past it it does not.
+    let dir = fixtures().join("mistral");
+    let r = reference(&dir);
+    let full = logits_with(&dir, &r.ids, |c| {
+        assert_eq!(c.sliding_window, Some(16));
+        c.sliding_window = None;
+    });
+    let v = r.vocab;
+    let early = max_diff(&full[..16 * v], &r.logits[..16 * v]);
+    let late = max_diff(&full[16 * v..], &r.logits[16 * v..]);
+    assert!(early < TOLERANCE, "inside the window both agree ({early})");
+    assert!(
+        late > 1e-2,
+        "past the window full attention differs ({late})"
+    );
+}
+
+#[test]
+fn cached_generation_keeps_the_sliding_window() {
+    // Decoding one token at a time with the KV cache must mask the keys that
+    // left the window, as the full recompute does.
+    let dir = fixtures().join("mistral");
+    let r = reference(&dir);
+    let checkpoint = Checkpoint::open(&dir).expect("open");
+    let model = LlamaModel::from_checkpoint(&checkpoint).expect("load");
+    let prompt = &r.ids[..10];
+    let cached = model.generate_greedy(prompt, 30, None).expect("cached");
+    let uncached = model
+        .generate_greedy_uncached(prompt, 30, None)
+        .expect("uncached");
+    assert_eq!(cached.len(), 30);
+    assert_eq!(cached, uncached);
+}
+
+/// The GPU forward against the same fixtures: runs where a GPU is usable
+/// (the device machine, `QUANTOPS_REQUIRE_GPU=1` makes its absence a
+/// failure), skips elsewhere.
+#[test]
+fn gpu_forward_matches_transformers_logits() {
+    let required = std::env::var_os("QUANTOPS_REQUIRE_GPU").is_some();
+    let gpu = match Gpu::for_choice(DeviceChoice::Auto) {
+        Ok(Some(gpu)) => gpu,
+        Ok(None) if !required => {
+            eprintln!("skipped: no usable GPU (set QUANTOPS_REQUIRE_GPU to make this a failure)");
+            return;
+        }
+        Ok(None) => panic!("QUANTOPS_REQUIRE_GPU is set but no GPU is usable"),
+        Err(e) => panic!("opening the GPU: {e}"),
+    };
+    let mut report = Vec::new();
+    for name in SUPPORTED {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        let checkpoint = Checkpoint::open(&dir).expect("open fixture");
+        let model = GpuLlama::from_source(&gpu, &checkpoint).expect("upload");
+        let ours = model.logits(&r.ids).expect("GPU logits");
+        let d = max_diff(&ours, &r.logits);
+        let cpu = LlamaModel::from_checkpoint(&checkpoint).expect("load");
+        let prompt = &r.ids[..10];
+        let greedy_cpu = cpu.generate_greedy(prompt, 30, None).expect("CPU greedy");
+        let greedy_gpu = model.generate_greedy(prompt, 30, None).expect("GPU greedy");
+        report.push(format!(
+            "{name}: GPU max |diff| {d:.2e}, greedy equal to the CPU's: {}",
+            greedy_cpu == greedy_gpu
+        ));
+        assert!(d < TOLERANCE, "{name}: GPU logits differ by up to {d}");
+        assert_eq!(greedy_gpu, greedy_cpu, "{name}: GPU greedy decoding");
+    }
+    println!("{}", report.join("\n"));
+}
