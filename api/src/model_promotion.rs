@@ -2,7 +2,7 @@
 //! environment through the GitOps repository.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -39,9 +39,12 @@ pub struct ModelPromotionSpec {
     pub quality: Option<QualitySpec>,
 }
 
-/// The `QuantizedModel` to promote, in the promotion's namespace.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+/// The `QuantizedModel` to promote, in the promotion's namespace: a plain
+/// object name, so it can never reach into another namespace or path.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new(r"self.name.matches(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("spec.modelRef.name: must be the name of a QuantizedModel in the promotion's namespace (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters)"))]
 pub struct ModelRef {
+    #[schemars(length(max = 253))]
     pub name: String,
 }
 
@@ -65,14 +68,34 @@ impl Environment {
 }
 
 /// The GitOps repository that Argo CD syncs.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+///
+/// The rules below are the API server's half of the repository policy; the
+/// operator checks the same and more (whether plain `http://` is allowed at
+/// all, and never with credentials) before any network access, in
+/// `operator/src/gitops/remote.rs`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new(r"self.url.matches(r'^(https|ssh|http)://') || self.url.matches(r'^[A-Za-z0-9._~-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[^:]+$')").message("spec.gitops.url: must be an https:// or ssh:// URL (or scp-like user@host:path); file://, git://, ftp:// and local paths are refused, http:// is accepted only where the operator allows it"))]
+#[x_kube(validation = Rule::new(r"!self.url.matches(r'^[a-z]+://') || self.url.matches(r'^[a-z]+://([A-Za-z0-9._~-]+@)?([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/.*)?$')").message("spec.gitops.url: must name a host and carry no password (no user:password@); credentials go into spec.gitops.credentialsSecret"))]
+#[x_kube(validation = Rule::new(r"!self.url.matches(r'^https?://[^/]*@')").message("spec.gitops.url: https:// and http:// URLs carry no user name or token; credentials go into spec.gitops.credentialsSecret"))]
+#[x_kube(validation = Rule::new(r"!self.url.startsWith('http://') || !has(self.credentialsSecret)").message("spec.gitops.url: credentials are never sent over plain http://; use an https:// or ssh:// URL with spec.gitops.credentialsSecret"))]
+#[x_kube(validation = Rule::new(r"!self.url.matches(r'[?#\s]')").message("spec.gitops.url: must not contain a query, a fragment or white space"))]
+#[x_kube(validation = Rule::new(r"self.branch.matches(r'^[A-Za-z0-9_][A-Za-z0-9._/-]*$') && !self.branch.startsWith('refs/') && self.branch != 'HEAD' && !self.branch.contains('..') && !self.branch.contains('//') && !self.branch.contains('/.') && !self.branch.endsWith('/') && !self.branch.endsWith('.') && !self.branch.matches(r'\.lock(/|$)')").message("spec.gitops.branch: must be a git branch name: letters, digits, '_', '-', '.' and '/', not starting with '-', '.' or refs/, without '..', '//' or '/.', not ending in '/', '.' or .lock"))]
+#[x_kube(validation = Rule::new(r"!has(self.credentialsSecret) || self.credentialsSecret.matches(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("spec.gitops.credentialsSecret: must be the name of a Secret in the promotion's own namespace (a DNS-1123 subdomain, no namespace/ prefix)"))]
 #[serde(rename_all = "camelCase")]
 pub struct GitOpsSpec {
+    /// `https://host/path`, `ssh://[user@]host[:port]/path` or scp-like
+    /// `user@host:path`; `http://` only where the operator is started with
+    /// `--allow-insecure-http-gitops`, and then only without credentials.
+    #[schemars(length(max = 2048))]
     pub url: String,
+    /// The branch Argo CD follows (a branch name, not a ref or refspec).
     #[serde(default = "default_branch")]
+    #[schemars(length(max = 255))]
     pub branch: String,
-    /// Secret holding `ssh-privatekey` or `username`/`password` (token).
+    /// Secret in the promotion's namespace holding `ssh-privatekey` or
+    /// `username`/`password` (token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub credentials_secret: Option<String>,
 }
 
@@ -217,10 +240,18 @@ pub struct ModelPromotionStatus {
     /// The variant this promotion committed (the model's at commit time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// The serving folder this promotion committed (`envs/{env}/{model}`):
+    /// while the promotion stands, no other promotion may commit into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
     /// Failed attempts at the current git write (commit or revert); reset
-    /// when one lands.
+    /// when one lands or the spec changes.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub git_attempts: u32,
+    /// When the next attempt at a failed git write is due (exponential
+    /// backoff); absent when none is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_git_attempt_time: Option<Time>,
     /// The quality probe's rolling window, once the promotion is synced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualityStatus>,

@@ -94,6 +94,16 @@ struct ControllerArgs {
         default_value = "/var/cache/quantops/git"
     )]
     git_cache: PathBuf,
+    /// Accept plain `http://` GitOps URLs, anonymous access only (a
+    /// credentials Secret is still refused over http): for test servers.
+    #[arg(long, env = "QUANTOPS_ALLOW_INSECURE_HTTP_GITOPS")]
+    allow_insecure_http_gitops: bool,
+    /// Failed git writes (commit or revert) before a promotion is Failed.
+    #[arg(long, env = "QUANTOPS_MAX_GIT_ATTEMPTS", default_value_t = 6)]
+    max_git_attempts: u32,
+    /// Seconds before the first retry of a failed git write; doubled for each further one, at most 5 min.
+    #[arg(long, env = "QUANTOPS_GIT_RETRY_DELAY", default_value_t = 10)]
+    git_retry_delay: u64,
     /// The vLLM OpenAI-server image of the serving manifests.
     #[arg(long, env = "QUANTOPS_VLLM_IMAGE")]
     vllm_image: Option<String>,
@@ -197,6 +207,9 @@ fn promotion_settings(args: &ControllerArgs) -> PromotionSettings {
         ..PromotionSettings::default()
     };
     settings.git.cache_root = args.git_cache.clone();
+    settings.remote.allow_insecure_http = args.allow_insecure_http_gitops;
+    settings.git_retry.max_attempts = args.max_git_attempts.max(1);
+    settings.git_retry.base_delay = std::time::Duration::from_secs(args.git_retry_delay);
     if let Some(image) = &args.vllm_image {
         settings.serving.vllm_image = image.clone();
     }
@@ -221,6 +234,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
+    if args.allow_insecure_http_gitops {
+        tracing::warn!(
+            "--allow-insecure-http-gitops: ModelPromotions may use plain http:// repositories (anonymously only); meant for test servers"
+        );
+    }
     let config = OperatorConfig {
         namespace: args.namespace.clone(),
         jobs: JobSettings {

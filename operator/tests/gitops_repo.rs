@@ -859,3 +859,59 @@ fn commit_count_or_zero(bare: &Path) -> usize {
         .parse()
         .unwrap_or(0)
 }
+
+/// Every file under `dir`, recursively.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_url_never_reaches_the_cache_on_disk() {
+    // The controller refuses URLs with inline credentials before the writer
+    // sees them; the writer keeps no URL on disk anyway (anonymous remote,
+    // no FETCH_HEAD), so not even an older object's URL can leak there.
+    let server = git_server();
+    let (bare, url) = http_repo("no-url-on-disk");
+    let with_password = url.replacen(
+        "http://",
+        &format!("http://{}:{}@", server.user, server.password),
+        1,
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let w = writer(tmp.path());
+    let target = local_target(with_password);
+    let commit = promotion_commit("tiny-llama", "v1", Environment::Test, promotion("disk", 1));
+    let out = w.commit_promotion(&target, &commit).expect("commit");
+    assert_eq!(git(&bare, &["rev-parse", "main"]).trim(), out.sha);
+    let files = files_in(tmp.path());
+    assert!(
+        files.iter().any(|f| f.ends_with("config")),
+        "the cache exists: {files:?}"
+    );
+    for file in files {
+        let bytes = std::fs::read(&file).expect("read");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains(&server.password) && !text.contains("127.0.0.1"),
+            "{} names the URL",
+            file.display()
+        );
+        assert!(
+            !file.to_string_lossy().contains(&server.password),
+            "{}",
+            file.display()
+        );
+    }
+}

@@ -7,10 +7,14 @@
 //! a repo server and a UI, far too heavy for the test machine). So the test
 //! plays those parts, faithfully enough that the operator cannot tell:
 //!
-//! - **The repository** is served by `tests/gitserver/up` (nginx with basic
-//!   auth in front of `git http-backend`): a real smart-HTTP remote with
-//!   authenticated push, so the operator's git2 writer goes through the same
-//!   transport and credentials as against a real host. [`GitServer`].
+//! - **The repository** is served by `tests/gitserver/up`: nginx with basic
+//!   auth in front of `git http-backend`, which the harness itself reads and
+//!   writes through, and an OpenSSH server, through which the operator
+//!   writes with a key Secret ([`GitServer::ssh_url`],
+//!   [`GitServer::ssh_credentials_secret`]): the operator never sends
+//!   credentials over plain HTTP, so a real authenticated remote for it is
+//!   SSH, with the same transport and host-key check as against a real host.
+//!   [`GitServer`].
 //! - **Reading it back** uses the git CLI in throw-away clones ([`log`],
 //!   [`files_at`], [`clone_at`]): an implementation independent of the
 //!   operator's libgit2, so a test checks what git itself sees.
@@ -84,6 +88,13 @@ pub struct GitServer {
     pub password: String,
     /// The server's state directory (`target/gitserver` by default).
     pub dir: PathBuf,
+    /// `ssh://user@127.0.0.1:PORT`; a repository's absolute path on disk
+    /// follows it.
+    pub ssh_base: String,
+    /// The private key the SSH server accepts (OpenSSH format).
+    pub ssh_client_key: String,
+    /// A `known_hosts` line for the SSH server's host key.
+    pub ssh_known_hosts: String,
 }
 
 static GIT_SERVER: OnceCell<GitServer> = OnceCell::const_new();
@@ -153,17 +164,58 @@ impl GitServer {
         Ok(url)
     }
 
+    /// The SSH URL of a repository [`GitServer::create_repo`] made (given by
+    /// its HTTP URL).
+    pub fn ssh_url(&self, url: &str) -> Result<String> {
+        let name = self.repo_name(url)?;
+        Ok(format!(
+            "{}{}",
+            self.ssh_base,
+            self.repos_dir().join(name).display()
+        ))
+    }
+
+    /// The bare repository on disk behind a URL of [`GitServer::create_repo`].
+    pub fn repo_path(&self, url: &str) -> Result<PathBuf> {
+        Ok(self.repos_dir().join(self.repo_name(url)?))
+    }
+
+    fn repo_name(&self, url: &str) -> Result<String> {
+        let url = without_credentials(url);
+        url.strip_prefix(&format!("{}/", self.url))
+            .filter(|n| !n.is_empty() && !n.contains('/') && n.ends_with(".git"))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                HarnessError::Unexpected(format!("{url} is not a repository of {}", self.url))
+            })
+    }
+
+    /// Applies a Secret `name` with the `ssh-privatekey` and `known_hosts`
+    /// keys the operator reads; `key_override` puts another key in it (one
+    /// the server does not know) for the credential-failure tests.
+    pub async fn ssh_credentials_secret(
+        &self,
+        env: &TestEnv,
+        name: &str,
+        key_override: Option<&str>,
+    ) -> Result<Secret> {
+        let secret: Secret = from_json(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": name, "labels": { E2E_LABEL: "true" } },
+            "type": "kubernetes.io/ssh-auth",
+            "stringData": {
+                "ssh-privatekey": key_override.unwrap_or(&self.ssh_client_key),
+                "known_hosts": self.ssh_known_hosts,
+            },
+        }))?;
+        crate::apply(&env.api::<Secret>(), name, &secret).await
+    }
+
     /// Deletes a repository [`GitServer::create_repo`] made (its URL, with
     /// or without credentials), so finished tests leave nothing behind.
     pub fn remove_repo(&self, url: &str) -> Result<()> {
-        let url = without_credentials(url);
-        let name = url
-            .strip_prefix(&format!("{}/", self.url))
-            .filter(|n| !n.is_empty() && !n.contains('/') && n.ends_with(".git"))
-            .ok_or_else(|| {
-                HarnessError::Unexpected(format!("{url} is not a repository of {}", self.url))
-            })?;
-        let path = self.repos_dir().join(name);
+        let path = self.repo_path(url)?;
         std::fs::remove_dir_all(&path).map_err(|source| HarnessError::Io {
             what: format!("removing {}", path.display()),
             source,
@@ -217,6 +269,9 @@ async fn start_server() -> Result<GitServer> {
         url: read("url")?,
         user: read("user")?,
         password: read("password")?,
+        ssh_base: read("ssh_url")?,
+        ssh_client_key: format!("{}\n", read("ssh/client_ed25519")?),
+        ssh_known_hosts: format!("{}\n", read("ssh/known_hosts")?),
         dir: dir.clone(),
     };
     tracing::info!(url = %server.url, "git server up");

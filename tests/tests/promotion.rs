@@ -1,33 +1,56 @@
 //! ModelPromotion end to end: the operator (the chart's identity) commits to
-//! a real git server on loopback (git http-backend behind nginx, basic
-//! auth), the test plays Argo CD (applies the committed folder with
-//! `kubectl apply -k` at that revision and writes the Application's status)
-//! and Argo Rollouts (writes the Rollout's status).
+//! a real git server on loopback over SSH with a key Secret (the operator
+//! never sends credentials over plain HTTP), the test reads the repository
+//! back over HTTP with basic auth, plays Argo CD (applies the committed
+//! folder with `kubectl apply -k` at that revision and writes the
+//! Application's status) and Argo Rollouts (writes the Rollout's status).
 
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use quantops_api::{ModelPromotion, QuantizedModel};
 use quantops_e2e::gitops::{
-    EnvironmentNamespaces, GitServer, argo_sync, files_at, install_argo_crds, log,
+    EnvironmentNamespaces, GitServer, ScratchDir, argo_sync, files_at, install_argo_crds, log,
     set_rollout_status,
 };
 use quantops_e2e::operator::{Operator, OperatorOptions, install_chart, sim_worker_image};
 use quantops_e2e::{TestEnv, apply, init_tracing, wait_for};
 
 /// One test's world: namespace, chart, Argo CRDs, environment namespaces,
-/// a fresh repository with its credentials Secret, and the operator.
+/// a fresh repository with its SSH credentials Secret, and the operator.
 struct World {
     env: TestEnv,
     envs: EnvironmentNamespaces,
     server: GitServer,
+    /// The repository over HTTP (the harness reads it back with basic auth).
     url: String,
+    /// The same repository over SSH: what the promotions name.
+    ssh_url: String,
     operator: Operator,
 }
 
-async fn world(prefix: &str, worker_image: &str, password: Option<&str>) -> World {
+/// Failed git writes are retried after 1 s, 2 s, 4 s, ... five times, so
+/// the tests see the whole bounded sequence in seconds.
+const RETRY_ENV: [(&str, &str); 2] = [
+    ("QUANTOPS_GIT_RETRY_DELAY", "1"),
+    ("QUANTOPS_MAX_GIT_ATTEMPTS", "5"),
+];
+
+async fn world(prefix: &str, worker_image: &str, key: Option<&str>) -> World {
+    world_with(prefix, worker_image, key, &[]).await
+}
+
+/// A world whose operator gets `env` on top of the defaults (later entries
+/// win).
+async fn world_with(
+    prefix: &str,
+    worker_image: &str,
+    key: Option<&str>,
+    env_vars: &[(&str, &str)],
+) -> World {
     init_tracing();
     let mut env = TestEnv::new(prefix).await.expect("test namespace");
     install_chart(&env, &[]).await.expect("install the chart");
@@ -40,8 +63,9 @@ async fn world(prefix: &str, worker_image: &str, password: Option<&str>) -> Worl
         .expect("environment namespaces");
     let server = GitServer::start().await.expect("git server");
     let url = server.create_repo(prefix).await.expect("repository");
+    let ssh_url = server.ssh_url(&url).expect("the repository's SSH URL");
     server
-        .credentials_secret(&env, "gitops-credentials", password)
+        .ssh_credentials_secret(&env, "gitops-credentials", key)
         .await
         .expect("credentials Secret");
     let mut options = OperatorOptions::new("quantops-0", worker_image);
@@ -49,6 +73,9 @@ async fn world(prefix: &str, worker_image: &str, password: Option<&str>) -> Worl
         ("QUANTOPS_ARGOCD_NAMESPACE".into(), env.namespace.clone()),
         ("QUANTOPS_ENVIRONMENT_NAMESPACE".into(), envs.pattern()),
     ];
+    for (key, value) in RETRY_ENV.iter().chain(env_vars) {
+        options.extra_env.push((key.to_string(), value.to_string()));
+    }
     let operator = Operator::start(&env, options)
         .await
         .expect("start the operator");
@@ -57,6 +84,7 @@ async fn world(prefix: &str, worker_image: &str, password: Option<&str>) -> Worl
         envs,
         server,
         url,
+        ssh_url,
         operator,
     }
 }
@@ -111,13 +139,29 @@ impl World {
         environment: &str,
         quality: serde_json::Value,
     ) {
+        let gitops = serde_json::json!({
+            "url": self.ssh_url, "branch": "main", "credentialsSecret": "gitops-credentials"
+        });
+        self.promote_to(name, model, environment, gitops, quality)
+            .await;
+    }
+
+    /// A promotion with `gitops` as its `spec.gitops`.
+    async fn promote_to(
+        &self,
+        name: &str,
+        model: &str,
+        environment: &str,
+        gitops: serde_json::Value,
+        quality: serde_json::Value,
+    ) {
         let mut mp = serde_json::json!({
             "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
             "metadata": {"name": name},
             "spec": {
                 "modelRef": {"name": model},
                 "environment": environment,
-                "gitops": {"url": self.url, "branch": "main", "credentialsSecret": "gitops-credentials"},
+                "gitops": gitops,
                 "serving": {"runtime": "vllm", "replicas": 1, "maxModelLen": 2048, "gpuMemoryUtilization": 0.9},
                 "canary": {"steps": [{"weight": 10, "pause": "5m"}, {"weight": 50, "pause": "10m"}]}
             }
@@ -393,9 +437,32 @@ async fn two_models_promoted_at_once_both_land() {
     w.cleanup().await;
 }
 
+/// A fresh ed25519 private key, one the test git server does not know.
+fn unknown_ssh_key() -> String {
+    let scratch = ScratchDir::new("key").expect("scratch dir");
+    let path = scratch.path().join("id_ed25519");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "unknown", "-f"])
+        .arg(&path)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&path).expect("the key")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_reported_and_retried_with_backoff() {
-    let w = world("promo-auth", &sim_worker_image(0), Some("wrong-password")).await;
+    let key = unknown_ssh_key();
+    // 2 s, 4 s, 8 s, ...: time enough to fix the Secret before the last.
+    let slower = [
+        ("QUANTOPS_GIT_RETRY_DELAY", "2"),
+        ("QUANTOPS_MAX_GIT_ATTEMPTS", "6"),
+    ];
+    let w = world_with("promo-auth", &sim_worker_image(0), Some(&key), &slower).await;
     w.model("tiny", "example/tiny-llama").await;
     w.promote("tiny-experiment", "tiny", "experiment").await;
     let mp = w
@@ -405,19 +472,21 @@ async fn wrong_credentials_are_reported_and_retried_with_backoff() {
         .await;
     let (s, reason, message) = condition(&mp, "Committed").expect("Committed");
     assert_eq!((s.as_str(), reason.as_str()), ("False", "AuthRefused"));
+    assert!(message.contains("127.0.0.1"), "{message}");
     assert!(
-        message.contains(&w.url.replace("http://", "")) || message.contains("127.0.0.1"),
-        "{message}"
+        message.contains("of 6; next in"),
+        "the attempt and the backoff: {message}"
     );
     assert!(
-        !message.contains("wrong-password"),
+        !message.contains("PRIVATE KEY") && !message.contains(key.trim()),
         "no secret in the message: {message}"
     );
     assert_eq!(status(&mp).phase.as_deref(), Some("Blocked"));
+    assert!(status(&mp).next_git_attempt_time.is_some());
 
-    // With the right password the next retry lands.
+    // With the right key the next retry lands.
     w.server
-        .credentials_secret(&w.env, "gitops-credentials", None)
+        .ssh_credentials_secret(&w.env, "gitops-credentials", None)
         .await
         .expect("fix the Secret");
     let sha = w.committed("tiny-experiment").await;
@@ -509,6 +578,7 @@ async fn a_restart_between_commit_and_sync_makes_no_second_commit() {
         envs,
         server,
         url,
+        ssh_url,
         operator,
     } = w;
     let operator = operator.restart().await.expect("restart the operator");
@@ -528,6 +598,7 @@ async fn a_restart_between_commit_and_sync_makes_no_second_commit() {
         envs,
         server,
         url,
+        ssh_url,
         operator,
     };
     let again = w.committed("tiny-experiment").await;
@@ -877,5 +948,440 @@ async fn a_promotion_without_a_suite_or_with_a_bad_schedule_says_which_field() {
         message.contains("spec.validation.systemTests.path"),
         "{message}"
     );
+    w.cleanup().await;
+}
+
+/// How many times `reason` was recorded for the promotion `name`: the
+/// Recorder folds repeats of an event into one object with a series count.
+async fn event_count(w: &World, name: &str, reason: &str) -> i32 {
+    w.env
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.series.map_or(1, |s| s.count))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_refuses_malformed_promotions_naming_the_field() {
+    init_tracing();
+    let env = TestEnv::new("promo-admission")
+        .await
+        .expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    let api = env.api::<ModelPromotion>();
+    let gitops = |url: &str, branch: &str, secret: Option<&str>| serde_json::json!({"url": url, "branch": branch, "credentialsSecret": secret});
+    let ok = "https://git.example/models-gitops.git";
+    for (n, (model, gitops, field)) in [
+        (
+            "tiny",
+            gitops("http://bot:pw@127.0.0.1:18999/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("http://127.0.0.1:18999/m.git", "main", Some("gitops")),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("https://bot:pw@git.example/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("https://token@git.example/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("ssh://git:pw@git.example/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("/srv/gitops.git", "main", None),
+            "spec.gitops.url",
+        ),
+        ("tiny", gitops("./gitops", "main", None), "spec.gitops.url"),
+        (
+            "tiny",
+            gitops("file:///srv/gitops.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("ftp://git.example/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("git://git.example/m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("https:///m.git", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops("https://git.example/m.git?token=x", "main", None),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            gitops(ok, "main:refs/heads/evil", None),
+            "spec.gitops.branch",
+        ),
+        (
+            "tiny",
+            gitops(ok, "refs/heads/main", None),
+            "spec.gitops.branch",
+        ),
+        ("tiny", gitops(ok, "-main", None), "spec.gitops.branch"),
+        ("tiny", gitops(ok, "a..b", None), "spec.gitops.branch"),
+        (
+            "tiny",
+            gitops(ok, "main", Some("kube-system/gitops")),
+            "spec.gitops.credentialsSecret",
+        ),
+        ("", gitops(ok, "main", None), "spec.modelRef.name"),
+        ("other/tiny", gitops(ok, "main", None), "spec.modelRef.name"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mp: ModelPromotion = serde_json::from_value(serde_json::json!({
+            "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
+            "metadata": {"name": format!("bad-{n}")},
+            "spec": {"modelRef": {"name": model}, "environment": "test", "gitops": gitops},
+        }))
+        .expect("a ModelPromotion");
+        let err = api
+            .create(&PostParams::default(), &mp)
+            .await
+            .expect_err(&format!("case {n} is refused: {:?}", mp.spec));
+        let text = err.to_string();
+        assert!(text.contains(field), "case {n}: {field} named in {text}");
+        assert!(
+            !text.contains("pw@"),
+            "case {n}: no password echoed: {text}"
+        );
+    }
+    // The accepted forms, and plain http (the operator decides about it).
+    for (n, url) in [
+        ok,
+        "ssh://git@git.example:2222/srv/models.git",
+        "git@github.com:org/models-gitops.git",
+        "http://127.0.0.1:18999/m.git",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mp: ModelPromotion = serde_json::from_value(serde_json::json!({
+            "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
+            "metadata": {"name": format!("good-{n}")},
+            "spec": {"modelRef": {"name": "tiny-v1.2"}, "environment": "test",
+                     "gitops": {"url": url, "branch": "release/1.2",
+                                "credentialsSecret": (!url.starts_with("http:")).then_some("gitops")}},
+        }))
+        .expect("a ModelPromotion");
+        api.create(&PostParams::default(), &mp)
+            .await
+            .unwrap_or_else(|e| panic!("{url} is accepted: {e}"));
+    }
+    env.cleanup().await.expect("delete the test namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_needs_the_opt_in_and_never_carries_credentials() {
+    let w = world("promo-http", &sim_worker_image(0), None).await;
+    w.model("tiny", "example/tiny-llama").await;
+    let http_url = w.url.clone();
+    let http = move |secret: Option<&str>| serde_json::json!({"url": http_url, "branch": "main", "credentialsSecret": secret});
+    // Without the opt-in: refused before any network access.
+    w.promote_to(
+        "anonymous",
+        "tiny",
+        "experiment",
+        http(None),
+        serde_json::Value::Null,
+    )
+    .await;
+    let refused = |mp: &ModelPromotion| {
+        condition(mp, "Committed").is_some_and(|(s, r, _)| s == "False" && r == "InvalidSpec")
+    };
+    let mp = w.wait("anonymous", "to refuse plain http", refused).await;
+    let (_, _, message) = condition(&mp, "Committed").expect("Committed");
+    assert!(
+        message.starts_with("spec.gitops.url: plain http:// is refused")
+            && message.contains("--allow-insecure-http-gitops"),
+        "{message}"
+    );
+    assert_eq!(status(&mp).phase.as_deref(), Some("Failed"));
+    assert_eq!(event_count(&w, "anonymous", "InvalidSpec").await, 1);
+
+    // With it (as the chart's promotion.allowInsecureHttpGitops sets it),
+    // anonymous http is tried; a Secret over http is refused by the API
+    // server already (and by the operator, for objects older than the rule).
+    let World {
+        env,
+        envs,
+        server,
+        url,
+        ssh_url,
+        mut operator,
+    } = w;
+    operator.kill().await.expect("stop the operator");
+    let mut options = operator.options.clone();
+    drop(operator);
+    options
+        .extra_env
+        .push(("QUANTOPS_ALLOW_INSECURE_HTTP_GITOPS".into(), "true".into()));
+    let operator = Operator::start(&env, options)
+        .await
+        .expect("start the operator with the opt-in");
+    let w = World {
+        env,
+        envs,
+        server,
+        url,
+        ssh_url,
+        operator,
+    };
+    let with_secret: ModelPromotion = serde_json::from_value(serde_json::json!({
+        "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
+        "metadata": {"name": "with-secret"},
+        "spec": {"modelRef": {"name": "tiny"}, "environment": "experiment",
+                 "gitops": http(Some("gitops-credentials"))},
+    }))
+    .expect("a ModelPromotion");
+    let err = w
+        .env
+        .api::<ModelPromotion>()
+        .create(&PostParams::default(), &with_secret)
+        .await
+        .expect_err("a Secret over http is refused");
+    assert!(
+        err.to_string()
+            .contains("spec.gitops.url: credentials are never sent over plain http://"),
+        "{err}"
+    );
+    // The anonymous one now reaches the server, which wants a password it
+    // is never given.
+    let mp = w
+        .wait("anonymous", "to be refused by the server", |mp| {
+            condition(mp, "Committed").is_some_and(|(_, r, _)| r == "AuthRefused")
+        })
+        .await;
+    assert!(status(&mp).commit.is_none());
+    let repo = url_path(&w.url);
+    let access_log =
+        std::fs::read_to_string(w.server.dir.join("nginx-access.log")).expect("nginx access log");
+    let requests: Vec<&str> = access_log.lines().filter(|l| l.contains(&repo)).collect();
+    assert!(!requests.is_empty(), "the operator asked the server");
+    // The harness's own clones authenticate as the server's user; the
+    // operator's requests (libgit2's user agent) never do.
+    for line in requests.iter().filter(|l| l.contains("libgit2")) {
+        assert!(
+            !line.contains(&format!(" - {} [", w.server.user)),
+            "credentials went over http: {line}"
+        );
+    }
+    assert!(
+        requests.iter().any(|l| l.contains("libgit2")),
+        "{requests:?}"
+    );
+    w.cleanup().await;
+}
+
+/// The path of a URL (`/name.git`).
+fn url_path(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find('/')
+        .map_or(String::new(), |i| rest[i..].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_push_ends_failed_after_bounded_attempts() {
+    let w = world_with(
+        "promo-bounded",
+        &sim_worker_image(0),
+        None,
+        &[("QUANTOPS_MAX_GIT_ATTEMPTS", "3")],
+    )
+    .await;
+    w.model("tiny", "example/tiny-llama").await;
+
+    // A Secret that does not exist is named as such.
+    let gitops = serde_json::json!({
+        "url": w.ssh_url, "branch": "main", "credentialsSecret": "no-such-secret"
+    });
+    w.promote_to("unsigned", "tiny", "test", gitops, serde_json::Value::Null)
+        .await;
+    let mp = w
+        .wait("unsigned", "to report the missing Secret", |mp| {
+            condition(mp, "Committed").is_some_and(|(_, r, _)| r == "SecretNotFound")
+        })
+        .await;
+    let (_, _, message) = condition(&mp, "Committed").expect("Committed");
+    assert_eq!(
+        message,
+        format!(
+            "spec.gitops.credentialsSecret: Secret {}/no-such-secret not found",
+            w.env.namespace
+        )
+    );
+    assert_eq!(status(&mp).phase.as_deref(), Some("Blocked"));
+
+    // A server that refuses every push (a pre-receive hook).
+    let hook = w
+        .server
+        .repo_path(&w.url)
+        .expect("the repository")
+        .join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\necho 'this repository is frozen' >&2\nexit 1\n",
+    )
+    .expect("write the hook");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+            .expect("make the hook executable");
+    }
+    w.promote("tiny-experiment", "tiny", "experiment").await;
+    let mp = w
+        .wait("tiny-experiment", "to give up", phase_is("Failed"))
+        .await;
+    let (s, reason, message) = condition(&mp, "Committed").expect("Committed");
+    assert_eq!(
+        (s.as_str(), reason.as_str()),
+        ("False", "PushRejected"),
+        "{message}"
+    );
+    assert!(message.contains("gave up after 3 attempts"), "{message}");
+    assert_eq!(status(&mp).git_attempts, 3);
+    assert!(status(&mp).next_git_attempt_time.is_none());
+
+    // Then nothing: no more attempts, no status writes, no more events.
+    let events = event_count(&w, "tiny-experiment", "GitWriteFailed").await;
+    assert!((1..=3).contains(&events), "{events} GitWriteFailed events");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let later = w
+        .env
+        .api::<ModelPromotion>()
+        .get("tiny-experiment")
+        .await
+        .expect("get");
+    assert_eq!(
+        later.resource_version(),
+        mp.resource_version(),
+        "no more writes"
+    );
+    assert_eq!(
+        event_count(&w, "tiny-experiment", "GitWriteFailed").await,
+        events
+    );
+    assert_eq!(
+        commits_of(
+            &w.authenticated(),
+            &format!("{}/tiny-experiment", w.env.namespace)
+        )
+        .await,
+        0
+    );
+
+    // A new spec starts over (and the thawed server takes the commit).
+    std::fs::remove_file(&hook).expect("remove the hook");
+    w.env
+        .api::<ModelPromotion>()
+        .patch(
+            "tiny-experiment",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"serving": {"replicas": 2}}})),
+        )
+        .await
+        .expect("change the spec");
+    let mp = w
+        .wait("tiny-experiment", "to commit after the spec changed", |mp| {
+            status(mp).commit.is_some()
+        })
+        .await;
+    assert_eq!(status(&mp).git_attempts, 0);
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_folder_has_one_owner() {
+    let w = world("promo-owner", &sim_worker_image(0), None).await;
+    let auth = w.authenticated();
+    // Two QuantizedModels of the same base model: one serving folder.
+    w.model("first", "example/tiny-llama").await;
+    w.model("second", "example/tiny-llama").await;
+    w.promote("first-experiment", "first", "experiment").await;
+    let sha = w.committed("first-experiment").await;
+    w.sync("experiment", "tiny-llama", &sha).await;
+    w.wait("first-experiment", "to be promoted", phase_is("Promoted"))
+        .await;
+
+    // A second promotion into that folder is refused, naming the owner.
+    w.promote("second-experiment", "second", "experiment").await;
+    let mp = w
+        .wait("second-experiment", "to be refused", |mp| {
+            condition(mp, "Committed").is_some_and(|(_, r, _)| r == "FolderInUse")
+        })
+        .await;
+    let (_, _, message) = condition(&mp, "Committed").expect("Committed");
+    let owner = format!("ModelPromotion {}/first-experiment", w.env.namespace);
+    assert!(
+        message.contains("envs/experiment/tiny-llama") && message.contains(&owner),
+        "{message}"
+    );
+    assert_eq!(status(&mp).phase.as_deref(), Some("Blocked"));
+    assert_eq!(event_count(&w, "second-experiment", "FolderInUse").await, 1);
+
+    // The owner moves the folder to the other model: the intended
+    // promotion flow, one commit replacing the variant.
+    w.env
+        .api::<ModelPromotion>()
+        .patch(
+            "first-experiment",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"modelRef": {"name": "second"}}})),
+        )
+        .await
+        .expect("point the owner at the other model");
+    let replaced = w
+        .wait("first-experiment", "to commit the other model", move |mp| {
+            status(mp).commit.as_deref().is_some_and(|c| c != sha)
+                && condition(mp, "Committed").is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+    let card = files_at(
+        &auth,
+        &status(&replaced).commit.expect("commit"),
+        "envs/experiment/tiny-llama",
+    )
+    .await
+    .expect("files")
+    .remove("README.md")
+    .expect("the card");
+    assert!(card.contains("from QuantizedModel `second`"), "{card}");
+
+    // Once the owner is gone, the folder can be taken over.
+    w.env
+        .api::<ModelPromotion>()
+        .delete("first-experiment", &DeleteParams::background())
+        .await
+        .expect("delete the owner");
+    let taken = w.committed("second-experiment").await;
+    assert!(!taken.is_empty());
     w.cleanup().await;
 }

@@ -5,6 +5,7 @@
 //! - [`render`]: the serving folder `envs/{env}/{model}/` (vLLM Deployment or,
 //!   in prod, an Argo Rollouts canary with its Prometheus analysis; Service;
 //!   kustomization; model card), as pure, deterministic functions;
+//! - [`remote`]: which repository URLs and branches are accepted at all;
 //! - [`credentials`]: git credentials from the Secret the promotion names;
 //! - [`message`]: commit messages and the trailers that make writes idempotent;
 //! - [`repo`]: the git2 writer (fetch, commit, push with retry, revert);
@@ -16,6 +17,7 @@
 pub mod credentials;
 pub mod error;
 pub mod message;
+pub mod remote;
 pub mod render;
 pub mod repo;
 mod transport;

@@ -12,7 +12,9 @@
 //!
 //! Each repository URL and branch has its own cache under
 //! [`GitWriterConfig::cache_root`], kept between calls so that a fetch only
-//! brings new objects. It is a bare repository: every attempt starts from
+//! brings new objects. The URL itself never goes to disk (the remote is
+//! anonymous, no `FETCH_HEAD` is written, the directory name is derived
+//! from the URL without its user-info). It is a bare repository: every attempt starts from
 //! the freshly fetched `origin/{branch}` (what a hard reset of a working copy
 //! gives), replaces the serving folder in memory and commits the new tree.
 //! No checkout means no line-ending or permission filters between the
@@ -39,7 +41,7 @@ use super::message::{
     revert_message,
 };
 use super::render::RenderedFolder;
-use super::transport::{self, PushOutcome, REMOTE, tracking_ref};
+use super::transport::{self, PushOutcome, tracking_ref};
 
 /// How the writer behaves; the same for every repository.
 #[derive(Clone, Debug, PartialEq)]
@@ -512,17 +514,6 @@ impl GitWriter {
                     .map_err(|e| cache_err(format!("cannot create the cache: {}", e.message())))?
             }
         };
-        let remote_ok = repo
-            .find_remote(REMOTE)
-            .ok()
-            .and_then(|r| r.url().map(|u| u == target.url));
-        let configured = match remote_ok {
-            Some(true) => Ok(()),
-            Some(false) => repo.remote_set_url(REMOTE, &target.url),
-            None => repo.remote(REMOTE, &target.url).map(|_| ()),
-        };
-        configured
-            .map_err(|e| cache_err(format!("cannot configure the remote: {}", e.message())))?;
         Ok((repo, lock))
     }
 }

@@ -11,7 +11,10 @@ use tracing::debug;
 use super::credentials::{AuthState, GitCredentials};
 use super::error::{GitOpsError, redact_url};
 
-/// The remote's name in the cache repository.
+/// The name under which the cache keeps the remote's branches
+/// (`refs/remotes/origin/...`). The remote itself is anonymous, made from
+/// the URL in memory for each operation: the URL is never written into the
+/// cache's `config`.
 pub(crate) const REMOTE: &str = "origin";
 
 /// Connect and read timeouts for every libgit2 network operation, so a
@@ -54,11 +57,17 @@ pub(crate) fn fetch(
 ) -> Result<Option<Oid>, GitOpsError> {
     let state = AuthState::default();
     let result = (|| -> Result<Option<Oid>, git2::Error> {
-        let mut remote = repo.find_remote(REMOTE)?;
+        let mut remote = repo.remote_anonymous(url)?;
         let mut options = FetchOptions::new();
         options.remote_callbacks(credentials.callbacks(url, &state));
+        // FETCH_HEAD would be the one file that names the URL on disk.
+        options.update_fetchhead(false);
         let refspec = format!("+refs/heads/{branch}:{}", tracking_ref(branch));
-        remote.fetch(&[refspec.as_str()], Some(&mut options), None)?;
+        remote.fetch(
+            &[refspec.as_str()],
+            Some(&mut options),
+            Some("quantops fetch"),
+        )?;
         // The advertisement stays readable after the fetch disconnected.
         let wanted = format!("refs/heads/{branch}");
         let tip = remote
@@ -96,7 +105,7 @@ pub(crate) fn push(
     let state = AuthState::default();
     let rejected: RefCell<Option<String>> = RefCell::new(None);
     let result = (|| -> Result<(), git2::Error> {
-        let mut remote = repo.find_remote(REMOTE)?;
+        let mut remote = repo.remote_anonymous(url)?;
         let mut callbacks = credentials.callbacks(url, &state);
         callbacks.push_update_reference(|_refname, status| {
             if let Some(status) = status {

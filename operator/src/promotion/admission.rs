@@ -130,6 +130,49 @@ pub fn check_order(
     }
 }
 
+/// Another promotion that holds `folder` of the same repository and
+/// branch: it committed there and stands (not rolled back, not being
+/// deleted). A folder has one such owner at a time, so that a promotion
+/// that says `Promoted` is what the folder serves; replacing the variant
+/// served is done by that owner (a new `spec.modelRef`), or after it is
+/// deleted.
+pub fn folder_owner<'a>(
+    me: &ModelPromotion,
+    folder: &str,
+    promotions: impl IntoIterator<Item = &'a ModelPromotion>,
+) -> Option<&'a ModelPromotion> {
+    promotions.into_iter().find(|other| {
+        let same_object = other.metadata.uid.is_some() && other.metadata.uid == me.metadata.uid;
+        let Some(status) = &other.status else {
+            return false;
+        };
+        !same_object
+            && other.metadata.deletion_timestamp.is_none()
+            && other.spec.environment == me.spec.environment
+            && other.spec.gitops.url == me.spec.gitops.url
+            && other.spec.gitops.branch == me.spec.gitops.branch
+            && status.folder.as_deref() == Some(folder)
+            && status.commit.is_some()
+            && status.phase.as_deref() != Some(super::Phase::RolledBack.as_str())
+    })
+}
+
+/// The refusal naming the folder's owner.
+pub fn folder_in_use(folder: &str, owner: &ModelPromotion) -> Refusal {
+    let status = owner.status.clone().unwrap_or_default();
+    refuse(
+        "FolderInUse",
+        format!(
+            "{folder} is served by ModelPromotion {}/{} (QuantizedModel {}, variant {}); \
+             to replace it, set that promotion's spec.modelRef.name, or delete it first",
+            owner.metadata.namespace.as_deref().unwrap_or_default(),
+            owner.metadata.name.as_deref().unwrap_or_default(),
+            owner.spec.model_ref.name,
+            status.variant.as_deref().unwrap_or("unknown"),
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +262,66 @@ mod tests {
         assert_eq!(
             check_order(Environment::Prod, v, &[promotion("test", v, "Promoted")]),
             Ok(())
+        );
+    }
+
+    fn owning(name: &str, uid: &str, env: &str, folder: &str, phase: &str) -> ModelPromotion {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "quantops.dev/v1alpha1", "kind": "ModelPromotion",
+            "metadata": {"name": name, "namespace": "team", "uid": uid},
+            "spec": {"modelRef": {"name": format!("qm-{name}")}, "environment": env,
+                     "gitops": {"url": "https://git.example/r.git"}},
+            "status": {"variant": "tiny-v1", "phase": phase, "commit": "abc", "folder": folder}
+        }))
+        .expect("a promotion")
+    }
+
+    #[test]
+    fn a_folder_has_one_owner() {
+        let folder = "envs/test/tiny-llama";
+        let me = owning("b", "uid-b", "test", "", "Blocked");
+        let a = owning("a", "uid-a", "test", folder, "Promoted");
+        let owner = folder_owner(&me, folder, [&a]).expect("owned");
+        assert_eq!(owner.metadata.name.as_deref(), Some("a"));
+        let refusal = folder_in_use(folder, owner);
+        assert_eq!(refusal.reason, "FolderInUse");
+        assert!(
+            refusal.message.contains("ModelPromotion team/a")
+                && refusal.message.contains("QuantizedModel qm-a")
+                && refusal.message.contains(folder),
+            "{}",
+            refusal.message
+        );
+        // Itself, other folders and environments, rolled-back or deleted
+        // promotions and other repositories own nothing of ours.
+        let me_again = owning("b", "uid-b", "test", folder, "Promoted");
+        assert!(folder_owner(&me_again, folder, [&me_again]).is_none());
+        let other_folder = owning("c", "uid-c", "test", "envs/test/other", "Promoted");
+        let other_env = owning("d", "uid-d", "prod", "envs/prod/tiny-llama", "Promoted");
+        let rolled_back = owning("e", "uid-e", "test", folder, "RolledBack");
+        let mut deleted = owning("f", "uid-f", "test", folder, "Promoted");
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let mut elsewhere = owning("g", "uid-g", "test", folder, "Promoted");
+        elsewhere.spec.gitops.url = "https://git.example/other.git".to_string();
+        let mut uncommitted = owning("h", "uid-h", "test", folder, "Blocked");
+        uncommitted.status.as_mut().expect("status").commit = None;
+        assert!(
+            folder_owner(
+                &me,
+                folder,
+                [
+                    &other_folder,
+                    &other_env,
+                    &rolled_back,
+                    &deleted,
+                    &elsewhere,
+                    &uncommitted
+                ]
+            )
+            .is_none()
         );
     }
 }

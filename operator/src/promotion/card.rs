@@ -26,8 +26,9 @@ pub fn promotion_card(qm: &QuantizedModel, environment: Environment, promotion: 
     let _ = writeln!(card, "# {variant}\n");
     let _ = writeln!(
         card,
-        "Served in **{}** by promotion `{promotion}`: {} at {} bits{} of `{}` {}.\n",
+        "Served in **{}** by promotion `{promotion}` from QuantizedModel `{}`: {} at {} bits{} of `{}` {}.\n",
         environment.as_str(),
+        qm.metadata.name.as_deref().unwrap_or("unknown"),
         q.method.as_str(),
         q.bits,
         if q.group_size > 0 {

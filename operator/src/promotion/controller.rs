@@ -6,12 +6,21 @@
 //! Nothing is lost across restarts: a commit is found again by its trailers
 //! (the writer's idempotency), a revert likewise, and the SHA is written to
 //! status as soon as it lands.
+//!
+//! Nothing is retried unboundedly either. The spec is checked before any
+//! network access ([`validation`]); a failed git write is tried again only
+//! when its backoff, recorded in status, is due ([`retry`]), so that the
+//! reconciliation which the operator's own status write triggers does not
+//! retry at once; after the last attempt the promotion stays `Failed` until
+//! its spec changes. Events are published on transitions (a new refusal, the
+//! first failure of a write, giving up), never once per pass.
 
 use super::admission::{self, Refusal};
 use super::argo::{self, AppState, CanaryState};
+use super::retry::{self, After, Before};
 use super::{
     CANARY_HEALTHY, COMMITTED, GATES_PASSED, PROMOTED, Phase, PromotionSettings, SYNCED, card,
-    gauges, probe_job, probing,
+    gauges, probe_job, probing, validation,
 };
 use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
 use crate::config::JobSettings;
@@ -24,10 +33,12 @@ use crate::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use quantops_api::{Environment, ModelPromotion, ModelPromotionStatus, QuantizedModel};
@@ -68,6 +79,9 @@ pub struct Context {
     pub writer: Arc<GitWriter>,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// Every promotion the operator watches (the controller's cache): who
+    /// holds which serving folder.
+    pub promotions: Store<ModelPromotion>,
 }
 
 /// How often a promotion waiting on Argo is looked at again.
@@ -115,6 +129,23 @@ impl Pass<'_> {
             .is_some_and(|c| c.status == status && c.observed_generation == self.generation)
     }
 
+    /// Sets `type_` False with `reason` and `message`, publishing a Warning
+    /// event `event_reason` only when that changes the condition: a
+    /// refusal that stands is reported once, however often it is seen.
+    async fn refuse(&mut self, type_: &str, reason: &str, message: String, event_reason: &str) {
+        let same = conditions::find(&self.status.conditions, type_).is_some_and(|c| {
+            c.status == FALSE
+                && c.reason == reason
+                && c.message == message
+                && c.observed_generation == self.generation
+        });
+        if !same {
+            self.event(EventType::Warning, event_reason, message.clone())
+                .await;
+        }
+        self.set(type_, FALSE, reason, message);
+    }
+
     pub(super) async fn event(&self, type_: EventType, reason: &str, note: String) {
         k8s::publish_event(
             &self.ctx.recorder,
@@ -137,12 +168,6 @@ impl Pass<'_> {
 pub fn serving_model_name(qm: &QuantizedModel) -> String {
     let base = &qm.spec.base_model.name;
     crate::gitops::render::resource_name(base.rsplit('/').next().unwrap_or(base))
-}
-
-/// Capped exponential backoff for failed git writes: 10 s, 20 s, ... 5 min.
-fn git_backoff(attempts: u32) -> Duration {
-    Duration::from_secs(10u64.saturating_mul(1 << attempts.saturating_sub(1).min(5)))
-        .min(Duration::from_secs(300))
 }
 
 /// One reconciliation of a ModelPromotion.
@@ -168,6 +193,11 @@ async fn reconcile_inner(mp: &ModelPromotion, ctx: &Context) -> Result<Action, E
         now: Timestamp::now(),
         namespace,
     };
+    if old.observed_generation != pass.generation {
+        // A new spec starts its git writes afresh.
+        pass.status.git_attempts = 0;
+        pass.status.next_git_attempt_time = None;
+    }
     pass.status.observed_generation = pass.generation;
     let action = step(&mut pass).await?;
     if pass.status != old {
@@ -178,6 +208,14 @@ async fn reconcile_inner(mp: &ModelPromotion, ctx: &Context) -> Result<Action, E
 
 /// The next step of a promotion.
 async fn step(pass: &mut Pass<'_>) -> Result<Action, Error> {
+    // Names and the repository first: nothing is read or sent for a spec
+    // the operator will not act on, and only a new spec can change that.
+    if let Err(error) = validation::check_spec(&pass.mp.spec, pass.ctx.settings.remote) {
+        pass.refuse(error.condition, "InvalidSpec", error.message, "InvalidSpec")
+            .await;
+        pass.phase(Phase::Failed);
+        return Ok(Action::await_change());
+    }
     // A rollback is final for this generation: a new spec starts over.
     if pass.status.phase.as_deref() == Some(Phase::RolledBack.as_str())
         && pass.condition_is(PROMOTED, FALSE)
@@ -384,19 +422,19 @@ async fn admit(
             let same = conditions::find(&pass.status.conditions, GATES_PASSED)
                 .is_some_and(|c| c.status == FALSE && c.message == refusal.message);
             if !same {
-                pass.event(
-                    EventType::Warning,
-                    "PromotionRefused",
-                    refusal.message.clone(),
-                )
-                .await;
                 pass.ctx
                     .metrics
                     .promotions
                     .with_label_values(&[environment.as_str(), "refused"])
                     .inc();
             }
-            pass.set(GATES_PASSED, FALSE, refusal.reason, refusal.message);
+            pass.refuse(
+                GATES_PASSED,
+                refusal.reason,
+                refusal.message,
+                "PromotionRefused",
+            )
+            .await;
             if !committed {
                 pass.phase(Phase::Blocked);
             }
@@ -413,26 +451,41 @@ async fn git_target(pass: &mut Pass<'_>) -> Result<Result<GitTarget, Action>, Er
     let credentials = match &gitops.credentials_secret {
         None => GitCredentials::Anonymous,
         Some(secret_name) => {
+            // Only the promotion's own namespace: the name was checked to
+            // be a plain object name (no `namespace/`).
             let secrets: Api<Secret> = Api::namespaced(pass.ctx.client.clone(), &pass.namespace);
             let secret = secrets
                 .get_opt(secret_name)
                 .await
                 .during(|| format!("reading Secret {secret_name}"))?;
+            let Some(secret) = secret else {
+                let message = format!(
+                    "spec.gitops.credentialsSecret: Secret {}/{secret_name} not found",
+                    pass.namespace
+                );
+                pass.refuse(COMMITTED, "SecretNotFound", message, "CredentialsInvalid")
+                    .await;
+                pass.phase(Phase::Blocked);
+                return Ok(Err(Action::requeue(BLOCKED_POLL)));
+            };
             let data: BTreeMap<String, Vec<u8>> = secret
-                .and_then(|s| s.data)
+                .data
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| (k, v.0))
                 .collect();
-            match GitCredentials::from_secret_data(secret_name, &data) {
+            let shown = format!("{}/{secret_name}", pass.namespace);
+            match GitCredentials::from_secret_data(&shown, &data) {
                 Ok(credentials) => credentials,
                 Err(error) => {
                     let message = format!("spec.gitops.credentialsSecret: {error}");
-                    if !pass.condition_is(COMMITTED, FALSE) {
-                        pass.event(EventType::Warning, "CredentialsInvalid", message.clone())
-                            .await;
-                    }
-                    pass.set(COMMITTED, FALSE, "CredentialsInvalid", message);
+                    pass.refuse(
+                        COMMITTED,
+                        "CredentialsInvalid",
+                        message,
+                        "CredentialsInvalid",
+                    )
+                    .await;
                     pass.phase(Phase::Blocked);
                     return Ok(Err(Action::requeue(BLOCKED_POLL)));
                 }
@@ -454,6 +507,22 @@ async fn commit(
     target: &GitTarget,
 ) -> Result<Result<(), Action>, Error> {
     let environment = pass.mp.spec.environment;
+    let folder_dir = crate::gitops::render::folder_path(environment, model);
+    let owner = admission::folder_owner(
+        pass.mp,
+        &folder_dir,
+        pass.ctx.promotions.state().iter().map(|p| p.as_ref()),
+    )
+    .map(|owner| admission::folder_in_use(&folder_dir, owner));
+    if let Some(refusal) = owner {
+        pass.refuse(COMMITTED, refusal.reason, refusal.message, "FolderInUse")
+            .await;
+        pass.phase(Phase::Blocked);
+        return Ok(Err(Action::requeue(BLOCKED_POLL)));
+    }
+    if let Err(action) = git_write_due(pass) {
+        return Ok(Err(action));
+    }
     let qm_status = qm.status.clone().unwrap_or_default();
     let variant = qm_status.variant.clone().unwrap_or_default();
     let promotion_name = format!("{}/{}", pass.namespace, pass.mp.name_any());
@@ -473,9 +542,8 @@ async fn commit(
         Ok(folder) => folder,
         Err(error) => {
             let message = format!("cannot render the serving manifests: {error}");
-            pass.event(EventType::Warning, "RenderFailed", message.clone())
+            pass.refuse(COMMITTED, "RenderFailed", message, "RenderFailed")
                 .await;
-            pass.set(COMMITTED, FALSE, "RenderFailed", message);
             pass.phase(Phase::Failed);
             return Ok(Err(Action::await_change()));
         }
@@ -504,8 +572,10 @@ async fn commit(
         Ok(outcome) => {
             pass.status.commit = Some(outcome.sha.clone());
             pass.status.variant = Some(variant.clone());
+            pass.status.folder = Some(folder_dir);
             pass.status.revert_commit = None;
             pass.status.git_attempts = 0;
+            pass.status.next_git_attempt_time = None;
             let how = match outcome.status {
                 crate::gitops::CommitStatus::Created => "committed",
                 crate::gitops::CommitStatus::AlreadyPresent => "found already committed",
@@ -529,22 +599,64 @@ async fn commit(
     }
 }
 
-/// Counts a failed git write and decides: retry with backoff, or give up.
+/// Whether a git write may be tried now; `Err(action)` when its backoff is
+/// not over, or when every attempt of this generation is spent (the status
+/// already says so: nothing is written, nothing published).
+fn git_write_due(pass: &Pass<'_>) -> Result<(), Action> {
+    let next = pass.status.next_git_attempt_time.as_ref().map(|t| t.0);
+    match pass
+        .ctx
+        .settings
+        .git_retry
+        .before(pass.status.git_attempts, next, pass.now)
+    {
+        Before::Attempt => Ok(()),
+        Before::Wait(wait) => Err(Action::requeue(wait)),
+        Before::GaveUp => Err(Action::await_change()),
+    }
+}
+
+/// Counts a failed git write and decides: retry after the backoff, or give
+/// up (phase `Failed`, until the spec changes). The Warning event goes out
+/// on the first failure, when the reason changes, and when giving up.
 async fn git_failed(pass: &mut Pass<'_>, condition: &str, error: &GitOpsError) -> Action {
     pass.status.git_attempts = pass.status.git_attempts.saturating_add(1);
     let attempts = pass.status.git_attempts;
-    let max = pass.ctx.settings.max_git_attempts.max(1);
-    let message = format!("{error} (attempt {attempts} of {max})");
-    pass.event(EventType::Warning, "GitWriteFailed", message.clone())
-        .await;
-    pass.set(condition, FALSE, error.reason(), message);
-    if attempts >= max {
-        pass.phase(Phase::Failed);
-        Action::await_change()
-    } else {
-        pass.phase(Phase::Blocked);
-        Action::requeue(git_backoff(attempts))
+    let policy = pass.ctx.settings.git_retry;
+    let max = policy.max_attempts.max(1);
+    let reason_changed = conditions::find(&pass.status.conditions, condition)
+        .is_none_or(|c| c.reason != error.reason() || c.status != FALSE);
+    let (message, action, final_attempt) = match policy.after(attempts) {
+        After::RetryIn(delay) => {
+            pass.status.next_git_attempt_time = Some(Time(retry::due_at(pass.now, delay)));
+            pass.phase(Phase::Blocked);
+            (
+                format!(
+                    "{error} (attempt {attempts} of {max}; next in {}s)",
+                    delay.as_secs()
+                ),
+                Action::requeue(delay),
+                false,
+            )
+        }
+        After::GiveUp => {
+            pass.status.next_git_attempt_time = None;
+            pass.phase(Phase::Failed);
+            (
+                format!(
+                    "{error} (gave up after {attempts} attempts; change the spec to try again)"
+                ),
+                Action::await_change(),
+                true,
+            )
+        }
+    };
+    if attempts == 1 || reason_changed || final_attempt {
+        pass.event(EventType::Warning, "GitWriteFailed", message.clone())
+            .await;
     }
+    pass.set(condition, FALSE, error.reason(), message);
+    action
 }
 
 async fn promoted(pass: &mut Pass<'_>, how: &str) -> Action {
@@ -582,6 +694,9 @@ async fn roll_back(
     reason: &'static str,
     message: &str,
 ) -> Result<Action, Error> {
+    if let Err(action) = git_write_due(pass) {
+        return Ok(action);
+    }
     let uid = pass
         .mp
         .uid()
@@ -603,6 +718,7 @@ async fn roll_back(
         Ok(outcome) => {
             pass.status.revert_commit = Some(outcome.sha.clone());
             pass.status.git_attempts = 0;
+            pass.status.next_git_attempt_time = None;
             let note = format!(
                 "reverted {commit_sha} as {}: {reason}: {message}",
                 outcome.sha
@@ -651,14 +767,6 @@ pub async fn run(
         controller: "quantops".to_string(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
-        writer: Arc::new(GitWriter::new(settings.git.clone())),
-        client,
-        settings,
-        jobs,
-        metrics: metrics.clone(),
-    });
     // Probe Jobs belong to their CronJob, not to the promotion, so they are
     // mapped back through the annotation their CronJob gives them.
     let controller = Controller::new(promotions, watcher::Config::default()).watches(
@@ -666,6 +774,15 @@ pub async fn run(
         watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
         |job: Job| probe_job::promotion_of(&job),
     );
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        writer: Arc::new(GitWriter::new(settings.git.clone())),
+        client,
+        settings,
+        jobs,
+        metrics: metrics.clone(),
+        promotions: controller.store(),
+    });
     let gauges = tokio::spawn(gauges::export(controller.store(), metrics));
     controller
         .graceful_shutdown_on(shutdown)

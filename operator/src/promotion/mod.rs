@@ -7,7 +7,9 @@
 //! - [`controller`]: the reconciler driving the [`crate::gitops`] writer;
 //! - [`probe_job`]: the quality probe's CronJob; [`quality`]: its rolling
 //!   window and verdict; `probing`: the reconciliation step between them;
-//! - [`gauges`]: the promotion gauges on `/metrics`, from the stored status.
+//! - [`gauges`]: the promotion gauges on `/metrics`, from the stored status;
+//! - [`validation`]: the spec's names and repository, checked before any
+//!   network access; [`retry`]: the bounded backoff of failed git writes.
 
 pub mod admission;
 pub mod argo;
@@ -17,9 +19,13 @@ pub mod gauges;
 pub mod probe_job;
 mod probing;
 pub mod quality;
+pub mod retry;
+pub mod validation;
 
+use crate::gitops::remote::RemotePolicy;
 use crate::gitops::{GitWriterConfig, ServingSettings};
 use quantops_api::Environment;
+use retry::GitRetry;
 
 /// Condition types of a ModelPromotion, in the order they turn true.
 pub const GATES_PASSED: &str = "GatesPassed";
@@ -36,7 +42,8 @@ pub const QUALITY_DEGRADED: &str = "QualityDegraded";
 /// `status.phase` of a ModelPromotion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Refused for now (gates, order, credentials); retried.
+    /// Refused for now (gates, order, credentials, a folder in use, a git
+    /// write waiting for its next attempt); looked at again.
     Blocked,
     /// Committed; waiting for Argo CD to sync it.
     Syncing,
@@ -46,7 +53,8 @@ pub enum Phase {
     Promoted,
     /// The canary failed and the promotion's commit was reverted.
     RolledBack,
-    /// Gave up: git refused too often, or the manifests cannot be rendered.
+    /// Gave up until the spec changes: an invalid spec, manifests that
+    /// cannot be rendered, or every git write attempt failed.
     Failed,
 }
 
@@ -77,8 +85,11 @@ pub struct PromotionSettings {
     pub environment_namespace: String,
     pub serving: ServingSettings,
     pub git: GitWriterConfig,
-    /// Failed git writes (commit or revert) before the promotion is Failed.
-    pub max_git_attempts: u32,
+    /// How failed git writes (commit or revert) are retried before the
+    /// promotion is Failed.
+    pub git_retry: GitRetry,
+    /// Which repository URLs are accepted beyond https and ssh.
+    pub remote: RemotePolicy,
 }
 
 impl Default for PromotionSettings {
@@ -89,7 +100,8 @@ impl Default for PromotionSettings {
             environment_namespace: "{env}".to_string(),
             serving: ServingSettings::default(),
             git: GitWriterConfig::default(),
-            max_git_attempts: 6,
+            git_retry: GitRetry::default(),
+            remote: RemotePolicy::default(),
         }
     }
 }
