@@ -33,12 +33,19 @@ fn sound_promotions_pass_both() {
         ("https://git.example/models-gitops.git", Some("gitops")),
         ("https://git.example:8443/org/models.git", None),
         ("ssh://git@git.example/models-gitops.git", Some("gitops")),
-        ("ssh://git@127.0.0.1:2222/srv/repos/m.git", Some("gitops.ssh")),
+        (
+            "ssh://git@127.0.0.1:2222/srv/repos/m.git",
+            Some("gitops.ssh"),
+        ),
         ("git@github.com:org/models-gitops.git", Some("gitops")),
         ("https://[fd00::1]:443/x.git", None),
     ] {
         let mp = promotion("tiny-v1.2", url, "release/1.2", secret);
-        assert_eq!(validate_cel(&mp).map_err(|e| e.to_string()), Ok(()), "{url}");
+        assert_eq!(
+            validate_cel(&mp).map_err(|e| e.to_string()),
+            Ok(()),
+            "{url}"
+        );
         assert_eq!(check_spec(&mp.spec, STRICT), Ok(()), "{url}");
     }
 }
@@ -49,36 +56,124 @@ fn plain_http_is_the_operators_decision() {
     assert_eq!(validate_cel(&mp).map_err(|e| e.to_string()), Ok(()));
     assert_eq!(check_spec(&mp.spec, OPT_IN), Ok(()));
     let err = check_spec(&mp.spec, STRICT).expect_err("refused without the opt-in");
-    assert!(err.message.starts_with("spec.gitops.url: plain http://"), "{}", err.message);
+    assert!(
+        err.message.starts_with("spec.gitops.url: plain http://"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
 fn refusals_agree_and_name_the_field() {
     let ok = "https://git.example/models-gitops.git";
     for (model, url, branch, secret, field) in [
-        ("tiny", "http://127.0.0.1:18999/m.git", "main", Some("gitops"), "spec.gitops.url"),
-        ("tiny", "http://bot:pw@127.0.0.1:18999/m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "https://bot:pw@git.example/m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "https://token@git.example/m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "ssh://git:pw@git.example/m.git", "main", None, "spec.gitops.url"),
+        (
+            "tiny",
+            "http://127.0.0.1:18999/m.git",
+            "main",
+            Some("gitops"),
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "http://bot:pw@127.0.0.1:18999/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "https://bot:pw@git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "https://token@git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "ssh://git:pw@git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
         ("tiny", "/srv/gitops.git", "main", None, "spec.gitops.url"),
         ("tiny", "./gitops", "main", None, "spec.gitops.url"),
-        ("tiny", "file:///srv/gitops.git", "main", None, "spec.gitops.url"),
-        ("tiny", "ftp://git.example/m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "git://git.example/m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "HTTPS://git.example/m.git", "main", None, "spec.gitops.url"),
+        (
+            "tiny",
+            "file:///srv/gitops.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "ftp://git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "git://git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "HTTPS://git.example/m.git",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
         ("tiny", "https:///m.git", "main", None, "spec.gitops.url"),
-        ("tiny", "https://git.example/m.git?private_token=x", "main", None, "spec.gitops.url"),
-        ("tiny", "https://git.example/m.git#main", "main", None, "spec.gitops.url"),
-        ("tiny", ok, "main:refs/heads/evil", None, "spec.gitops.branch"),
+        (
+            "tiny",
+            "https://git.example/m.git?private_token=x",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            "https://git.example/m.git#main",
+            "main",
+            None,
+            "spec.gitops.url",
+        ),
+        (
+            "tiny",
+            ok,
+            "main:refs/heads/evil",
+            None,
+            "spec.gitops.branch",
+        ),
         ("tiny", ok, "refs/heads/main", None, "spec.gitops.branch"),
         ("tiny", ok, "-main", None, "spec.gitops.branch"),
         ("tiny", ok, "+main", None, "spec.gitops.branch"),
         ("tiny", ok, "a..b", None, "spec.gitops.branch"),
         ("tiny", ok, "main.lock", None, "spec.gitops.branch"),
         ("tiny", ok, "HEAD", None, "spec.gitops.branch"),
-        ("tiny", ok, "main", Some("kube-system/gitops"), "spec.gitops.credentialsSecret"),
-        ("tiny", ok, "main", Some("Gitops"), "spec.gitops.credentialsSecret"),
+        (
+            "tiny",
+            ok,
+            "main",
+            Some("kube-system/gitops"),
+            "spec.gitops.credentialsSecret",
+        ),
+        (
+            "tiny",
+            ok,
+            "main",
+            Some("Gitops"),
+            "spec.gitops.credentialsSecret",
+        ),
         ("", ok, "main", None, "spec.modelRef.name"),
         ("other/tiny", ok, "main", None, "spec.modelRef.name"),
         ("Tiny", ok, "main", None, "spec.modelRef.name"),

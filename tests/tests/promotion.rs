@@ -1310,9 +1310,11 @@ async fn a_refused_push_ends_failed_after_bounded_attempts() {
         .await
         .expect("change the spec");
     let mp = w
-        .wait("tiny-experiment", "to commit after the spec changed", |mp| {
-            status(mp).commit.is_some()
-        })
+        .wait(
+            "tiny-experiment",
+            "to commit after the spec changed",
+            |mp| status(mp).commit.is_some(),
+        )
         .await;
     assert_eq!(status(&mp).git_attempts, 0);
     w.cleanup().await;
