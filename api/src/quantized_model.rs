@@ -347,6 +347,42 @@ pub struct QuantizedModelStatus {
     /// Failed attempts per stage, for the retry backoff.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stage_attempts: BTreeMap<String, u32>,
+    /// What the operator last recorded of each stage (`baseline`,
+    /// `quantize`, `validate`), for the stage hash it ran: a stage recorded
+    /// `Succeeded` for the current hash is not run again, even when its Job
+    /// is deleted, and a finished Job is acted on only when its outcome is
+    /// not yet recorded here, so counters and events see each outcome once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stages: BTreeMap<String, StageRecord>,
+}
+
+/// One stage's run as the operator recorded it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StageRecord {
+    /// The hash of the spec fields the stage depends on, as in its Job's
+    /// name and `quantops.dev/spec-hash` label; a record for another hash
+    /// belongs to an older spec.
+    pub hash: String,
+    /// The Job that runs or ran the stage.
+    pub job: String,
+    /// That Job's uid, once the operator has seen the Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_uid: Option<String>,
+    pub state: StageState,
+}
+
+/// Where a recorded stage stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum StageState {
+    /// Its Job was started and has not finished yet.
+    Running,
+    /// It ran and its result is in status.
+    Succeeded,
+    /// The validate stage ran and a gate failed: a result, final for this spec.
+    GatesFailed,
+    /// It broke (counted in `stageAttempts`); retried after the backoff or given up.
+    Broken,
 }
 
 fn default_bits() -> u8 {

@@ -47,6 +47,10 @@ pub struct OperatorConfig {
     pub max_concurrent_reconciles: u16,
     /// Where and how ModelPromotions commit and what they follow.
     pub promotion: PromotionSettings,
+    /// How long a stage's pod may stay unschedulable before the stage
+    /// counts as broken (its Job deleted, retried like any broken stage);
+    /// `None` waits for capacity indefinitely.
+    pub unschedulable_timeout: Option<Duration>,
 }
 
 impl Default for OperatorConfig {
@@ -58,6 +62,7 @@ impl Default for OperatorConfig {
             resync: Duration::from_secs(300),
             max_concurrent_reconciles: 16,
             promotion: PromotionSettings::default(),
+            unschedulable_timeout: Some(Duration::from_secs(1800)),
         }
     }
 }

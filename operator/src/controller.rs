@@ -2,16 +2,22 @@
 //! Jobs of the worker, one at a time, and records every result in status.
 //!
 //! Level-triggered: each reconciliation recomputes the stage hashes from the
-//! spec, looks for the Jobs those hashes name and acts on what it finds, so a
-//! restarted operator adopts the Jobs it created before, and a changed spec
-//! re-runs exactly the stages whose hash changed.
+//! spec, reads each stage's record in `status.stages` (and, for a stage not
+//! recorded as done, the Job its hash names) and acts on what it finds, so a
+//! restarted operator adopts the Jobs it created before, a changed spec
+//! re-runs exactly the stages whose hash changed, and a deleted finished Job
+//! re-runs nothing. Each transition is written to status first, against the
+//! resourceVersion the reconciliation read ([`StatusStore`]); what follows
+//! from it (metrics, events, the next Job) happens only when that write went
+//! through, so it happens once however many times the model is reconciled.
 
 use crate::config::OperatorConfig;
 use crate::job::{self, RenderError};
-use crate::k8s::{self, KubeContext, KubeError};
+use crate::k8s::{self, KubeContext, KubeError, StatusWrite};
 pub use crate::k8s::{FIELD_MANAGER, JobState, job_state, termination_message};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Next, Observation, Phase, Stage};
+use crate::outputs;
+use crate::pipeline::{self, JobSeen, Next, Observation, Phase, Stage, StageRun, Step};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -73,6 +79,9 @@ pub struct Context {
 pub struct Caches {
     pub jobs: Store<Job>,
     pub pods: Store<Pod>,
+    /// Every QuantizedModel the controller watches: who else writes an
+    /// artifact directory.
+    pub models: Store<QuantizedModel>,
 }
 
 impl Context {
@@ -244,14 +253,60 @@ async fn delete_stale_jobs(qm: &QuantizedModel, ctx: &Context, apis: &Apis) -> R
     Ok(())
 }
 
-/// Writes the model's status (server-side apply on the status subresource).
-async fn write_status(
-    apis: &Apis,
-    qm: &QuantizedModel,
-    status: &QuantizedModelStatus,
-) -> Result<(), Error> {
-    Ok(k8s::apply_status(&apis.models, &qm.name_any(), status).await?)
+/// The model's status as last read or written, and the resourceVersion it
+/// came with. Every write is made against that version, so that a
+/// reconciliation that started from a stale cache (its own last write not
+/// yet seen) cannot undo a newer status, and a write that goes through is
+/// known to be the transition it records. What follows a transition —
+/// counting it, an event, the next stage's Job — happens only after that.
+struct StatusStore<'a> {
+    api: &'a Api<QuantizedModel>,
+    name: String,
+    resource_version: Option<String>,
+    stored: QuantizedModelStatus,
+    /// A write found the object changed: this view is done with.
+    stale: bool,
 }
+
+impl StatusStore<'_> {
+    /// Stores `status` unless it is what is stored already. `Ok(false)` when
+    /// the view was stale (the object changed since it was read): nothing
+    /// was written, and nothing derived from the view may be acted on.
+    async fn commit(&mut self, status: &QuantizedModelStatus) -> Result<bool, Error> {
+        if self.stale {
+            return Ok(false);
+        }
+        if *status == self.stored {
+            return Ok(true);
+        }
+        let version = self.resource_version.as_deref();
+        match k8s::apply_status_at(self.api, &self.name, version, status).await? {
+            StatusWrite::Written(version) => {
+                self.resource_version = version;
+                self.stored = status.clone();
+                Ok(true)
+            }
+            StatusWrite::Stale => {
+                tracing::debug!(model = %self.name, "stale view of the model; looking again");
+                self.stale = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The stored reason of a condition, to tell a transition from a repeat.
+    fn reason(&self, type_: &str) -> Option<String> {
+        crate::conditions::find(&self.stored.conditions, type_).map(|c| c.reason.clone())
+    }
+}
+
+/// How soon a reconciliation that found its view stale looks again (the
+/// watch event of the newer object usually comes first).
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a model waiting for another one's artifact directory looks
+/// again (the other's deletion is not an event of this model).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 
 /// One reconciliation of a QuantizedModel.
 pub async fn reconcile(qm: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -269,6 +324,15 @@ pub async fn reconcile(qm: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Act
 
 fn object_key(qm: &QuantizedModel) -> String {
     format!("{}/{}", qm.namespace().unwrap_or_default(), qm.name_any())
+}
+
+/// What the spec breaks that the CRD could not catch, as a message naming
+/// the field: the cross-field rules and the resource values.
+fn admission(qm: &QuantizedModel) -> Result<(), String> {
+    quantops_api::spec_file::validate(qm)
+        .map_err(|(field, expected)| format!("{field}: expected {expected}"))?;
+    job::resource_requirements(&qm.spec.resources).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 async fn reconcile_inner(qm: &QuantizedModel, ctx: &Context) -> Result<Action, Error> {
@@ -292,39 +356,83 @@ async fn reconcile_inner(qm: &QuantizedModel, ctx: &Context) -> Result<Action, E
         generation: qm.metadata.generation,
         now: Timestamp::now(),
     };
-    let old = qm.status.clone().unwrap_or_default();
-    let mut status = old.clone();
-    pipeline::observe_generation(&mut status, &obs);
-    let action = match quantops_api::spec_file::validate(qm) {
-        Ok(()) => drive(qm, ctx, &apis, &mut status, &old, &obs).await?,
-        Err((field, expected)) => {
-            let message = pipeline::record_invalid(&mut status, field, expected, &obs);
-            let ready = |s: &QuantizedModelStatus| {
-                crate::conditions::find(&s.conditions, pipeline::READY).map(|c| c.message.clone())
-            };
-            if ready(&old) != ready(&status) {
-                ctx.event(qm, EventType::Warning, "InvalidSpec", message)
-                    .await;
-            }
-            Action::await_change()
-        }
+    let mut store = StatusStore {
+        api: &apis.models,
+        name: name.clone(),
+        resource_version: qm.resource_version(),
+        stored: qm.status.clone().unwrap_or_default(),
+        stale: false,
     };
-    if status != old {
-        write_status(&apis, qm, &status).await?;
+    let mut status = store.stored.clone();
+    pipeline::observe_generation(&mut status, &obs);
+    let action = match admission(qm) {
+        Err(message) => refuse(qm, ctx, &mut store, &mut status, &message, &obs).await?,
+        // Refused by the API server for this generation: not tried again.
+        Ok(()) if pipeline::refused(&status, obs.generation) => Action::await_change(),
+        Ok(()) => drive(qm, ctx, &apis, &mut store, &mut status, &obs).await?,
+    };
+    // What is left: progress, the observed generation.
+    if !store.commit(&status).await? {
+        return Ok(Action::requeue(STALE_RETRY));
     }
-    if old.phase != status.phase {
-        tracing::info!(model = %name, namespace = %namespace, from = ?old.phase, to = ?status.phase, "phase changed");
+    let before = qm.status.as_ref().and_then(|s| s.phase.as_deref());
+    if before != status.phase.as_deref() {
+        tracing::info!(model = %name, namespace = %namespace, from = ?before, to = ?status.phase, "phase changed");
     }
     Ok(action)
 }
 
-/// Walks the stages in order and acts on the first that is not done.
+/// Refuses a spec the pipeline cannot run (`Ready=False`, reason
+/// `InvalidSpec`, the field in the message), with one event per refusal.
+async fn refuse(
+    qm: &QuantizedModel,
+    ctx: &Context,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+    message: &str,
+    obs: &Observation,
+) -> Result<Action, Error> {
+    let before = crate::conditions::find(&store.stored.conditions, pipeline::READY)
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    pipeline::record_invalid(status, message, obs);
+    let refusal = Some((pipeline::INVALID_SPEC.to_string(), message.to_string()));
+    if store.commit(status).await? && before != refusal {
+        ctx.event(qm, EventType::Warning, "InvalidSpec", message.to_string())
+            .await;
+    }
+    Ok(Action::await_change())
+}
+
+/// A stage's Job as [`pipeline::step`] needs to see it.
+fn job_seen(job: Option<&Job>) -> JobSeen {
+    let Some(job) = job else {
+        return JobSeen::Absent;
+    };
+    if job.metadata.deletion_timestamp.is_some() {
+        return JobSeen::Deleting;
+    }
+    let uid = job.uid();
+    match job_state(job) {
+        JobState::Running => JobSeen::Running { uid },
+        JobState::Succeeded => JobSeen::Finished {
+            uid,
+            succeeded: true,
+        },
+        JobState::Failed(_) => JobSeen::Finished {
+            uid,
+            succeeded: false,
+        },
+    }
+}
+
+/// Walks the stages in order: stages recorded as done for the current spec
+/// are passed without looking at their Jobs; the first other one is acted on.
 async fn drive(
     qm: &QuantizedModel,
     ctx: &Context,
     apis: &Apis,
+    store: &mut StatusStore<'_>,
     status: &mut QuantizedModelStatus,
-    old: &QuantizedModelStatus,
     obs: &Observation,
 ) -> Result<Action, Error> {
     let policy = ctx.config.retry;
@@ -333,179 +441,340 @@ async fn drive(
     for stage in Stage::PIPELINE {
         let hash = pipeline::stage_hash(&qm.spec, stage);
         let job_name = job::job_name(&model, stage, &hash);
-        let existing = apis
-            .jobs
-            .get_opt(&job_name)
-            .await
-            .during(|| format!("reading Job {job_name}"))?;
-        let Some(existing) = existing else {
-            if pipeline::gave_up(status, stage, &policy) {
-                status.phase = Some(Phase::Failed.as_str().to_string());
+        let (step, existing) = match pipeline::settled(status, stage, &hash) {
+            Some(step) => (step, None),
+            None => {
+                let existing = apis
+                    .jobs
+                    .get_opt(&job_name)
+                    .await
+                    .during(|| format!("reading Job {job_name}"))?;
+                let seen = job_seen(existing.as_ref());
+                let step = pipeline::step(status, stage, &hash, &seen, &policy, obs.now);
+                (step, existing)
+            }
+        };
+        let run = StageRun {
+            hash,
+            job: job_name,
+            job_uid: existing.as_ref().and_then(|j| j.uid()),
+        };
+        let at = Place {
+            qm,
+            ctx,
+            apis,
+            stage,
+            run: &run,
+            obs,
+        };
+        match step {
+            Step::Done => pipeline::confirm_done(status, stage, obs),
+            Step::Final => {
+                pipeline::confirm_final(status, stage, obs);
                 return Ok(Action::await_change());
             }
-            if let Some(wait) = pipeline::retry_wait(status, stage, &policy, obs.now) {
-                return Ok(Action::requeue(wait));
-            }
-            k8s::apply(&apis.config_maps, &job::render_config_map(qm, stage)?).await?;
-            k8s::apply(&apis.jobs, &job::render_job(qm, stage, &ctx.config.jobs)?).await?;
-            pipeline::mark_running(status, stage, &format!("Job {job_name} started"), obs);
-            ctx.event(
-                qm,
-                EventType::Normal,
-                "StageStarted",
-                format!("{stage}: started Job {job_name}"),
-            )
-            .await;
-            return Ok(Action::requeue(ctx.config.resync));
-        };
-        if existing.metadata.deletion_timestamp.is_some() {
-            // A retried stage's old Job is still going away.
-            return Ok(Action::requeue(Duration::from_secs(5)));
-        }
-        match job_state(&existing) {
-            JobState::Running => {
-                pipeline::mark_running(status, stage, &format!("Job {job_name} running"), obs);
-                if let Some(progress) = running_progress(ctx, apis, &job_name).await {
-                    status.progress = Some(if progress.starts_with(stage.name()) {
-                        progress
-                    } else {
-                        format!("{stage}: {progress}")
-                    });
-                }
-                return Ok(Action::requeue(PROGRESS_INTERVAL.min(ctx.config.resync)));
-            }
-            JobState::Succeeded => {
-                let message = read_summary(ctx, apis, &job_name).await?;
-                let summary = match message.as_deref().map(parse_summary) {
-                    Some(Ok(summary)) if summary.error.is_none() => summary,
-                    Some(Ok(summary)) => {
-                        let error = summary.error.unwrap_or_default();
-                        return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
-                    }
-                    Some(Err(error)) => {
-                        return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
-                    }
-                    None => {
-                        let error = "the Job succeeded but its pod's termination message is gone";
-                        return broken(qm, ctx, apis, status, stage, &job_name, error, obs).await;
-                    }
-                };
-                let next = pipeline::record_success(status, stage, &summary, obs);
-                let changed = condition_changed(old, status, stage);
-                if changed {
-                    record_result_metrics(&ctx.metrics, stage, &summary);
-                }
-                match next {
-                    Next::Run(_) => {
-                        if changed {
-                            ctx.event(
-                                qm,
-                                EventType::Normal,
-                                "StageSucceeded",
-                                format!("{stage} finished (Job {job_name})"),
-                            )
-                            .await;
-                        }
-                        continue;
-                    }
-                    Next::Ready => {
-                        if changed {
-                            ctx.event(
-                                qm,
-                                EventType::Normal,
-                                "Ready",
-                                "validated: every gate passed".to_string(),
-                            )
-                            .await;
-                        }
-                        return Ok(Action::await_change());
-                    }
-                    Next::GatesFailed(message) => {
-                        if changed {
-                            ctx.event(qm, EventType::Warning, "GatesFailed", message)
-                                .await;
-                        }
-                        return Ok(Action::await_change());
-                    }
-                    Next::RetryAfter(_) | Next::GaveUp(_) => return Ok(Action::await_change()),
-                }
-            }
-            JobState::Failed(reason) => {
+            Step::Wait(delay) => return Ok(Action::requeue(delay)),
+            Step::Start => return start(&at, store, status, true).await,
+            Step::Recreate => return start(&at, store, status, false).await,
+            Step::Watch => return watch(&at, store, status).await,
+            Step::Cleanup => {
+                k8s::delete_if_present(&apis.jobs, &run.job).await?;
                 if pipeline::gave_up(status, stage, &policy) {
-                    // Already counted and given up on; the failed Job stays
-                    // for its logs until the spec changes.
-                    status.phase = Some(Phase::Failed.as_str().to_string());
                     return Ok(Action::await_change());
                 }
-                let message = read_summary(ctx, apis, &job_name).await?;
-                let error = match message.as_deref().map(parse_summary) {
-                    Some(Ok(StageSummary {
-                        error: Some(error), ..
-                    })) => error,
-                    Some(Err(logs)) => logs,
-                    _ => reason.unwrap_or_else(|| "the Job failed".to_string()),
+                let wait = pipeline::retry_wait(status, stage, &policy, obs.now);
+                return Ok(Action::requeue(wait.unwrap_or(pipeline::DELETION_POLL)));
+            }
+            Step::Record { .. } => {
+                let Some(job) = existing.as_ref() else {
+                    return Ok(Action::requeue(STALE_RETRY));
                 };
-                return broken(qm, ctx, apis, status, stage, &job_name, &error, obs).await;
+                if let Some(action) = finish(&at, store, status, job).await? {
+                    return Ok(action);
+                }
             }
         }
     }
+    pipeline::confirm_ready(status, obs);
     Ok(Action::await_change())
 }
 
-/// A stage broke: count it, record it, and delete its Job so the retry
-/// (after the backoff) can create it again under the same name.
-#[allow(clippy::too_many_arguments)]
-async fn broken(
-    qm: &QuantizedModel,
-    ctx: &Context,
-    apis: &Apis,
-    status: &mut QuantizedModelStatus,
+/// Where a reconciliation stands: the model, the stage it acts on and that
+/// stage's run.
+struct Place<'a> {
+    qm: &'a QuantizedModel,
+    ctx: &'a Context,
+    apis: &'a Apis,
     stage: Stage,
-    job_name: &str,
-    error: &str,
-    obs: &Observation,
+    run: &'a StageRun,
+    obs: &'a Observation,
+}
+
+/// Starts a stage (or creates its Job again when it went missing): checks
+/// that no other model writes the same artifact directory, renders the Job,
+/// records the stage `Running`, and only once that is stored creates the
+/// ConfigMap and the Job. A Job the API server refuses as invalid is an
+/// `InvalidSpec` refusal, not a retry.
+async fn start(
+    at: &Place<'_>,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+    announce: bool,
 ) -> Result<Action, Error> {
-    let next = pipeline::record_broken(status, stage, error, &ctx.config.retry, obs);
+    let Place {
+        qm,
+        ctx,
+        apis,
+        stage,
+        run,
+        obs,
+    } = *at;
+    let models = ctx.caches.models.state();
+    if let Some(owner) = outputs::taken_by(qm, models.iter().map(Arc::as_ref)) {
+        let message = outputs::conflict_message(qm, owner);
+        let before = store.reason(pipeline::READY);
+        pipeline::record_conflict(status, &message, obs);
+        if store.commit(status).await? && before.as_deref() != Some(pipeline::OUTPUT_CONFLICT) {
+            ctx.event(qm, EventType::Warning, "OutputConflict", message)
+                .await;
+        }
+        return Ok(Action::requeue(CONFLICT_RECHECK));
+    }
+    let rendered = job::render_config_map(qm, stage).and_then(|config_map| {
+        job::render_job(qm, stage, &ctx.config.jobs).map(|job| (config_map, job))
+    });
+    let (config_map, rendered_job) = match rendered {
+        Ok(objects) => objects,
+        Err(error @ RenderError::InvalidField { .. }) => {
+            return refuse(qm, ctx, store, status, &error.to_string(), obs).await;
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let unknown_uid = StageRun {
+        job_uid: None,
+        ..run.clone()
+    };
+    pipeline::mark_running(
+        status,
+        stage,
+        &unknown_uid,
+        &format!("Job {} started", run.job),
+        obs,
+    );
+    if !store.commit(status).await? {
+        return Ok(Action::requeue(STALE_RETRY));
+    }
+    let created = match k8s::apply(&apis.config_maps, &config_map).await {
+        Ok(_) => k8s::apply(&apis.jobs, &rendered_job).await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match created {
+        Ok(()) => {}
+        Err(error) if error.is_invalid() => {
+            let message = format!(
+                "the API server refused Job {}: {}",
+                run.job,
+                error.api_message()
+            );
+            return refuse(qm, ctx, store, status, &message, obs).await;
+        }
+        Err(error) => return Err(error.into()),
+    }
+    if announce {
+        ctx.event(
+            qm,
+            EventType::Normal,
+            "StageStarted",
+            format!("{stage}: started Job {}", run.job),
+        )
+        .await;
+    } else {
+        tracing::info!(model = %qm.name_any(), job = %run.job, "created the Job of a running stage again: it was gone");
+    }
+    Ok(Action::requeue(PROGRESS_INTERVAL.min(ctx.config.resync)))
+}
+
+/// Looks at a running stage: whether its pod is scheduled (the scheduler's
+/// words in status while it is not, and the stage broken once that lasted
+/// longer than the configured limit), else the worker's progress.
+async fn watch(
+    at: &Place<'_>,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+) -> Result<Action, Error> {
+    let Place {
+        qm,
+        ctx,
+        apis,
+        stage,
+        run,
+        obs,
+    } = *at;
+    pipeline::mark_running(status, stage, run, &format!("Job {} running", run.job), obs);
+    let every = PROGRESS_INTERVAL.min(ctx.config.resync);
+    let pods = cached_pods(&ctx.caches, &apis.namespace, &run.job);
+    if let Some(pending) = k8s::unschedulable(&pods) {
+        let waited = pending
+            .since
+            .and_then(|since| Duration::try_from(obs.now.duration_since(since)).ok())
+            .unwrap_or(Duration::ZERO);
+        if let Some(limit) = ctx.config.unschedulable_timeout
+            && waited >= limit
+        {
+            let error = format!(
+                "pod {} could not be scheduled for {}s: {}",
+                pending.pod,
+                waited.as_secs(),
+                pending.message
+            );
+            return broken(at, store, status, &error, true).await;
+        }
+        let before = store.reason(stage.condition_type());
+        pipeline::mark_unschedulable(status, stage, &pending.pod, &pending.message, obs);
+        if store.commit(status).await? && before.as_deref() != Some(pipeline::UNSCHEDULABLE) {
+            ctx.event(
+                qm,
+                EventType::Warning,
+                "Unschedulable",
+                format!(
+                    "{stage}: pod {} cannot be scheduled: {}",
+                    pending.pod, pending.message
+                ),
+            )
+            .await;
+        }
+        let left = ctx
+            .config
+            .unschedulable_timeout
+            .and_then(|limit| limit.checked_sub(waited));
+        return Ok(Action::requeue(left.map_or(every, |left| left.min(every))));
+    }
+    if let Some(progress) = running_progress(ctx, apis, &run.job).await {
+        status.progress = Some(if progress.starts_with(stage.name()) {
+            progress
+        } else {
+            format!("{stage}: {progress}")
+        });
+    }
+    Ok(Action::requeue(every))
+}
+
+/// Records the outcome of a finished Job whose outcome is not recorded yet.
+/// Only when that write went through is it counted and announced: `None`
+/// to go on to the next stage, else the action to return.
+async fn finish(
+    at: &Place<'_>,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+    finished: &Job,
+) -> Result<Option<Action>, Error> {
+    let Place {
+        qm,
+        ctx,
+        apis,
+        stage,
+        run,
+        obs,
+    } = *at;
+    let message = read_summary(ctx, apis, &run.job).await?;
+    let summary = match job_state(finished) {
+        JobState::Succeeded => match message.as_deref().map(parse_summary) {
+            Some(Ok(StageSummary {
+                error: Some(error), ..
+            })) => return broken(at, store, status, &error, false).await.map(Some),
+            Some(Ok(summary)) => summary,
+            Some(Err(error)) => return broken(at, store, status, &error, false).await.map(Some),
+            None => {
+                let error = "the Job succeeded but its pod's termination message is gone";
+                return broken(at, store, status, error, false).await.map(Some);
+            }
+        },
+        JobState::Failed(reason) => {
+            let error = match message.as_deref().map(parse_summary) {
+                Some(Ok(StageSummary {
+                    error: Some(error), ..
+                })) => error,
+                Some(Err(logs)) => logs,
+                _ => reason.unwrap_or_else(|| "the Job failed".to_string()),
+            };
+            return broken(at, store, status, &error, false).await.map(Some);
+        }
+        JobState::Running => return Ok(Some(Action::requeue(STALE_RETRY))),
+    };
+    let next = pipeline::record_success(status, stage, run, &summary, obs);
+    if !store.commit(status).await? {
+        return Ok(Some(Action::requeue(STALE_RETRY)));
+    }
+    // This write made the transition: count it and say so, once.
+    record_result_metrics(&ctx.metrics, stage, &summary);
+    let (type_, reason, note) = match &next {
+        Next::Ready => (
+            EventType::Normal,
+            "Ready",
+            "validated: every gate passed".to_string(),
+        ),
+        Next::GatesFailed(message) => (EventType::Warning, "GatesFailed", message.clone()),
+        _ => (
+            EventType::Normal,
+            "StageSucceeded",
+            format!("{stage} finished (Job {})", run.job),
+        ),
+    };
+    ctx.event(qm, type_, reason, note).await;
+    Ok(match next {
+        Next::Run(_) | Next::Ready => None,
+        Next::GatesFailed(_) | Next::RetryAfter(_) | Next::GaveUp(_) => {
+            Some(Action::await_change())
+        }
+    })
+}
+
+/// A stage broke: record it (the attempt counted in status), and only once
+/// that is stored count it, announce it and delete its Job, so that the
+/// retry after the backoff can create it again under the same name. A
+/// given-up stage's failed Job stays for its logs, unless `always_delete`
+/// (a pod that never got scheduled must not start later).
+async fn broken(
+    at: &Place<'_>,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+    error: &str,
+    always_delete: bool,
+) -> Result<Action, Error> {
+    let Place {
+        qm,
+        ctx,
+        apis,
+        stage,
+        run,
+        obs,
+    } = *at;
+    let next = pipeline::record_broken(status, stage, run, error, &ctx.config.retry, obs);
+    if !store.commit(status).await? {
+        return Ok(Action::requeue(STALE_RETRY));
+    }
     ctx.metrics
         .stage_results
         .with_label_values(&[stage.name(), "broken"])
         .inc();
-    // The attempt is recorded before the Job goes, so that a crash in
-    // between cannot lose the count.
-    write_status(apis, qm, status).await?;
-    match next {
-        Next::RetryAfter(delay) => {
-            ctx.event(
-                qm,
-                EventType::Warning,
-                "StageFailed",
-                format!(
-                    "{stage} (Job {job_name}) failed, retrying in {}s: {error}",
-                    delay.as_secs()
-                ),
-            )
-            .await;
-            k8s::delete_if_present(&apis.jobs, job_name).await?;
-            Ok(Action::requeue(delay))
-        }
-        Next::GaveUp(message) => {
-            ctx.event(qm, EventType::Warning, "StageFailed", message)
-                .await;
-            Ok(Action::await_change())
-        }
-        _ => Ok(Action::await_change()),
-    }
-}
-
-/// Whether reconciling changed the stage's condition, ignoring its time and
-/// generation: a stage that re-runs passes through `Running` first, so a
-/// result seen again under a new generation is not counted twice.
-fn condition_changed(old: &QuantizedModelStatus, new: &QuantizedModelStatus, stage: Stage) -> bool {
-    let key = |s: &QuantizedModelStatus| {
-        crate::conditions::find(&s.conditions, stage.condition_type())
-            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    let (note, action, delete) = match next {
+        Next::RetryAfter(delay) => (
+            format!(
+                "{stage} (Job {}) failed, retrying in {}s: {error}",
+                run.job,
+                delay.as_secs()
+            ),
+            Action::requeue(delay),
+            true,
+        ),
+        Next::GaveUp(message) => (message, Action::await_change(), always_delete),
+        _ => return Ok(Action::await_change()),
     };
-    key(old) != key(new)
+    ctx.event(qm, EventType::Warning, "StageFailed", note).await;
+    if delete {
+        k8s::delete_if_present(&apis.jobs, &run.job).await?;
+    }
+    Ok(action)
 }
 
 fn record_result_metrics(metrics: &Metrics, stage: Stage, summary: &StageSummary) {
@@ -613,12 +882,17 @@ async fn run_models(
             return;
         }
     }
+    let concurrency = config.max_concurrent_reconciles;
+    let controller = Controller::new(models, watcher::Config::default())
+        .owns(jobs, ours)
+        .with_config(controller::Config::default().concurrency(concurrency));
+    let store = controller.store();
     let caches = Caches {
         jobs: job_cache,
         pods: pod_cache,
+        models: store.clone(),
     };
     let instance = std::env::var("POD_NAME").ok();
-    let concurrency = config.max_concurrent_reconciles;
     let ctx = Arc::new(Context::new(
         client,
         config,
@@ -626,10 +900,6 @@ async fn run_models(
         caches,
         instance,
     ));
-    let controller = Controller::new(models, watcher::Config::default())
-        .owns(jobs, ours)
-        .with_config(controller::Config::default().concurrency(concurrency));
-    let store = controller.store();
     let phases = tokio::spawn(count_phases(store, metrics));
     controller
         .graceful_shutdown_on(shutdown)

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use quantops_api::QuantizedModel;
+use quantops_api::quantized_model::ResourcesSpec;
 use std::collections::BTreeMap;
 
 /// Where the spec ConfigMap is mounted in the worker's pod.
@@ -43,6 +44,88 @@ pub enum RenderError {
         name: String,
         source: serde_yaml::Error,
     },
+    /// A spec value that no Job can carry: the user's to fix, reported in
+    /// status (`Ready=False`, reason `InvalidSpec`) rather than retried.
+    #[error("{field}: {problem}")]
+    InvalidField {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// Whether `text` is a Kubernetes quantity (`<number><suffix>`: `64Gi`,
+/// `500m`, `1.5`, `2e3`), and if so whether it is negative; the grammar of
+/// apimachinery's `resource.ParseQuantity`, checked here so that a bad value
+/// is named by its spec field instead of failing the Job's creation.
+fn quantity_sign(text: &str) -> Option<bool> {
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let number_end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    let (number, suffix) = rest.split_at(number_end);
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    if digits == 0 || number.matches('.').count() > 1 {
+        return None;
+    }
+    let valid_suffix = match suffix {
+        "" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" => true,
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => true,
+        exponent => exponent
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())),
+    };
+    let zero = number.chars().all(|c| c == '0' || c == '.');
+    valid_suffix.then_some(negative && !zero)
+}
+
+/// A resource request from the spec as a Quantity, or the error naming
+/// `field`. The value is quoted (cut short): it is the user's own input.
+fn request(field: &'static str, value: &str) -> Result<Quantity, RenderError> {
+    let quoted: String = format!("{value:?}").chars().take(66).collect();
+    match quantity_sign(value.trim()) {
+        Some(false) => Ok(Quantity(value.trim().to_string())),
+        Some(true) => Err(RenderError::InvalidField {
+            field,
+            problem: format!("{quoted} is negative; a resource request is at least 0"),
+        }),
+        None => Err(RenderError::InvalidField {
+            field,
+            problem: format!("{quoted} is not a Kubernetes quantity (such as 64Gi, 500m or 4)"),
+        }),
+    }
+}
+
+/// The worker container's requests and limits from `spec.resources`: GPUs
+/// (an extended resource, so requests equal limits), memory (request and
+/// limit) and CPU (request only). The one place those values are checked.
+pub fn resource_requirements(
+    resources: &ResourcesSpec,
+) -> Result<ResourceRequirements, RenderError> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if resources.gpus > 0 {
+        let gpus = Quantity(resources.gpus.to_string());
+        requests.insert(GPU_RESOURCE.to_string(), gpus.clone());
+        limits.insert(GPU_RESOURCE.to_string(), gpus);
+    }
+    if let Some(memory) = &resources.memory {
+        let memory = request("spec.resources.memory", memory)?;
+        requests.insert("memory".to_string(), memory.clone());
+        limits.insert("memory".to_string(), memory);
+    }
+    if let Some(cpu) = &resources.cpu {
+        requests.insert("cpu".to_string(), request("spec.resources.cpu", cpu)?);
+    }
+    Ok(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
 }
 
 /// Longest name of a Job (and of a label value).
@@ -163,21 +246,7 @@ pub fn render_job(
     let pod_labels = labels(&qm.name_any(), stage, &hash);
 
     let resources = &qm.spec.resources;
-    let mut requests = BTreeMap::new();
-    let mut limits = BTreeMap::new();
-    if resources.gpus > 0 {
-        // Extended resources are requested through limits (requests must equal them).
-        let gpus = Quantity(resources.gpus.to_string());
-        requests.insert(GPU_RESOURCE.to_string(), gpus.clone());
-        limits.insert(GPU_RESOURCE.to_string(), gpus);
-    }
-    if let Some(memory) = &resources.memory {
-        requests.insert("memory".to_string(), Quantity(memory.clone()));
-        limits.insert("memory".to_string(), Quantity(memory.clone()));
-    }
-    if let Some(cpu) = &resources.cpu {
-        requests.insert("cpu".to_string(), Quantity(cpu.clone()));
-    }
+    let requirements = resource_requirements(resources)?;
     let tolerations = (resources.gpus > 0).then(|| {
         vec![Toleration {
             key: Some(GPU_RESOURCE.to_string()),
@@ -212,11 +281,7 @@ pub fn render_job(
     let pod = WorkerPod {
         labels: pod_labels,
         command,
-        resources: ResourceRequirements {
-            requests: (!requests.is_empty()).then_some(requests),
-            limits: (!limits.is_empty()).then_some(limits),
-            ..ResourceRequirements::default()
-        },
+        resources: requirements,
         tolerations,
         extra_volumes: vec![(spec_volume, spec_mount)],
         model_volume_read_only: false,

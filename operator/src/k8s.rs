@@ -34,6 +34,14 @@ impl KubeError {
     pub fn is_invalid(&self) -> bool {
         matches!(&self.source, kube::Error::Api(status) if status.code == 422)
     }
+
+    /// The API server's own words, without what the operator was doing.
+    pub fn api_message(&self) -> String {
+        match &self.source {
+            kube::Error::Api(status) => status.message.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Adds what was being done to a kube error.
@@ -89,6 +97,53 @@ where
     .await
     .during(|| format!("writing the status of {} {name}", K::kind(&())))?;
     Ok(())
+}
+
+/// How a status write made against a resourceVersion ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StatusWrite {
+    /// Stored; the object's new resourceVersion.
+    Written(Option<String>),
+    /// The object changed since that version (HTTP 409): nothing was written.
+    Stale,
+}
+
+/// Writes `status` like [`apply_status`], but only if the object is still at
+/// `resource_version`: the version the writer's view of it came from. A
+/// view from a stale cache then cannot undo a newer status, and whoever's
+/// write succeeds knows it made the transition it wrote.
+pub async fn apply_status_at<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: &impl Serialize,
+) -> Result<StatusWrite, KubeError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    if let Some(version) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
+    match api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(object) => Ok(StatusWrite::Written(object.meta().resource_version.clone())),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(StatusWrite::Stale),
+        Err(source) => Err(KubeError {
+            action: format!("writing the status of {} {name}", K::kind(&())),
+            source,
+        }),
+    }
 }
 
 /// Deletes an object in the background (its dependents follow through the
@@ -167,6 +222,41 @@ pub fn job_state(job: &Job) -> JobState {
     JobState::Running
 }
 
+/// A pod the scheduler could not place, in its own words.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unschedulable {
+    pub pod: String,
+    /// The scheduler's message, e.g. `0/1 nodes are available: 1 Insufficient nvidia.com/gpu.`
+    pub message: String,
+    /// Since when (the `PodScheduled` condition's last transition).
+    pub since: Option<Timestamp>,
+}
+
+/// The first of `pods` that is waiting with `PodScheduled=False`, reason
+/// `Unschedulable`; pods being deleted are left out.
+pub fn unschedulable(pods: &[Pod]) -> Option<Unschedulable> {
+    pods.iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .find_map(|pod| {
+            let condition = pod
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "PodScheduled")?;
+            (condition.status == "False" && condition.reason.as_deref() == Some("Unschedulable"))
+                .then(|| Unschedulable {
+                    pod: pod.metadata.name.clone().unwrap_or_default(),
+                    message: condition
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "no node fits it".to_string()),
+                    since: condition.last_transition_time.as_ref().map(|t| t.0),
+                })
+        })
+}
+
 /// The worker's termination message from a Job's pods: the newest
 /// terminated [`WORKER_CONTAINER`]'s, as raw text.
 pub fn termination_message(pods: &[Pod]) -> Option<String> {
@@ -205,7 +295,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -267,6 +357,52 @@ mod tests {
             }),
             ..Pod::default()
         }
+    }
+
+    fn pending_pod(name: &str, status: &str, reason: &str) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some("Pending".to_string()),
+                conditions: Some(vec![PodCondition {
+                    type_: "PodScheduled".to_string(),
+                    status: status.to_string(),
+                    reason: Some(reason.to_string()),
+                    message: Some(
+                        "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".to_string(),
+                    ),
+                    last_transition_time: Timestamp::from_second(100).ok().map(Time),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_found_with_the_schedulers_words() {
+        let found = unschedulable(&[
+            pending_pod("scheduled", "True", ""),
+            pending_pod("stuck", "False", "Unschedulable"),
+        ]);
+        assert_eq!(
+            found,
+            Some(Unschedulable {
+                pod: "stuck".to_string(),
+                message: "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".to_string(),
+                since: Timestamp::from_second(100).ok(),
+            })
+        );
+        // Waiting for a scheduling gate is not "unschedulable".
+        assert_eq!(
+            unschedulable(&[pending_pod("gated", "False", "SchedulingGated")]),
+            None
+        );
+        assert_eq!(unschedulable(&[]), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod leader;
 pub mod local;
 pub mod local_serving;
 pub mod metrics;
+pub mod outputs;
 pub mod pipeline;
 pub mod promotion;
 pub mod server;

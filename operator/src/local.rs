@@ -8,7 +8,7 @@
 //! sending the spec's system tests through it ([`crate::local_serving`]).
 
 use crate::local_serving::HealthCheck;
-use crate::pipeline::{self, Next, Observation, RetryPolicy, Stage};
+use crate::pipeline::{self, Next, Observation, RetryPolicy, Stage, StageRun};
 use k8s_openapi::jiff::Timestamp;
 use quantops_api::{QuantizedModelStatus, StageSummary};
 use std::io::Write;
@@ -229,15 +229,22 @@ pub fn run_pipeline(
     let outcome = loop {
         writeln!(out, "==> {stage}")?;
         out.flush()?;
-        pipeline::mark_running(&mut status, stage, "running locally", &now());
+        let run = StageRun {
+            hash: pipeline::stage_hash(&qm.spec, stage),
+            job: format!("local {stage}"),
+            job_uid: None,
+        };
+        pipeline::mark_running(&mut status, stage, &run, "running locally", &now());
         let next = match run_stage(options, stage)? {
             Ok(summary) => {
                 if let Some(seconds) = summary.seconds {
                     writeln!(out, "<== {stage} done in {seconds:.1}s")?;
                 }
-                pipeline::record_success(&mut status, stage, &summary, &now())
+                pipeline::record_success(&mut status, stage, &run, &summary, &now())
             }
-            Err(error) => pipeline::record_broken(&mut status, stage, &error, &policy, &now()),
+            Err(error) => {
+                pipeline::record_broken(&mut status, stage, &run, &error, &policy, &now())
+            }
         };
         match next {
             Next::Run(following) => stage = following,

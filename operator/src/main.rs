@@ -71,6 +71,10 @@ struct ControllerArgs {
     /// Seconds before the first retry of a broken stage; doubled for each further one.
     #[arg(long, env = "QUANTOPS_STAGE_RETRY_DELAY", default_value_t = 30)]
     stage_retry_delay: u64,
+    /// Seconds a stage's pod may stay unschedulable before the stage counts
+    /// as broken (and is retried or given up); 0 waits indefinitely.
+    #[arg(long, env = "QUANTOPS_UNSCHEDULABLE_TIMEOUT", default_value_t = 1800)]
+    unschedulable_timeout: u64,
     /// Reconciliations running at once.
     #[arg(long, env = "QUANTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
     max_concurrent_reconciles: u16,
@@ -253,6 +257,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         },
         max_concurrent_reconciles: args.max_concurrent_reconciles.max(1),
         promotion: promotion_settings(&args),
+        unschedulable_timeout: (args.unschedulable_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.unschedulable_timeout)),
         ..OperatorConfig::default()
     };
     let client = kube::Client::try_default()

@@ -6,6 +6,7 @@
 
 use crate::conditions::{self, ConditionUpdate, FALSE, TRUE, UNKNOWN};
 use k8s_openapi::jiff::Timestamp;
+use quantops_api::quantized_model::{StageRecord, StageState};
 use quantops_api::report::GateResult;
 use quantops_api::{QuantizedModelSpec, QuantizedModelStatus, StageSummary};
 use sha2::{Digest, Sha256};
@@ -241,25 +242,226 @@ pub fn observe_generation(status: &mut QuantizedModelStatus, obs: &Observation) 
     }
 }
 
-/// Records a spec the API server accepted but the pipeline cannot run
-/// (the rules `spec_file::validate` has beyond the CRD's CEL rules): a
-/// refusal, not retried until the spec changes.
-pub fn record_invalid(
-    status: &mut QuantizedModelStatus,
-    field: &str,
-    expected: &str,
-    obs: &Observation,
-) -> String {
-    let message = format!("{field}: expected {expected}");
-    obs.set(status, READY, FALSE, "InvalidSpec", message.clone());
+/// Records a spec the API server accepted but the pipeline cannot run (the
+/// rules `spec_file::validate` has beyond the CRD's, a value that cannot be
+/// rendered into a Job, a Job the API server refused): a refusal, not
+/// retried until the spec changes. `message` starts with the field.
+pub fn record_invalid(status: &mut QuantizedModelStatus, message: &str, obs: &Observation) {
+    obs.set(status, READY, FALSE, INVALID_SPEC, message.to_string());
     status.phase = Some(Phase::Failed.as_str().to_string());
     status.progress = None;
-    message
+}
+
+/// The `Ready` reason of a spec the pipeline refuses.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
+/// Whether this generation was already refused: a refusal that came from
+/// the API server (a Job it would not accept) is not tried again until the
+/// spec changes.
+pub fn refused(status: &QuantizedModelStatus, generation: Option<i64>) -> bool {
+    conditions::find(&status.conditions, READY)
+        .is_some_and(|c| c.reason == INVALID_SPEC && c.observed_generation == generation)
+}
+
+/// The `Ready` reason of a model whose artifact directory another model uses.
+pub const OUTPUT_CONFLICT: &str = "OutputConflict";
+
+/// Records that the model waits for another one that writes the same
+/// artifact directory; nothing runs until that one is gone or moved.
+pub fn record_conflict(status: &mut QuantizedModelStatus, message: &str, obs: &Observation) {
+    obs.set(status, READY, FALSE, OUTPUT_CONFLICT, message.to_string());
+    status.phase = Some(Phase::Pending.as_str().to_string());
+    status.progress = None;
+}
+
+/// The Job a stage runs in, as its record names it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageRun {
+    /// The stage hash ([`stage_hash`]) of the spec the Job runs.
+    pub hash: String,
+    pub job: String,
+    /// Known once the Job was seen.
+    pub job_uid: Option<String>,
+}
+
+fn set_record(status: &mut QuantizedModelStatus, stage: Stage, run: &StageRun, state: StageState) {
+    status.stages.insert(
+        stage.name().to_string(),
+        StageRecord {
+            hash: run.hash.clone(),
+            job: run.job.clone(),
+            job_uid: run.job_uid.clone(),
+            state,
+        },
+    );
+}
+
+/// The record of `stage` when it is for `hash`, the current spec's; a
+/// record of another hash belongs to an older spec and says nothing.
+pub fn record<'s>(
+    status: &'s QuantizedModelStatus,
+    stage: Stage,
+    hash: &str,
+) -> Option<&'s StageRecord> {
+    status
+        .stages
+        .get(stage.name())
+        .filter(|record| record.hash == hash)
+}
+
+/// A stage's Job as the reconciler found it (by its deterministic name).
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobSeen {
+    Absent,
+    /// Being deleted: a retried stage's previous run.
+    Deleting,
+    Running {
+        uid: Option<String>,
+    },
+    Finished {
+        uid: Option<String>,
+        succeeded: bool,
+    },
+}
+
+/// What a reconciliation does about one stage. Deciding from the stage's
+/// record as well as its Job is what makes a completion count once: a Job
+/// seen finished again (a stale cache, a second watch event, a Job not yet
+/// deleted) finds its outcome recorded and is not counted, emitted or acted
+/// on a second time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Recorded as succeeded for this spec: on to the next stage, whatever
+    /// became of its Job.
+    Done,
+    /// A final verdict for this spec (a gate failed, or the stage gave up):
+    /// nothing more runs until the spec changes.
+    Final,
+    /// Start the stage: record it `Running`, then create its Job.
+    Start,
+    /// Recorded `Running` but its Job is gone (deleted by someone, or the
+    /// operator stopped between recording and creating it): create it again.
+    Recreate,
+    /// Its Job runs: refresh progress and scheduling.
+    Watch,
+    /// Its Job finished and the outcome is not recorded yet: record it, and
+    /// only once that write went through, count, emit and go on.
+    Record { succeeded: bool },
+    /// The Job of a broken run that is already recorded still exists: delete
+    /// it (a retry needs its name; an unschedulable pod must not start later).
+    Cleanup,
+    /// Look again later: a previous Job is still going away, or the retry
+    /// backoff is not over.
+    Wait(Duration),
+}
+
+/// How often a Job that is being deleted is looked at again.
+pub const DELETION_POLL: Duration = Duration::from_secs(5);
+
+/// The step for a stage whose record alone decides it, without looking at
+/// its Job: done, or final.
+pub fn settled(status: &QuantizedModelStatus, stage: Stage, hash: &str) -> Option<Step> {
+    match record(status, stage, hash)?.state {
+        StageState::Succeeded => Some(Step::Done),
+        StageState::GatesFailed => Some(Step::Final),
+        StageState::Running | StageState::Broken => None,
+    }
+}
+
+/// The step for `stage` from its record, its Job and the retry policy.
+pub fn step(
+    status: &QuantizedModelStatus,
+    stage: Stage,
+    hash: &str,
+    job: &JobSeen,
+    policy: &RetryPolicy,
+    now: Timestamp,
+) -> Step {
+    if let Some(step) = settled(status, stage, hash) {
+        return step;
+    }
+    let record = record(status, stage, hash);
+    let state = record.map(|r| r.state);
+    // The recorded broken run is this Job (uids agree, or one is unknown).
+    let recorded_broken = |uid: &Option<String>| {
+        state == Some(StageState::Broken)
+            && record.is_some_and(|r| r.job_uid.is_none() || uid.is_none() || r.job_uid == *uid)
+    };
+    match job {
+        JobSeen::Deleting => Step::Wait(DELETION_POLL),
+        JobSeen::Absent if state == Some(StageState::Running) => Step::Recreate,
+        JobSeen::Absent => {
+            if gave_up(status, stage, policy) {
+                Step::Final
+            } else if let Some(wait) = retry_wait(status, stage, policy, now) {
+                Step::Wait(wait)
+            } else {
+                Step::Start
+            }
+        }
+        JobSeen::Running { uid } if recorded_broken(uid) => Step::Cleanup,
+        JobSeen::Running { .. } => Step::Watch,
+        JobSeen::Finished { uid, .. } if recorded_broken(uid) => {
+            if gave_up(status, stage, policy) {
+                // The failed Job stays for its logs until the spec changes.
+                Step::Final
+            } else {
+                Step::Cleanup
+            }
+        }
+        JobSeen::Finished { succeeded, .. } => Step::Record {
+            succeeded: *succeeded,
+        },
+    }
+}
+
+/// Re-states a stage recorded as succeeded for the observed generation (a
+/// spec change that left its inputs alone keeps its result).
+pub fn confirm_done(status: &mut QuantizedModelStatus, stage: Stage, obs: &Observation) {
+    if let Some(condition) = conditions::find(&status.conditions, stage.condition_type()).cloned() {
+        obs.set(
+            status,
+            stage.condition_type(),
+            &condition.status,
+            &condition.reason,
+            condition.message,
+        );
+    }
+}
+
+/// Re-states `Ready` once every stage is recorded as succeeded: after a
+/// refusal was lifted, or a spec change that re-ran nothing.
+pub fn confirm_ready(status: &mut QuantizedModelStatus, obs: &Observation) {
+    obs.set(
+        status,
+        READY,
+        TRUE,
+        "Validated",
+        "the variant passed every gate".into(),
+    );
+    status.phase = Some(Phase::Ready.as_str().to_string());
+    status.progress = None;
+}
+
+/// Re-states a final verdict already recorded for `stage` (gates failed, or
+/// given up): `Ready=False` with the stage condition's reason and message,
+/// phase `Failed`.
+pub fn confirm_final(status: &mut QuantizedModelStatus, stage: Stage, obs: &Observation) {
+    confirm_done(status, stage, obs);
+    let (reason, message) = conditions::find(&status.conditions, stage.condition_type())
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_else(|| ("StageFailed".to_string(), format!("{stage} failed")));
+    obs.set(status, READY, FALSE, &reason, message);
+    status.phase = Some(Phase::Failed.as_str().to_string());
+    status.progress = None;
 }
 
 /// Forgets the results of `stage` and of every later stage, which a re-run
 /// is about to replace; stale figures must not sit beside a running stage.
 fn clear_results_from(status: &mut QuantizedModelStatus, stage: Stage) {
+    for later in Stage::PIPELINE.iter().skip_while(|s| **s != stage).skip(1) {
+        status.stages.remove(later.name());
+    }
     if stage == Stage::Baseline {
         status.baseline_perplexity = None;
     }
@@ -272,16 +474,26 @@ fn clear_results_from(status: &mut QuantizedModelStatus, stage: Stage) {
     status.gates.clear();
 }
 
-/// Records that `stage` is running (its Job exists, or its process started).
+/// The reason of a running stage's condition while its pod cannot be scheduled.
+pub const UNSCHEDULABLE: &str = "Unschedulable";
+
+/// Records that `stage` is running (its Job exists, or its process
+/// started): results of it and of later stages are forgotten, later
+/// stages' records too (they depend on this one's output).
 pub fn mark_running(
     status: &mut QuantizedModelStatus,
     stage: Stage,
+    run: &StageRun,
     detail: &str,
     obs: &Observation,
 ) {
     clear_results_from(status, stage);
+    set_record(status, stage, run, StageState::Running);
     status.phase = Some(stage.phase().as_str().to_string());
-    if status.progress.is_none()
+    let was_unschedulable = conditions::find(&status.conditions, stage.condition_type())
+        .is_some_and(|c| c.reason == UNSCHEDULABLE);
+    if was_unschedulable
+        || status.progress.is_none()
         || !status
             .progress
             .as_deref()
@@ -314,13 +526,50 @@ pub fn mark_running(
     );
 }
 
+/// Records that a running stage's pod cannot be scheduled, quoting the
+/// scheduler, after [`mark_running`] for the same observation.
+pub fn mark_unschedulable(
+    status: &mut QuantizedModelStatus,
+    stage: Stage,
+    pod: &str,
+    scheduler_message: &str,
+    obs: &Observation,
+) {
+    let message = format!("pod {pod} cannot be scheduled: {scheduler_message}");
+    obs.set(
+        status,
+        stage.condition_type(),
+        UNKNOWN,
+        UNSCHEDULABLE,
+        message.clone(),
+    );
+    obs.set(
+        status,
+        READY,
+        FALSE,
+        UNSCHEDULABLE,
+        format!("{stage}: {message}"),
+    );
+    status.progress = Some(
+        format!("{stage}: pending, unschedulable: {scheduler_message}")
+            .chars()
+            .take(PROGRESS_LENGTH)
+            .collect(),
+    );
+}
+
+/// Longest `status.progress`, to stay readable in `kubectl get`.
+pub const PROGRESS_LENGTH: usize = 120;
+
 /// Records a stage that ran (exit 0) and says what comes next.
 pub fn record_success(
     status: &mut QuantizedModelStatus,
     stage: Stage,
+    run: &StageRun,
     summary: &StageSummary,
     obs: &Observation,
 ) -> Next {
+    set_record(status, stage, run, StageState::Succeeded);
     if !summary.variant.is_empty() {
         status.variant = Some(summary.variant.clone());
     }
@@ -385,6 +634,7 @@ pub fn record_success(
                 return Next::Ready;
             }
             let message = gate_failure_message(&failed);
+            set_record(status, stage, run, StageState::GatesFailed);
             obs.set(
                 status,
                 stage.condition_type(),
@@ -408,10 +658,12 @@ pub fn record_success(
 pub fn record_broken(
     status: &mut QuantizedModelStatus,
     stage: Stage,
+    run: &StageRun,
     error: &str,
     policy: &RetryPolicy,
     obs: &Observation,
 ) -> Next {
+    set_record(status, stage, run, StageState::Broken);
     let attempts = status
         .stage_attempts
         .entry(stage.name().to_string())
@@ -538,6 +790,15 @@ mod tests {
         }
     }
 
+    /// The run of `stage` for the test spec, as a Job named after the stage.
+    fn run(stage: Stage) -> StageRun {
+        StageRun {
+            hash: stage_hash(&spec(), stage),
+            job: format!("x-{stage}"),
+            job_uid: Some(format!("uid-{stage}")),
+        }
+    }
+
     fn gate(name: &str, passed: bool) -> GateResult {
         GateResult {
             name: name.into(),
@@ -583,7 +844,13 @@ mod tests {
     fn successful_stages_advance_to_ready() {
         let mut status = QuantizedModelStatus::default();
         observe_generation(&mut status, &obs(0));
-        mark_running(&mut status, Stage::Baseline, "job x", &obs(1));
+        mark_running(
+            &mut status,
+            Stage::Baseline,
+            &run(Stage::Baseline),
+            "job x",
+            &obs(1),
+        );
         assert_eq!(status.phase.as_deref(), Some("Baseline"));
         let baseline = StageSummary {
             stage: "baseline".into(),
@@ -592,7 +859,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            record_success(&mut status, Stage::Baseline, &baseline, &obs(2)),
+            record_success(
+                &mut status,
+                Stage::Baseline,
+                &run(Stage::Baseline),
+                &baseline,
+                &obs(2)
+            ),
             Next::Run(Stage::Quantize)
         );
         assert!(conditions::is_true(&status.conditions, "BaselineReady"));
@@ -605,7 +878,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            record_success(&mut status, Stage::Validate, &validate, &obs(3)),
+            record_success(
+                &mut status,
+                Stage::Validate,
+                &run(Stage::Validate),
+                &validate,
+                &obs(3)
+            ),
             Next::Ready
         );
         assert_eq!(status.phase.as_deref(), Some("Ready"));
@@ -622,7 +901,13 @@ mod tests {
             gates: vec![gate("perplexity", false), gate("task_accuracy", true)],
             ..Default::default()
         };
-        let next = record_success(&mut status, Stage::Validate, &summary, &obs(1));
+        let next = record_success(
+            &mut status,
+            Stage::Validate,
+            &run(Stage::Validate),
+            &summary,
+            &obs(1),
+        );
         let Next::GatesFailed(message) = next else {
             panic!("expected GatesFailed, got {next:?}");
         };
@@ -645,9 +930,22 @@ mod tests {
     fn broken_stage_retries_with_backoff_then_gives_up() {
         let policy = RetryPolicy::default();
         let mut status = QuantizedModelStatus::default();
-        mark_running(&mut status, Stage::Quantize, "job", &obs(0));
+        mark_running(
+            &mut status,
+            Stage::Quantize,
+            &run(Stage::Quantize),
+            "job",
+            &obs(0),
+        );
         assert_eq!(
-            record_broken(&mut status, Stage::Quantize, "oom", &policy, &obs(100)),
+            record_broken(
+                &mut status,
+                Stage::Quantize,
+                &run(Stage::Quantize),
+                "oom",
+                &policy,
+                &obs(100)
+            ),
             Next::RetryAfter(Duration::from_secs(30))
         );
         assert_eq!(
@@ -658,14 +956,28 @@ mod tests {
             retry_wait(&status, Stage::Quantize, &policy, obs(130).now),
             None
         );
-        mark_running(&mut status, Stage::Quantize, "job", &obs(131));
+        mark_running(
+            &mut status,
+            Stage::Quantize,
+            &run(Stage::Quantize),
+            "job",
+            &obs(131),
+        );
         assert_eq!(
-            record_broken(&mut status, Stage::Quantize, "oom", &policy, &obs(200)),
+            record_broken(
+                &mut status,
+                Stage::Quantize,
+                &run(Stage::Quantize),
+                "oom",
+                &policy,
+                &obs(200)
+            ),
             Next::RetryAfter(Duration::from_secs(60))
         );
         let next = record_broken(
             &mut status,
             Stage::Quantize,
+            &run(Stage::Quantize),
             "oom again",
             &policy,
             &obs(300),
@@ -698,21 +1010,279 @@ mod tests {
             gates: vec![gate("perplexity", false)],
             ..Default::default()
         };
-        mark_running(&mut status, Stage::Quantize, "job", &obs(1));
+        mark_running(
+            &mut status,
+            Stage::Quantize,
+            &run(Stage::Quantize),
+            "job",
+            &obs(1),
+        );
         assert_eq!(status.baseline_perplexity, Some(20.0));
         assert_eq!(status.artifact_path, None);
         assert!(status.gates.is_empty() && status.perplexity_delta.is_none());
 
-        let message = record_invalid(
+        record_invalid(
             &mut status,
-            "spec.version",
-            "a non-empty version without '/'",
+            "spec.version: expected a non-empty version without '/'",
             &obs(2),
         );
-        assert!(message.starts_with("spec.version"));
         assert_eq!(status.phase.as_deref(), Some("Failed"));
         let ready = conditions::find(&status.conditions, READY);
         assert_eq!(ready.map(|c| c.reason.as_str()), Some("InvalidSpec"));
+        assert!(ready.is_some_and(|c| c.message.starts_with("spec.version")));
+        assert!(
+            refused(&status, Some(1)),
+            "not tried again for this generation"
+        );
+        assert!(!refused(&status, Some(2)), "a new spec is looked at afresh");
+    }
+
+    fn finished(stage: Stage, succeeded: bool) -> JobSeen {
+        JobSeen::Finished {
+            uid: Some(format!("uid-{stage}")),
+            succeeded,
+        }
+    }
+
+    fn step_at(status: &QuantizedModelStatus, stage: Stage, job: &JobSeen, at: i64) -> Step {
+        let hash = stage_hash(&spec(), stage);
+        step(
+            status,
+            stage,
+            &hash,
+            job,
+            &RetryPolicy::default(),
+            obs(at).now,
+        )
+    }
+
+    /// A finished Job is recorded once: seen again (a stale cache, another
+    /// watch event) its outcome is found in the record, and seen gone (its
+    /// Job deleted) the stage is still done; only a new hash runs it again.
+    #[test]
+    fn a_finished_job_is_recorded_once_and_stays_done() {
+        let stage = Stage::Baseline;
+        let mut status = QuantizedModelStatus::default();
+        assert_eq!(step_at(&status, stage, &JobSeen::Absent, 0), Step::Start);
+        let started = StageRun {
+            job_uid: None,
+            ..run(stage)
+        };
+        mark_running(&mut status, stage, &started, "started", &obs(1));
+        assert_eq!(step_at(&status, stage, &JobSeen::Absent, 2), Step::Recreate);
+        let running = JobSeen::Running {
+            uid: Some("uid-baseline".into()),
+        };
+        assert_eq!(step_at(&status, stage, &running, 2), Step::Watch);
+        assert_eq!(
+            step_at(&status, stage, &finished(stage, true), 3),
+            Step::Record { succeeded: true }
+        );
+        let summary = StageSummary {
+            stage: "baseline".into(),
+            baseline_perplexity: Some(20.0),
+            ..Default::default()
+        };
+        record_success(&mut status, stage, &run(stage), &summary, &obs(4));
+        let record = status.stages.get("baseline").cloned();
+        assert_eq!(record.map(|r| r.state), Some(StageState::Succeeded));
+        for job in [finished(stage, true), JobSeen::Absent, running] {
+            assert_eq!(step_at(&status, stage, &job, 5), Step::Done, "{job:?}");
+        }
+        assert_eq!(
+            settled(&status, stage, &stage_hash(&spec(), stage)),
+            Some(Step::Done),
+            "decided without looking at the Job"
+        );
+        // Another spec (another hash): the record says nothing about it.
+        assert_eq!(settled(&status, stage, "another-hash"), None);
+        assert_eq!(
+            step(
+                &status,
+                stage,
+                "another-hash",
+                &JobSeen::Absent,
+                &RetryPolicy::default(),
+                obs(6).now
+            ),
+            Step::Start
+        );
+    }
+
+    /// A broken run is counted once: its Job, seen again before it is
+    /// deleted, is cleaned up, not counted; the retry waits for the backoff
+    /// and for the old Job to be gone; a given-up stage is final.
+    #[test]
+    fn a_broken_run_is_counted_once_then_retried_then_final() {
+        let stage = Stage::Quantize;
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_secs(30),
+        };
+        let at = |status: &QuantizedModelStatus, job: &JobSeen, t: i64| {
+            step(
+                status,
+                stage,
+                &stage_hash(&spec(), stage),
+                job,
+                &policy,
+                obs(t).now,
+            )
+        };
+        let mut status = QuantizedModelStatus::default();
+        mark_running(&mut status, stage, &run(stage), "running", &obs(0));
+        assert_eq!(
+            at(&status, &finished(stage, false), 10),
+            Step::Record { succeeded: false }
+        );
+        record_broken(&mut status, stage, &run(stage), "oom", &policy, &obs(10));
+        assert_eq!(status.stage_attempts.get("quantize"), Some(&1));
+        assert_eq!(at(&status, &finished(stage, false), 11), Step::Cleanup);
+        assert_eq!(
+            at(&status, &JobSeen::Deleting, 12),
+            Step::Wait(DELETION_POLL)
+        );
+        assert_eq!(
+            at(&status, &JobSeen::Absent, 20),
+            Step::Wait(Duration::from_secs(20))
+        );
+        assert_eq!(at(&status, &JobSeen::Absent, 40), Step::Start);
+
+        // The retry's Job is another one: its failure counts.
+        let retry = StageRun {
+            job_uid: None,
+            ..run(stage)
+        };
+        mark_running(&mut status, stage, &retry, "started", &obs(41));
+        let second = JobSeen::Finished {
+            uid: Some("uid-second".into()),
+            succeeded: false,
+        };
+        assert_eq!(at(&status, &second, 50), Step::Record { succeeded: false });
+        let second_run = StageRun {
+            job_uid: Some("uid-second".into()),
+            ..run(stage)
+        };
+        let next = record_broken(&mut status, stage, &second_run, "oom", &policy, &obs(50));
+        assert!(matches!(next, Next::GaveUp(_)), "{next:?}");
+        // Given up: the failed Job stays for its logs; one still running
+        // (an unschedulable pod) is deleted.
+        assert_eq!(at(&status, &second, 60), Step::Final);
+        assert_eq!(at(&status, &JobSeen::Absent, 60), Step::Final);
+        let pending = JobSeen::Running {
+            uid: Some("uid-second".into()),
+        };
+        assert_eq!(at(&status, &pending, 60), Step::Cleanup);
+    }
+
+    #[test]
+    fn a_gate_failure_is_final_and_a_ready_model_stays_ready() {
+        let mut status = QuantizedModelStatus::default();
+        let failing = StageSummary {
+            stage: "validate".into(),
+            overall_pass: Some(false),
+            gates: vec![gate("perplexity", false)],
+            ..Default::default()
+        };
+        record_success(
+            &mut status,
+            Stage::Validate,
+            &run(Stage::Validate),
+            &failing,
+            &obs(1),
+        );
+        assert_eq!(
+            step_at(&status, Stage::Validate, &JobSeen::Absent, 2),
+            Step::Final
+        );
+
+        // Every stage recorded: a new generation that changed no stage
+        // input (say, resources) re-states the results for it.
+        let mut status = QuantizedModelStatus::default();
+        observe_generation(&mut status, &obs(0));
+        for stage in Stage::PIPELINE {
+            let summary = StageSummary {
+                stage: stage.name().into(),
+                overall_pass: Some(true),
+                ..Default::default()
+            };
+            record_success(&mut status, stage, &run(stage), &summary, &obs(1));
+        }
+        record_invalid(&mut status, "spec.resources.memory: bad", &obs(2));
+        let second = Observation {
+            generation: Some(2),
+            now: obs(3).now,
+        };
+        observe_generation(&mut status, &second);
+        for stage in Stage::PIPELINE {
+            assert_eq!(step_at(&status, stage, &JobSeen::Absent, 3), Step::Done);
+            confirm_done(&mut status, stage, &second);
+        }
+        confirm_ready(&mut status, &second);
+        assert_eq!(status.phase.as_deref(), Some("Ready"));
+        assert!(conditions::is_true(&status.conditions, READY));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(2)),
+            "{:?}",
+            status.conditions
+        );
+
+        // Re-running quantize forgets validate's record: its input changes.
+        mark_running(
+            &mut status,
+            Stage::Quantize,
+            &run(Stage::Quantize),
+            "r",
+            &obs(4),
+        );
+        assert!(status.stages.contains_key("baseline"));
+        assert!(!status.stages.contains_key("validate"));
+        let quantize = status.stages.get("quantize").map(|r| r.state);
+        assert_eq!(quantize, Some(StageState::Running));
+    }
+
+    #[test]
+    fn an_unschedulable_pod_shows_in_conditions_and_progress() {
+        let stage = Stage::Baseline;
+        let mut status = QuantizedModelStatus::default();
+        mark_running(&mut status, stage, &run(stage), "running", &obs(1));
+        let scheduler = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.";
+        mark_unschedulable(&mut status, stage, "x-baseline-abc", scheduler, &obs(2));
+        let condition = conditions::find(&status.conditions, "BaselineReady").cloned();
+        assert_eq!(condition.as_ref().map(|c| c.status.as_str()), Some(UNKNOWN));
+        assert_eq!(
+            condition.map(|c| (c.reason, c.message)),
+            Some((
+                UNSCHEDULABLE.to_string(),
+                format!("pod x-baseline-abc cannot be scheduled: {scheduler}")
+            ))
+        );
+        let ready = conditions::find(&status.conditions, READY);
+        assert_eq!(ready.map(|c| c.reason.as_str()), Some(UNSCHEDULABLE));
+        assert_eq!(
+            status.progress.as_deref(),
+            Some(
+                "baseline: pending, unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+            )
+        );
+        // Scheduled after all: back to running.
+        mark_running(&mut status, stage, &run(stage), "running", &obs(3));
+        assert_eq!(status.progress.as_deref(), Some("baseline: running"));
+        let condition = conditions::find(&status.conditions, "BaselineReady");
+        assert_eq!(condition.map(|c| c.reason.as_str()), Some("Running"));
+    }
+
+    #[test]
+    fn a_conflict_waits_in_pending() {
+        let mut status = QuantizedModelStatus::default();
+        record_conflict(&mut status, "spec.output: taken", &obs(1));
+        assert_eq!(status.phase.as_deref(), Some("Pending"));
+        let ready = conditions::find(&status.conditions, READY);
+        assert_eq!(ready.map(|c| c.reason.as_str()), Some(OUTPUT_CONFLICT));
+        assert!(!refused(&status, Some(1)), "a conflict is looked at again");
     }
 
     #[test]

@@ -156,3 +156,59 @@ fn a_model_without_uid_cannot_own_jobs() {
     qm.metadata.uid = None;
     assert!(render_job(&qm, Stage::Baseline, &JobSettings::default()).is_err());
 }
+
+/// A resource value the CRD let through (or that predates its bounds) is
+/// an error naming the field and the value, never a Job the API server refuses.
+#[test]
+fn a_bad_resource_value_names_its_field() {
+    let render = |memory: &str, cpu: Option<&str>| {
+        let mut qm = model("tiny", 1);
+        qm.spec.resources.memory = Some(memory.to_string());
+        qm.spec.resources.cpu = cpu.map(str::to_string);
+        render_job(&qm, Stage::Baseline, &JobSettings::default()).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        render("lots", None).err().as_deref(),
+        Some(
+            r#"spec.resources.memory: "lots" is not a Kubernetes quantity (such as 64Gi, 500m or 4)"#
+        )
+    );
+    assert_eq!(
+        render("16Gi", Some("-3")).err().as_deref(),
+        Some(r#"spec.resources.cpu: "-3" is negative; a resource request is at least 0"#)
+    );
+    for bad in ["", "Gi", "1.2.3", "12Gb", "1e", "1e1.5", "--1", "4 Gi"] {
+        let error = render(bad, None).err();
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("spec.resources.memory: ")),
+            "{bad:?}: {error:?}"
+        );
+    }
+    for good in [
+        "64Gi", "1.5", ".5", "5.", "500m", "2e3", "1E-3", "+1k", "0", "-0",
+    ] {
+        assert!(render(good, Some("250m")).is_ok(), "{good:?}");
+    }
+    // The requests and limits carry the values as given.
+    let job = render("16Gi", Some("2")).unwrap_or_else(|e| panic!("{e}"));
+    let containers = job
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers)
+        .unwrap_or_default();
+    let resources = containers
+        .first()
+        .and_then(|c| c.resources.clone())
+        .unwrap_or_default();
+    let requests = resources.requests.unwrap_or_default();
+    assert_eq!(requests.get("memory").map(|q| q.0.as_str()), Some("16Gi"));
+    assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some("2"));
+    let limits = resources.limits.unwrap_or_default();
+    assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("16Gi"));
+    assert_eq!(
+        limits.get("nvidia.com/gpu").map(|q| q.0.as_str()),
+        Some("1")
+    );
+}

@@ -114,6 +114,23 @@ async fn event_count(env: &TestEnv, model: &str, reason: &str) -> i32 {
         .sum()
 }
 
+/// Waits until `reason` was recorded for `model` at least once, then a few
+/// seconds more (so that a duplicate, if the operator made one, would be
+/// there too), and returns the count.
+async fn settled_event_count(env: &TestEnv, model: &str, reason: &str) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while event_count(env, model, reason).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event for {model} within 60s: {:?}",
+            event_reasons(env, model).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    event_count(env, model, reason).await
+}
+
 async fn create(env: &TestEnv, qm: &QuantizedModel) {
     let name = qm.metadata.name.clone().expect("named");
     apply(&env.api::<QuantizedModel>(), &name, qm)
@@ -207,15 +224,19 @@ async fn quantized_model_reaches_ready_with_the_real_worker() {
         assert_eq!(owner.kind, "QuantizedModel");
         assert_eq!(owner.controller, Some(true));
     }
-    let reasons = event_reasons(&env, "tiny-rtn").await;
-    for reason in ["StageStarted", "StageSucceeded", "Ready"] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "no {reason} event in {reasons:?}"
+    // The events tell the story, each transition once, however many times
+    // the operator reconciled (and however late its cache was).
+    assert_eq!(settled_event_count(&env, "tiny-rtn", "Ready").await, 1);
+    for (reason, count) in [("StageStarted", 3), ("StageSucceeded", 2), ("Ready", 1)] {
+        assert_eq!(
+            event_count(&env, "tiny-rtn", reason).await,
+            count,
+            "{reason} events: {:?}",
+            event_reasons(&env, "tiny-rtn").await
         );
     }
 
-    // Metrics of what happened.
+    // Metrics count transitions too, not reconciliations.
     let reconciles = operator
         .metric(r#"quantops_reconciles_total{controller="quantizedmodel"}"#)
         .await
@@ -226,6 +247,15 @@ async fn quantized_model_reaches_ready_with_the_real_worker() {
         .await
         .expect("scrape /metrics");
     assert_eq!(passed, Some(1.0));
+    for stage in ["baseline", "quantize", "validate"] {
+        let succeeded = operator
+            .metric(&format!(
+                r#"quantops_stage_results_total{{result="succeeded",stage="{stage}"}}"#
+            ))
+            .await
+            .expect("scrape /metrics");
+        assert_eq!(succeeded, Some(1.0), "{stage} succeeded");
+    }
     env.cleanup().await.expect("delete the test namespace");
 }
 
@@ -625,5 +655,347 @@ async fn a_changed_spec_reruns_only_the_stages_it_affects() {
         baseline_job(&after),
         "the baseline did not re-run"
     );
+    env.cleanup().await.expect("delete the test namespace");
+}
+
+/// `small_model` with its JSON changed by `edit`.
+fn edited_model(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> QuantizedModel {
+    let mut value = serde_json::to_value(small_model(name, 3.0)).expect("json");
+    edit(&mut value);
+    serde_json::from_value(value).expect("a QuantizedModel")
+}
+
+fn condition_is(
+    type_: &'static str,
+    reason: &'static str,
+) -> impl Fn(Option<&QuantizedModel>) -> bool {
+    move |qm| {
+        qm.and_then(|qm| condition(qm, type_))
+            .is_some_and(|c| c.reason == reason)
+    }
+}
+
+/// Waits until `model` has no Job, for at most a minute.
+async fn wait_for_no_jobs(env: &TestEnv, model: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = jobs_of(env, model).await;
+        if jobs.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} Jobs of {model} left after 60s",
+            jobs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_jobs_of_a_ready_model_reruns_nothing() {
+    init_tracing();
+    let mut env = TestEnv::new("op-done").await.expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    env.host_path_pvc("quantops-models")
+        .await
+        .expect("model volume");
+    let operator = Operator::start(
+        &env,
+        OperatorOptions::new("quantops-0", &sim_worker_image(0)),
+    )
+    .await
+    .expect("start the operator");
+    let mut qm = small_model("sim-done", 3.0);
+    create(&env, &qm).await;
+    let qms = env.api::<QuantizedModel>();
+    wait_for(
+        &qms,
+        "sim-done",
+        is_phase("Ready"),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    let ready = qms.get("sim-done").await.expect("get");
+    let stages = ready.status.clone().expect("status").stages;
+    for stage in ["baseline", "quantize", "validate"] {
+        let record = stages
+            .get(stage)
+            .unwrap_or_else(|| panic!("{stage} record"));
+        assert_eq!(
+            serde_json::to_value(record.state).expect("json"),
+            "Succeeded",
+            "{stage}"
+        );
+        assert!(
+            record.job_uid.is_some(),
+            "{stage}: the Job's uid is recorded"
+        );
+    }
+
+    // The finished Jobs go (say, a clean-up): the deletions are events of
+    // the model's owned Jobs, so the operator looks, and must not re-run.
+    env.api::<Job>()
+        .delete_collection(
+            &DeleteParams::background(),
+            &ListParams::default().labels("quantops.dev/model=sim-done"),
+        )
+        .await
+        .expect("delete the Jobs");
+    wait_for_no_jobs(&env, "sim-done").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        jobs_of(&env, "sim-done").await.is_empty(),
+        "a Job was created again\noperator log:\n{}",
+        operator.log_text()
+    );
+    let after = qms.get("sim-done").await.expect("get");
+    assert_eq!(phase(&after), Some("Ready"));
+
+    // A spec change no stage depends on (resources) re-runs nothing either,
+    // and the results are re-stated for the new generation.
+    qm.spec.resources.memory = Some("2Gi".into());
+    create(&env, &qm).await;
+    let restated = |qm: Option<&QuantizedModel>| {
+        qm.is_some_and(|qm| {
+            qm.metadata.generation == Some(2)
+                && condition(qm, "Ready")
+                    .is_some_and(|c| c.status == "True" && c.observed_generation == Some(2))
+        })
+    };
+    let regenerated = wait_for(&qms, "sim-done", restated, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+        .expect("the model exists");
+    for type_ in ["BaselineReady", "Quantized", "Validated"] {
+        let c = condition(&regenerated, type_).unwrap_or_else(|| panic!("{type_}"));
+        assert_eq!(
+            (c.status.as_str(), c.observed_generation),
+            ("True", Some(2))
+        );
+    }
+    assert!(jobs_of(&env, "sim-done").await.is_empty(), "nothing re-ran");
+    assert_eq!(event_count(&env, "sim-done", "StageStarted").await, 3);
+    env.cleanup().await.expect("delete the test namespace");
+}
+
+#[tokio::test]
+async fn an_unschedulable_pod_shows_in_status_then_fails_the_stage() {
+    init_tracing();
+    let mut env = TestEnv::new("op-unsched").await.expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    env.host_path_pvc("quantops-models")
+        .await
+        .expect("model volume");
+    let mut options = OperatorOptions::new("quantops-0", &sim_worker_image(0));
+    options.max_stage_attempts = 1;
+    options
+        .extra_env
+        .push(("QUANTOPS_UNSCHEDULABLE_TIMEOUT".into(), "40".into()));
+    let operator = Operator::start(&env, options)
+        .await
+        .expect("start the operator");
+    // The test node has 8 GPUs: 32 fit no node.
+    let qm = edited_model("sim-unsched", |v| {
+        v["spec"]["resources"]["gpus"] = 32.into()
+    });
+    create(&env, &qm).await;
+    let qms = env.api::<QuantizedModel>();
+    let pending = wait_for(
+        &qms,
+        "sim-unsched",
+        condition_is("BaselineReady", "Unschedulable"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+    .expect("the model exists");
+    let baseline = condition(&pending, "BaselineReady").expect("BaselineReady");
+    assert_eq!(baseline.status, "Unknown");
+    assert!(
+        baseline.message.contains("cannot be scheduled")
+            && baseline.message.contains("Insufficient nvidia.com/gpu"),
+        "the scheduler's words: {}",
+        baseline.message
+    );
+    let ready = condition(&pending, "Ready").expect("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Unschedulable")
+    );
+    let progress = pending.status.as_ref().and_then(|s| s.progress.clone());
+    assert!(
+        progress
+            .as_deref()
+            .is_some_and(|p| p.starts_with("baseline: pending, unschedulable")),
+        "{progress:?}"
+    );
+    assert_eq!(phase(&pending), Some("Baseline"));
+
+    // Past the limit the stage is broken (one attempt allowed: given up),
+    // and its Job deleted, so the pod cannot start later.
+    let failed = wait_for(
+        &qms,
+        "sim-unsched",
+        is_phase("Failed"),
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+    .expect("the model exists");
+    let baseline = condition(&failed, "BaselineReady").expect("BaselineReady");
+    assert_eq!(
+        (baseline.status.as_str(), baseline.reason.as_str()),
+        ("False", "StageFailed")
+    );
+    assert!(
+        baseline.message.contains("could not be scheduled")
+            && baseline.message.contains("Insufficient nvidia.com/gpu"),
+        "{}",
+        baseline.message
+    );
+    wait_for_no_jobs(&env, "sim-unsched").await;
+    assert_eq!(event_count(&env, "sim-unsched", "Unschedulable").await, 1);
+    assert_eq!(event_count(&env, "sim-unsched", "StageFailed").await, 1);
+    env.cleanup().await.expect("delete the test namespace");
+}
+
+#[tokio::test]
+async fn a_value_no_job_can_carry_is_reported_until_fixed() {
+    init_tracing();
+    let mut env = TestEnv::new("op-badres").await.expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    env.host_path_pvc("quantops-models")
+        .await
+        .expect("model volume");
+    let operator = Operator::start(
+        &env,
+        OperatorOptions::new("quantops-0", &sim_worker_image(0)),
+    )
+    .await
+    .expect("start the operator");
+    let qms = env.api::<QuantizedModel>();
+    let qm = edited_model("sim-badres", |v| {
+        v["spec"]["resources"]["memory"] = "lots".into()
+    });
+    if let Err(error) = apply(&qms, "sim-badres", &qm).await {
+        // The CRD may bound the value itself; then it names the field.
+        let error = error.to_string();
+        assert!(error.contains("spec.resources.memory"), "{error}");
+        env.cleanup().await.expect("delete the test namespace");
+        return;
+    }
+    let refused = wait_for(
+        &qms,
+        "sim-badres",
+        condition_is("Ready", "InvalidSpec"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+    .expect("the model exists");
+    let ready = condition(&refused, "Ready").expect("Ready");
+    assert_eq!(
+        ready.message,
+        r#"spec.resources.memory: "lots" is not a Kubernetes quantity (such as 64Gi, 500m or 4)"#
+    );
+    assert_eq!(ready.observed_generation, Some(1));
+    assert_eq!(phase(&refused), Some("Failed"));
+    // Not retried: one event, no Job, however long it waits.
+    assert_eq!(
+        settled_event_count(&env, "sim-badres", "InvalidSpec").await,
+        1
+    );
+    assert!(jobs_of(&env, "sim-badres").await.is_empty());
+
+    // Fixed: the new generation runs.
+    let fixed = edited_model("sim-badres", |v| {
+        v["spec"]["resources"]["memory"] = "4Gi".into()
+    });
+    create(&env, &fixed).await;
+    wait_for(
+        &qms,
+        "sim-badres",
+        is_phase("Ready"),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    env.cleanup().await.expect("delete the test namespace");
+}
+
+#[tokio::test]
+async fn a_second_model_writing_the_same_directory_waits_for_the_first() {
+    init_tracing();
+    let mut env = TestEnv::new("op-collide").await.expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    env.host_path_pvc("quantops-models")
+        .await
+        .expect("model volume");
+    let operator = Operator::start(
+        &env,
+        OperatorOptions::new("quantops-0", &sim_worker_image(2)),
+    )
+    .await
+    .expect("start the operator");
+    let qms = env.api::<QuantizedModel>();
+    create(&env, &small_model("sim-first", 3.0)).await;
+    let started = |qm: Option<&QuantizedModel>| {
+        qm.and_then(|qm| qm.status.as_ref())
+            .is_some_and(|s| !s.stages.is_empty())
+    };
+    wait_for(&qms, "sim-first", started, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+
+    // Same base model, version, recipe and output path: the same directory.
+    create(&env, &small_model("sim-second", 3.0)).await;
+    let waiting = wait_for(
+        &qms,
+        "sim-second",
+        condition_is("Ready", "OutputConflict"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+    .expect("the model exists");
+    let ready = condition(&waiting, "Ready").expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert_eq!(
+        ready.message,
+        format!(
+            "spec.output: artifact directory out/tiny-llama/v1-int4-rtn-g128-asym is already used by QuantizedModel {}/sim-first",
+            env.namespace
+        )
+    );
+    assert_eq!(phase(&waiting), Some("Pending"));
+    assert!(jobs_of(&env, "sim-second").await.is_empty(), "nothing ran");
+    wait_for(
+        &qms,
+        "sim-first",
+        is_phase("Ready"),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    assert!(
+        jobs_of(&env, "sim-second").await.is_empty(),
+        "still waiting"
+    );
+    assert_eq!(event_count(&env, "sim-second", "OutputConflict").await, 1);
+
+    // The first one goes: the second takes the directory.
+    qms.delete("sim-first", &DeleteParams::foreground())
+        .await
+        .expect("delete the first model");
+    wait_for(
+        &qms,
+        "sim-second",
+        is_phase("Ready"),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     env.cleanup().await.expect("delete the test namespace");
 }
