@@ -18,6 +18,7 @@ pub mod local_serving;
 pub mod metrics;
 pub mod pipeline;
 pub mod promotion;
+pub mod scope;
 pub mod server;
 
 pub use config::{JobSettings, OperatorConfig};

@@ -21,6 +21,7 @@ use crate::gitops::{
 };
 use crate::k8s::{self, KubeContext, KubeError};
 use crate::metrics::Metrics;
+use crate::scope::WatchScope;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -631,22 +632,18 @@ fn error_policy(mp: Arc<ModelPromotion>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the ModelPromotion controller until `shutdown` resolves.
+/// Runs one ModelPromotion controller per namespace of `watch` (one for
+/// the cluster when unscoped) until `shutdown` resolves. They share one
+/// context: the git writer (one cache per repository) and the recorder.
 pub async fn run(
     client: Client,
-    namespace: Option<String>,
+    watch: WatchScope,
     settings: PromotionSettings,
     jobs: JobSettings,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (promotions, probe_jobs): (Api<ModelPromotion>, Api<Job>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let shutdown = futures::FutureExt::shared(shutdown);
     let reporter = Reporter {
         controller: "quantops".to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -654,27 +651,39 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         writer: Arc::new(GitWriter::new(settings.git.clone())),
-        client,
+        client: client.clone(),
         settings,
         jobs,
         metrics: metrics.clone(),
     });
-    // Probe Jobs belong to their CronJob, not to the promotion, so they are
-    // mapped back through the annotation their CronJob gives them.
-    let controller = Controller::new(promotions, watcher::Config::default()).watches(
-        probe_jobs,
-        watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
-        |job: Job| probe_job::promotion_of(&job),
-    );
-    let gauges = tokio::spawn(gauges::export(controller.store(), metrics));
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "promotion reconcile error");
-            }
-        })
-        .await;
+    let mut stores = Vec::new();
+    let mut runs = Vec::new();
+    for namespace in watch.targets() {
+        let ns = namespace.as_deref();
+        // Probe Jobs belong to their CronJob, not to the promotion, so they
+        // are mapped back through the annotation their CronJob gives them.
+        let controller = Controller::new(
+            crate::scope::api::<ModelPromotion>(&client, ns),
+            watcher::Config::default(),
+        )
+        .watches(
+            crate::scope::api::<Job>(&client, ns),
+            watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
+            |job: Job| probe_job::promotion_of(&job),
+        );
+        stores.push(controller.store());
+        runs.push(
+            controller
+                .graceful_shutdown_on(shutdown.clone())
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "promotion reconcile error");
+                    }
+                }),
+        );
+    }
+    let gauges = tokio::spawn(gauges::export(stores, metrics));
+    futures::future::join_all(runs).await;
     gauges.abort();
 }
