@@ -136,11 +136,9 @@ async fn can_i(env: &TestEnv, args: &[&str]) -> bool {
         .args(["auth", "can-i"])
         .args(args)
         .arg(format!("--as=system:serviceaccount:{ns}:{}", release(env)))
-        .args([
-            "--as-group=system:serviceaccounts",
-            &format!("--as-group=system:serviceaccounts:{ns}"),
-            "--as-group=system:authenticated",
-        ])
+        .arg("--as-group=system:serviceaccounts")
+        .arg(format!("--as-group=system:serviceaccounts:{ns}"))
+        .arg("--as-group=system:authenticated")
         .output()
         .await
         .expect("run kubectl auth can-i");
