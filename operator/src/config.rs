@@ -3,6 +3,7 @@
 
 use crate::pipeline::RetryPolicy;
 use crate::promotion::PromotionSettings;
+use crate::scope::WatchScope;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -36,8 +37,8 @@ impl Default for JobSettings {
 /// Everything `run` needs besides a client.
 #[derive(Clone, Debug)]
 pub struct OperatorConfig {
-    /// Watch only this namespace; every namespace when `None`.
-    pub namespace: Option<String>,
+    /// The namespaces whose QuantizedModels and ModelPromotions are served.
+    pub watch: WatchScope,
     pub jobs: JobSettings,
     pub retry: RetryPolicy,
     /// How often a running stage is looked at even without a watch event.
@@ -56,7 +57,7 @@ pub struct OperatorConfig {
 impl Default for OperatorConfig {
     fn default() -> Self {
         OperatorConfig {
-            namespace: None,
+            watch: WatchScope::Cluster,
             jobs: JobSettings::default(),
             retry: RetryPolicy::default(),
             resync: Duration::from_secs(300),

@@ -818,8 +818,8 @@ pub fn error_policy(qm: Arc<QuantizedModel>, error: &Error, ctx: Arc<Context>) -
     Action::requeue(delay)
 }
 
-/// Runs both controllers (QuantizedModel and ModelPromotion) until
-/// `shutdown` resolves.
+/// Runs both controllers (QuantizedModel and ModelPromotion) over the
+/// namespaces of `config.watch` until `shutdown` resolves.
 pub async fn run(
     client: Client,
     config: OperatorConfig,
@@ -836,7 +836,7 @@ pub async fn run(
         ),
         crate::promotion::controller::run(
             client,
-            config.namespace.clone(),
+            config.watch.clone(),
             config.promotion.clone(),
             config.jobs.clone(),
             metrics,
@@ -845,65 +845,101 @@ pub async fn run(
     );
 }
 
-/// Runs the QuantizedModel controller until `shutdown` resolves.
+/// Runs one QuantizedModel controller per watched namespace (one for the
+/// cluster when unscoped) until `shutdown` resolves. Each has its own work
+/// queue and caches, so it needs rights only in its namespace; one
+/// semaphore shared by all of them keeps `max_concurrent_reconciles` a
+/// bound on the operator as a whole, and any namespace may use all of it.
 async fn run_models(
     client: Client,
     config: OperatorConfig,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (models, jobs): (Api<QuantizedModel>, Api<Job>) = match &config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let pods: Api<Pod> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let concurrency = config.max_concurrent_reconciles;
+    let permits = Arc::new(tokio::sync::Semaphore::new(usize::from(concurrency)));
+    let mut stores = Vec::new();
+    let mut runs = Vec::new();
+    for namespace in config.watch.targets() {
+        let ns = namespace.as_deref();
+        let controller = Controller::new(
+            crate::scope::api::<QuantizedModel>(&client, ns),
+            watcher::Config::default(),
+        )
+        .owns(
+            crate::scope::api::<Job>(&client, ns),
+            watcher::Config::default().labels(MANAGED_BY_QUANTOPS),
+        )
+        .with_config(controller::Config::default().concurrency(concurrency));
+        stores.push(controller.store());
+        runs.push(run_models_in(
+            controller,
+            namespace,
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            permits.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let phases = tokio::spawn(count_phases(stores, metrics));
+    futures::future::join_all(runs).await;
+    phases.abort();
+}
+
+/// Runs `controller` (the QuantizedModels of `namespace`, or of every
+/// namespace) with caches of the Jobs and pods there.
+async fn run_models_in(
+    controller: Controller<QuantizedModel>,
+    namespace: Option<String>,
+    client: Client,
+    config: OperatorConfig,
+    metrics: Metrics,
+    permits: Arc<tokio::sync::Semaphore>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = namespace.as_deref();
     let ours = watcher::Config::default().labels(MANAGED_BY_QUANTOPS);
     let (job_cache, job_writer) = reflector::store::<Job>();
     let (pod_cache, pod_writer) = reflector::store::<Pod>();
     let job_watch = tokio::spawn(drain(reflector(
         job_writer,
-        watcher(jobs.clone(), ours.clone()),
+        watcher(crate::scope::api::<Job>(&client, ns), ours.clone()),
     )));
-    let pod_watch = tokio::spawn(drain(reflector(pod_writer, watcher(pods, ours.clone()))));
+    let pod_watch = tokio::spawn(drain(reflector(
+        pod_writer,
+        watcher(crate::scope::api::<Pod>(&client, ns), ours),
+    )));
     for (what, cache) in [
         ("Jobs", job_cache.wait_until_ready().await),
         ("pods", pod_cache.wait_until_ready().await),
     ] {
         if let Err(error) = cache {
-            tracing::error!(%error, what, "the cache never filled; stopping");
+            tracing::error!(%error, what, namespace = ns.unwrap_or("*"), "the cache never filled; stopping");
             job_watch.abort();
             pod_watch.abort();
             return;
         }
     }
-    let concurrency = config.max_concurrent_reconciles;
-    let controller = Controller::new(models, watcher::Config::default())
-        .owns(jobs, ours)
-        .with_config(controller::Config::default().concurrency(concurrency));
-    let store = controller.store();
     let caches = Caches {
         jobs: job_cache,
         pods: pod_cache,
-        models: store.clone(),
+        models: controller.store(),
     };
     let instance = std::env::var("POD_NAME").ok();
-    let ctx = Arc::new(Context::new(
-        client,
-        config,
-        metrics.clone(),
-        caches,
-        instance,
-    ));
-    let phases = tokio::spawn(count_phases(store, metrics));
+    let ctx = Arc::new(Context::new(client, config, metrics, caches, instance));
+    let limited = move |qm: Arc<QuantizedModel>, ctx: Arc<Context>| {
+        let permits = permits.clone();
+        async move {
+            // Never closed, so this waits for a permit rather than failing.
+            let _permit = permits.acquire_owned().await;
+            reconcile(qm, ctx).await
+        }
+    };
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(limited, error_policy, ctx)
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::debug!(model = %object.name, "reconciled"),
@@ -911,7 +947,6 @@ async fn run_models(
             }
         })
         .await;
-    phases.abort();
     job_watch.abort();
     pod_watch.abort();
 }
@@ -934,12 +969,12 @@ where
         .await;
 }
 
-/// Keeps the objects-per-phase gauge current from the controller's cache.
-async fn count_phases(store: kube::runtime::reflector::Store<QuantizedModel>, metrics: Metrics) {
+/// Keeps the objects-per-phase gauge current from the controllers' caches.
+async fn count_phases(stores: Vec<Store<QuantizedModel>>, metrics: Metrics) {
     loop {
         let mut counts: HashMap<&'static str, i64> =
             Phase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
-        for qm in store.state() {
+        for qm in stores.iter().flat_map(Store::state) {
             let phase = qm
                 .status
                 .as_ref()

@@ -5,7 +5,9 @@
 //! The decision is a pure function of the Lease and the clock; the API
 //! calls are guarded by the Lease's resourceVersion, so two replicas that
 //! decide to acquire at the same moment cannot both win: the second replace
-//! fails with a conflict.
+//! fails with a conflict. A leader that cannot renew within its renew
+//! deadline steps down before its Lease expires (see [`run`]), so a frozen
+//! or unreachable API server never leaves two replicas leading.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -14,6 +16,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// What this replica should do with the Lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,25 +88,24 @@ pub fn must_step_down(since_renewal: Duration, renew_deadline: Duration) -> bool
     since_renewal >= renew_deadline
 }
 
-/// The elector's settings.
-#[derive(Clone, Debug)]
-pub struct ElectorConfig {
-    pub lease_name: String,
-    pub identity: String,
-    /// How long a Lease is valid after its last renewal.
+/// How long a Lease lasts and how it is kept, as in client-go:
+/// `retry_period < renew_deadline < lease_duration`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    /// How long a Lease is valid after its last renewal: a follower takes
+    /// over only after this long without one.
     pub lease_duration: Duration,
-    /// A leader that could not renew for this long steps down; below `lease_duration`.
+    /// A leader that could not renew for this long steps down. Shorter than
+    /// `lease_duration`, so it has stopped before anyone may take over.
     pub renew_deadline: Duration,
-    /// Time between attempts.
+    /// Time between attempts to acquire or renew.
     pub retry_period: Duration,
 }
 
-impl ElectorConfig {
-    /// Client-go's defaults: 15s lease, 10s renew deadline, 2s retry.
-    pub fn new(lease_name: String, identity: String) -> ElectorConfig {
-        ElectorConfig {
-            lease_name,
-            identity,
+impl Default for Timings {
+    /// Client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry.
+    fn default() -> Self {
+        Timings {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
@@ -111,39 +113,144 @@ impl ElectorConfig {
     }
 }
 
+/// Timings that cannot keep one leader at a time.
+#[derive(Debug, thiserror::Error)]
+pub enum TimingError {
+    #[error(
+        "renew deadline ({renew_deadline:?}) must be shorter than the lease duration ({lease_duration:?}): \
+         a leader must stop before its Lease can expire"
+    )]
+    DeadlineNotBelowLease {
+        renew_deadline: Duration,
+        lease_duration: Duration,
+    },
+    #[error(
+        "retry period ({retry_period:?}) must be above zero and shorter than the renew deadline ({renew_deadline:?}), \
+         or a leader never retries before stepping down"
+    )]
+    RetryNotBelowDeadline {
+        retry_period: Duration,
+        renew_deadline: Duration,
+    },
+}
+
+impl Timings {
+    pub fn validate(self) -> Result<Timings, TimingError> {
+        if self.renew_deadline >= self.lease_duration {
+            return Err(TimingError::DeadlineNotBelowLease {
+                renew_deadline: self.renew_deadline,
+                lease_duration: self.lease_duration,
+            });
+        }
+        if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
+            return Err(TimingError::RetryNotBelowDeadline {
+                retry_period: self.retry_period,
+                renew_deadline: self.renew_deadline,
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// The elector's settings.
+#[derive(Clone, Debug)]
+pub struct ElectorConfig {
+    pub lease_name: String,
+    pub identity: String,
+    pub timings: Timings,
+}
+
+/// One acquire-or-renew round against the Lease: the API server's
+/// ([`ApiLease`]), or a scripted one in tests.
+pub trait LeaseLock {
+    type Error: std::fmt::Display;
+    /// `Ok(true)` when this replica holds the Lease afterwards.
+    fn try_acquire_or_renew(
+        &self,
+        config: &ElectorConfig,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+}
+
+/// The Lease object in the API server.
+pub struct ApiLease(pub Api<Lease>);
+
+impl LeaseLock for ApiLease {
+    type Error = kube::Error;
+    fn try_acquire_or_renew(
+        &self,
+        config: &ElectorConfig,
+    ) -> impl Future<Output = Result<bool, kube::Error>> + Send {
+        try_acquire_or_renew(&self.0, config)
+    }
+}
+
 /// Runs the election forever, publishing `true` on `leader` while this
 /// replica holds the Lease.
-pub async fn run(api: Api<Lease>, config: ElectorConfig, leader: watch::Sender<bool>) {
-    let mut last_renewal: Option<tokio::time::Instant> = None;
+///
+/// Every attempt is cut off by a timeout, so a frozen API server cannot
+/// hold the loop: a leader's attempt may last only until its renew
+/// deadline (counted from the start of its last successful renewal, when
+/// the Lease's `renewTime` was taken), a follower's at most a renew
+/// deadline. When the deadline passes without a renewal the leader logs
+/// it and publishes `false` — while its Lease, renewed at most a renew
+/// deadline ago, is still valid for every other replica.
+pub async fn run<L: LeaseLock>(lock: L, config: ElectorConfig, leader: watch::Sender<bool>) {
+    let Timings {
+        renew_deadline,
+        retry_period,
+        ..
+    } = config.timings;
+    // The start of the last successful renewal, while leading.
+    let mut renewed: Option<Instant> = None;
     loop {
-        match try_acquire_or_renew(&api, &config).await {
-            Ok(true) => {
-                last_renewal = Some(tokio::time::Instant::now());
-                if !*leader.borrow() {
+        let started = Instant::now();
+        let budget = renewed.map_or(renew_deadline, |r| {
+            (r + renew_deadline).saturating_duration_since(started)
+        });
+        match tokio::time::timeout(budget, lock.try_acquire_or_renew(&config)).await {
+            Ok(Ok(true)) => {
+                if renewed.is_none() {
                     tracing::info!(identity = %config.identity, lease = %config.lease_name, "became leader");
                 }
+                renewed = Some(started);
                 leader.send_replace(true);
             }
-            Ok(false) => {
-                if *leader.borrow() {
-                    tracing::warn!(identity = %config.identity, "lost the lease to another replica");
+            Ok(Ok(false)) => {
+                if renewed.take().is_some() {
+                    tracing::warn!(identity = %config.identity, lease = %config.lease_name, "lost the lease to another replica");
                 }
-                last_renewal = None;
                 leader.send_replace(false);
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(%error, lease = %config.lease_name, "cannot acquire or renew the lease");
-                let stale =
-                    last_renewal.is_none_or(|t| must_step_down(t.elapsed(), config.renew_deadline));
-                if stale && *leader.borrow() {
-                    tracing::warn!(identity = %config.identity, "renew deadline passed, stepping down");
-                }
-                if stale {
-                    leader.send_replace(false);
-                }
+            }
+            Err(_) => {
+                tracing::warn!(
+                    lease = %config.lease_name,
+                    timeout_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+                    "acquiring or renewing the lease timed out"
+                );
             }
         }
-        tokio::time::sleep(config.retry_period).await;
+        if let Some(r) = renewed
+            && must_step_down(r.elapsed(), renew_deadline)
+        {
+            tracing::warn!(
+                identity = %config.identity,
+                lease = %config.lease_name,
+                since_renewal_s = r.elapsed().as_secs_f64(),
+                renew_deadline_s = renew_deadline.as_secs_f64(),
+                "renew deadline passed without a successful renewal: stepping down"
+            );
+            renewed = None;
+            leader.send_replace(false);
+        }
+        // A leader never sleeps past its deadline: the next attempt (or
+        // the step-down) comes no later.
+        let pause = renewed.map_or(retry_period, |r| {
+            retry_period.min((r + renew_deadline).saturating_duration_since(Instant::now()))
+        });
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -166,7 +273,7 @@ async fn try_acquire_or_renew(
         current.as_ref().and_then(|l| l.spec.as_ref()),
         &decision,
         &config.identity,
-        config.lease_duration,
+        config.timings.lease_duration,
         now,
     );
     let result = match current {
@@ -199,6 +306,8 @@ async fn try_acquire_or_renew(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)
@@ -267,5 +376,148 @@ mod tests {
         let deadline = Duration::from_secs(10);
         assert!(!must_step_down(Duration::from_secs(9), deadline));
         assert!(must_step_down(Duration::from_secs(10), deadline));
+    }
+
+    #[test]
+    fn timings_keep_retry_below_deadline_below_lease() {
+        let secs = Duration::from_secs;
+        assert!(Timings::default().validate().is_ok());
+        let t = |lease, deadline, retry| Timings {
+            lease_duration: secs(lease),
+            renew_deadline: secs(deadline),
+            retry_period: secs(retry),
+        };
+        assert!(matches!(
+            t(10, 10, 2).validate(),
+            Err(TimingError::DeadlineNotBelowLease { .. })
+        ));
+        assert!(matches!(
+            t(15, 10, 10).validate(),
+            Err(TimingError::RetryNotBelowDeadline { .. })
+        ));
+        assert!(matches!(
+            t(15, 10, 0).validate(),
+            Err(TimingError::RetryNotBelowDeadline { .. })
+        ));
+        assert!(t(6, 4, 1).validate().is_ok());
+    }
+
+    /// What a scripted Lease answers, one round each.
+    #[derive(Clone, Copy)]
+    enum Round {
+        Hold,
+        Lost,
+        Fail,
+        /// Never answers, like a frozen API server.
+        Hang,
+    }
+
+    /// Plays `rounds`, then hangs; counts the rounds asked.
+    #[derive(Clone)]
+    struct Scripted {
+        rounds: Arc<Mutex<VecDeque<Round>>>,
+        asked: Arc<Mutex<u32>>,
+    }
+
+    impl Scripted {
+        fn new(rounds: impl IntoIterator<Item = Round>) -> Scripted {
+            Scripted {
+                rounds: Arc::new(Mutex::new(rounds.into_iter().collect())),
+                asked: Arc::new(Mutex::new(0)),
+            }
+        }
+    }
+
+    impl LeaseLock for Scripted {
+        type Error = String;
+        fn try_acquire_or_renew(
+            &self,
+            _: &ElectorConfig,
+        ) -> impl Future<Output = Result<bool, String>> + Send {
+            let round = self
+                .rounds
+                .lock()
+                .map_or(Round::Hang, |mut r| r.pop_front().unwrap_or(Round::Hang));
+            if let Ok(mut asked) = self.asked.lock() {
+                *asked += 1;
+            }
+            async move {
+                match round {
+                    Round::Hold => Ok(true),
+                    Round::Lost => Ok(false),
+                    Round::Fail => Err("connection refused".to_string()),
+                    Round::Hang => std::future::pending().await,
+                }
+            }
+        }
+    }
+
+    fn config() -> ElectorConfig {
+        ElectorConfig {
+            lease_name: "quantops-operator".into(),
+            identity: "a".into(),
+            timings: Timings::default(),
+        }
+    }
+
+    /// Starts the elector on `lock`; the leadership channel and the start.
+    fn start(lock: Scripted) -> (watch::Receiver<bool>, Instant) {
+        let (tx, rx) = watch::channel(false);
+        let began = Instant::now();
+        tokio::spawn(run(lock, config(), tx));
+        (rx, began)
+    }
+
+    /// How long after `began` the replica led, and then stopped leading.
+    async fn led_then_stepped_down(rx: &mut watch::Receiver<bool>, began: Instant) -> Duration {
+        assert!(rx.wait_for(|l| *l).await.is_ok(), "became leader");
+        assert!(rx.wait_for(|l| !*l).await.is_ok(), "stepped down");
+        began.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_hang_steps_down_at_the_renew_deadline() {
+        // Renewed at 0, 2 and 4 s; from 6 s on the API server never answers.
+        let (mut rx, began) = start(Scripted::new([Round::Hold; 3]));
+        let led = led_then_stepped_down(&mut rx, began).await;
+        // The deadline counts from the last renewal's start (4 s).
+        assert_eq!(led, Duration::from_secs(14));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_fail_keeps_trying_until_the_deadline() {
+        let lock = Scripted::new([Round::Hold].into_iter().chain([Round::Fail; 20]));
+        let (mut rx, began) = start(lock.clone());
+        let led = led_then_stepped_down(&mut rx, began).await;
+        assert_eq!(led, Duration::from_secs(10));
+        // Attempts at 0, 2, 4, 6, 8 and the last one at 10 s.
+        assert_eq!(lock.asked.lock().map(|a| *a).ok(), Some(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_renews_stays_leader_and_steps_down_before_the_lease_expires() {
+        let (mut rx, began) = start(Scripted::new([Round::Hold; 30]));
+        assert!(rx.wait_for(|l| *l).await.is_ok());
+        tokio::time::sleep(Duration::from_secs(55)).await;
+        assert!(*rx.borrow(), "still leading while renewing");
+        let led = led_then_stepped_down(&mut rx, began).await;
+        // Last renewal started at 58 s; every other replica sees the Lease
+        // valid until 58 + 15 s, this one stopped at 58 + 10 s.
+        assert_eq!(led, Duration::from_secs(68));
+        assert!(led < Duration::from_secs(58) + Timings::default().lease_duration);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_loses_the_lease_steps_down_at_once() {
+        let (mut rx, began) = start(Scripted::new([Round::Hold, Round::Lost]));
+        let led = led_then_stepped_down(&mut rx, began).await;
+        assert_eq!(led, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_never_leads_while_the_api_server_hangs() {
+        let (rx, _) = start(Scripted::new([]));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!*rx.borrow());
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod pipeline;
 pub mod promotion;
+pub mod scope;
 pub mod server;
 
 pub use config::{JobSettings, OperatorConfig};

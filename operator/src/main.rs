@@ -5,10 +5,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use quantops_operator::config::{JobSettings, OperatorConfig};
-use quantops_operator::leader::{self, ElectorConfig};
+use quantops_operator::leader::{self, ApiLease, ElectorConfig, Timings};
 use quantops_operator::local::{self, LocalOptions, Outcome};
 use quantops_operator::metrics::Metrics;
 use quantops_operator::promotion::PromotionSettings;
+use quantops_operator::scope::WatchScope;
 use quantops_operator::server::{self, ServerState};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,7 +47,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ControllerArgs {
-    /// Watch only this namespace (default: every namespace).
+    /// Serve only these namespaces, comma-separated (default: every namespace).
+    #[arg(long, env = "QUANTOPS_WATCH_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// One more namespace to serve (the one-namespace form of --namespaces).
     #[arg(long, env = "QUANTOPS_WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// The worker image the Jobs run.
@@ -120,6 +124,15 @@ struct ControllerArgs {
     /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE).
     #[arg(long, env = "QUANTOPS_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Seconds a Lease stays valid after its last renewal.
+    #[arg(long, env = "QUANTOPS_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Seconds a leader keeps failing to renew before it steps down (below --lease-duration).
+    #[arg(long, env = "QUANTOPS_RENEW_DEADLINE", default_value_t = 10)]
+    renew_deadline: u64,
+    /// Seconds between attempts to acquire or renew the Lease (below --renew-deadline).
+    #[arg(long, env = "QUANTOPS_RETRY_PERIOD", default_value_t = 2)]
+    retry_period: u64,
     /// Skip leader election (a single replica, or a test).
     #[arg(long, env = "QUANTOPS_NO_LEADER_ELECTION")]
     no_leader_election: bool,
@@ -153,7 +166,13 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run_controller(*args))),
+            .and_then(|rt| {
+                let result = rt.block_on(run_controller(*args));
+                // Do not wait for blocking tasks (a git push) of controllers
+                // that were abandoned when leadership was lost.
+                rt.shutdown_background();
+                result
+            }),
     };
     match result {
         Ok(code) => code,
@@ -243,8 +262,18 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             "--allow-insecure-http-gitops: ModelPromotions may use plain http:// repositories (anonymously only); meant for test servers"
         );
     }
+    let scope = WatchScope::from_names(args.namespaces.iter().chain(&args.namespace))
+        .context("--namespaces / --namespace")?;
+    let timings = Timings {
+        lease_duration: std::time::Duration::from_secs(args.lease_duration),
+        renew_deadline: std::time::Duration::from_secs(args.renew_deadline),
+        retry_period: std::time::Duration::from_secs(args.retry_period),
+    }
+    .validate()
+    .context("--lease-duration, --renew-deadline, --retry-period")?;
+    tracing::info!(namespaces = %scope, "serving");
     let config = OperatorConfig {
-        namespace: args.namespace.clone(),
+        watch: scope,
         jobs: JobSettings {
             image: args.worker_image.clone(),
             model_claim: args.model_claim.clone(),
@@ -287,8 +316,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &namespace);
         tracing::info!(lease = %args.lease_name, %namespace, %identity, "joining leader election");
         tokio::spawn(leader::run(
-            leases,
-            ElectorConfig::new(args.lease_name.clone(), identity),
+            ApiLease(leases),
+            ElectorConfig {
+                lease_name: args.lease_name.clone(),
+                identity,
+                timings,
+            },
             leader_tx,
         ));
         None
@@ -297,45 +330,62 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
-    loop {
-        // Passive: keep serving probes and wait to become leader (or for a signal).
-        metrics.leader.set(0);
-        tokio::select! {
-            changed = leader_rx.wait_for(|leader| *leader) => {
-                changed.context("the leader elector stopped")?;
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
+    // Passive: keep serving probes and wait to become leader (or for a signal).
+    metrics.leader.set(0);
+    tokio::select! {
+        changed = leader_rx.wait_for(|leader| *leader) => {
+            changed.context("the leader elector stopped")?;
         }
-        metrics.leader.set(1);
-        tracing::info!("leading: starting the controllers");
-        let mut lost = leader_rx.clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stop = async move {
-            tokio::select! {
-                _ = lost.wait_for(|leader| !*leader) => {}
-                _ = stop_rx => {}
-            }
-        };
-        let controller =
-            quantops_operator::run(client.clone(), config.clone(), metrics.clone(), stop);
-        tokio::pin!(controller);
-        let signalled = tokio::select! {
-            _ = &mut controller => false,
-            _ = tokio::signal::ctrl_c() => true,
-            _ = terminate.recv() => true,
-        };
-        if signalled {
-            // Let in-flight reconciliations finish before exiting.
-            let _ = stop_tx.send(());
-            controller.await;
-            break;
-        }
-        tracing::warn!("lost leadership: the controllers stopped");
+        _ = tokio::signal::ctrl_c() => return Ok(shut_down(server)),
+        _ = terminate.recv() => return Ok(shut_down(server)),
     }
+    metrics.leader.set(1);
+    tracing::info!("leading: starting the controllers");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = quantops_operator::run(client.clone(), config, metrics.clone(), async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(controller);
+    let lost = async {
+        // An error means the elector is gone: no renewals from now on either.
+        let _ = leader_rx.wait_for(|leader| !*leader).await;
+    };
+    tokio::pin!(lost);
+    tokio::select! {
+        _ = &mut controller => {
+            metrics.leader.set(0);
+            anyhow::bail!("the controllers stopped on their own");
+        }
+        _ = &mut lost => return Ok(step_down(&metrics)),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    // Signalled: let in-flight reconciliations finish, unless the Lease is
+    // lost meanwhile.
+    let _ = stop_tx.send(());
+    tokio::select! {
+        _ = &mut controller => {}
+        _ = &mut lost => return Ok(step_down(&metrics)),
+    }
+    metrics.leader.set(0);
+    Ok(shut_down(server))
+}
+
+/// Leadership is gone (renew deadline passed, or another replica holds the
+/// Lease): stop at once, abandoning in-flight reconciliations, so that
+/// nothing is done after the Lease may have expired. Exiting, like
+/// controller-runtime, is the one way to be sure every task has stopped;
+/// the Deployment restarts the container as a follower.
+fn step_down(metrics: &Metrics) -> ExitCode {
+    metrics.leader.set(0);
+    tracing::error!("lost leadership: exiting so that no controller acts without the Lease");
+    ExitCode::FAILURE
+}
+
+fn shut_down(server: tokio::task::JoinHandle<()>) -> ExitCode {
     tracing::info!("shutting down");
     server.abort();
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(format: LogFormat) {

@@ -58,10 +58,11 @@ pub fn helm_path() -> PathBuf {
 }
 
 /// Renders the chart with `helm template` for this test's namespace (the
-/// operator watching only it, so its RBAC is a Role there) and applies every
-/// object, CRDs included, with `kubectl apply --server-side`. The Deployment
-/// is applied with zero replicas: the API server checks it, and the tests
-/// run the operator themselves.
+/// operator watching only it, so its RBAC is a Role there; `extra_values`,
+/// `--set` after it, may change that) and applies every object, CRDs
+/// included, with `kubectl apply --server-side`. The Deployment is applied
+/// with zero replicas: the API server checks it, and the tests run the
+/// operator themselves.
 pub async fn install_chart(env: &TestEnv, extra_values: &[&str]) -> Result<()> {
     let chart = repo_root().join("charts/quantops");
     let helm = helm_path();
@@ -73,7 +74,13 @@ pub async fn install_chart(env: &TestEnv, extra_values: &[&str]) -> Result<()> {
         env.namespace.clone(),
         "--include-crds".into(),
         "--set".into(),
-        format!("watchNamespace={}", env.namespace),
+        format!("watchNamespaces={{{}}}", env.namespace),
+        // The Argo reads' Roles need existing namespaces: the test's own,
+        // unless a test sets its Argo CD and environment namespaces.
+        "--set".into(),
+        format!("promotion.argocdNamespace={}", env.namespace),
+        "--set".into(),
+        format!("promotion.environmentNamespace={}", env.namespace),
         "--set".into(),
         "replicas=0".into(),
     ];
@@ -355,6 +362,20 @@ impl Operator {
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.map_err(|source| HarnessError::Io {
+                what: format!("waiting for operator {}", self.options.identity),
+                source,
+            }),
+            Err(_) => Err(HarnessError::Timeout {
+                what: format!("operator {} to exit", self.options.identity),
+                timeout,
+            }),
         }
     }
 

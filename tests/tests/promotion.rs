@@ -53,14 +53,24 @@ async fn world_with(
 ) -> World {
     init_tracing();
     let mut env = TestEnv::new(prefix).await.expect("test namespace");
-    install_chart(&env, &[]).await.expect("install the chart");
+    let envs = EnvironmentNamespaces::create(&env, &["experiment", "test", "prod"])
+        .await
+        .expect("environment namespaces");
+    // The chart's Roles for the Argo reads go where this test's Argo CD
+    // (its own namespace) and prod namespace are.
+    install_chart(
+        &env,
+        &[
+            &format!("promotion.argocdNamespace={}", env.namespace),
+            &format!("promotion.environmentNamespace={}", envs.pattern()),
+        ],
+    )
+    .await
+    .expect("install the chart");
     install_argo_crds(&env).await.expect("Argo CRDs");
     env.host_path_pvc("quantops-models")
         .await
         .expect("model volume");
-    let envs = EnvironmentNamespaces::create(&env, &["experiment", "test", "prod"])
-        .await
-        .expect("environment namespaces");
     let server = GitServer::start().await.expect("git server");
     let url = server.create_repo(prefix).await.expect("repository");
     let ssh_url = server.ssh_url(&url).expect("the repository's SSH URL");

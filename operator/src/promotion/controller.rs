@@ -30,6 +30,7 @@ use crate::gitops::{
 };
 use crate::k8s::{self, KubeContext, KubeError};
 use crate::metrics::Metrics;
+use crate::scope::WatchScope;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -79,9 +80,9 @@ pub struct Context {
     pub writer: Arc<GitWriter>,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    /// Every promotion the operator watches (the controller's cache): who
-    /// holds which serving folder.
-    pub promotions: Store<ModelPromotion>,
+    /// Every promotion the operator watches (the controllers' caches, one
+    /// per served namespace): who holds which serving folder.
+    pub promotions: Vec<Store<ModelPromotion>>,
 }
 
 /// How often a promotion waiting on Argo is looked at again.
@@ -508,12 +509,9 @@ async fn commit(
 ) -> Result<Result<(), Action>, Error> {
     let environment = pass.mp.spec.environment;
     let folder_dir = crate::gitops::render::folder_path(environment, model);
-    let owner = admission::folder_owner(
-        pass.mp,
-        &folder_dir,
-        pass.ctx.promotions.state().iter().map(|p| p.as_ref()),
-    )
-    .map(|owner| admission::folder_in_use(&folder_dir, owner));
+    let watched: Vec<_> = pass.ctx.promotions.iter().flat_map(Store::state).collect();
+    let owner = admission::folder_owner(pass.mp, &folder_dir, watched.iter().map(|p| p.as_ref()))
+        .map(|owner| admission::folder_in_use(&folder_dir, owner));
     if let Some(refusal) = owner {
         pass.refuse(COMMITTED, refusal.reason, refusal.message, "FolderInUse")
             .await;
@@ -747,51 +745,65 @@ fn error_policy(mp: Arc<ModelPromotion>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the ModelPromotion controller until `shutdown` resolves.
+/// Runs one ModelPromotion controller per namespace of `watch` (one for
+/// the cluster when unscoped) until `shutdown` resolves. They share one
+/// context: the git writer (one cache per repository) and the recorder.
 pub async fn run(
     client: Client,
-    namespace: Option<String>,
+    watch: WatchScope,
     settings: PromotionSettings,
     jobs: JobSettings,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (promotions, probe_jobs): (Api<ModelPromotion>, Api<Job>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let shutdown = futures::FutureExt::shared(shutdown);
     let reporter = Reporter {
         controller: "quantops".to_string(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    // Probe Jobs belong to their CronJob, not to the promotion, so they are
-    // mapped back through the annotation their CronJob gives them.
-    let controller = Controller::new(promotions, watcher::Config::default()).watches(
-        probe_jobs,
-        watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
-        |job: Job| probe_job::promotion_of(&job),
-    );
+    // One controller per served namespace; their caches together say who
+    // holds which serving folder (a folder of the repository is shared by
+    // every namespace that promotes into it).
+    let mut controllers = Vec::new();
+    for namespace in watch.targets() {
+        let ns = namespace.as_deref();
+        // Probe Jobs belong to their CronJob, not to the promotion, so they
+        // are mapped back through the annotation their CronJob gives them.
+        let controller = Controller::new(
+            crate::scope::api::<ModelPromotion>(&client, ns),
+            watcher::Config::default(),
+        )
+        .watches(
+            crate::scope::api::<Job>(&client, ns),
+            watcher::Config::default().labels(probe_job::PROBE_JOB_SELECTOR),
+            |job: Job| probe_job::promotion_of(&job),
+        );
+        controllers.push(controller);
+    }
+    let stores: Vec<Store<ModelPromotion>> = controllers.iter().map(|c| c.store()).collect();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         writer: Arc::new(GitWriter::new(settings.git.clone())),
-        client,
+        client: client.clone(),
         settings,
         jobs,
         metrics: metrics.clone(),
-        promotions: controller.store(),
+        promotions: stores.clone(),
     });
-    let gauges = tokio::spawn(gauges::export(controller.store(), metrics));
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "promotion reconcile error");
-            }
+    let runs: Vec<_> = controllers
+        .into_iter()
+        .map(|controller| {
+            controller
+                .graceful_shutdown_on(shutdown.clone())
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "promotion reconcile error");
+                    }
+                })
         })
-        .await;
+        .collect();
+    let gauges = tokio::spawn(gauges::export(stores, metrics));
+    futures::future::join_all(runs).await;
     gauges.abort();
 }

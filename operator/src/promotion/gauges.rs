@@ -91,13 +91,14 @@ pub fn observe(promotions: &[std::sync::Arc<ModelPromotion>], now: Timestamp) ->
     observed
 }
 
-/// Keeps the gauges current from the controller's cache until aborted.
-/// Series of promotions that went away are removed, not left at their last
-/// value.
-pub async fn export(store: Store<ModelPromotion>, metrics: Metrics) {
+/// Keeps the gauges current from the controllers' caches (one per watched
+/// namespace) until aborted. Series of promotions that went away are
+/// removed, not left at their last value.
+pub async fn export(stores: Vec<Store<ModelPromotion>>, metrics: Metrics) {
     let mut previous = Observed::default();
     loop {
-        let observed = observe(&store.state(), Timestamp::now());
+        let promotions: Vec<_> = stores.iter().flat_map(Store::state).collect();
+        let observed = observe(&promotions, Timestamp::now());
         apply(&metrics, &previous, &observed);
         previous = observed;
         tokio::time::sleep(INTERVAL).await;
