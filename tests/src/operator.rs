@@ -89,7 +89,10 @@ pub async fn install_chart(env: &TestEnv, extra_values: &[&str]) -> Result<()> {
         args.push((*value).to_string());
     }
     let rendered = run_output(env.command(&helm).args(&args), "helm template").await?;
-    let mut apply = env.kubectl([
+    // Without `-n`: every rendered object names its namespace, and the
+    // Roles go to several.
+    let mut apply = env.command(env.kubectl_path());
+    apply.args([
         "apply",
         "--server-side",
         "--force-conflicts",

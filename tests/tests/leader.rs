@@ -65,25 +65,27 @@ impl Frozen {
             .unwrap_or_else(|e| panic!("{}: {e} (is the test cluster up?)", file.display()))
             .trim()
             .to_string();
-        signal("-STOP", &pid);
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "kill -STOP {pid}: {status:?}"
+        );
         Frozen { pid }
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        signal("-CONT", &self.pid);
+        // No assertion here: a panic while unwinding would abort the test.
+        let continued = std::process::Command::new("kill")
+            .args(["-CONT", &self.pid])
+            .status();
+        if !continued.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("kill -CONT {}: {continued:?}", self.pid);
+        }
     }
-}
-
-fn signal(which: &str, pid: &str) {
-    let status = std::process::Command::new("kill")
-        .args([which, pid])
-        .status();
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "kill {which} {pid}: {status:?}"
-    );
 }
 
 #[tokio::test]
