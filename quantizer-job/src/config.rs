@@ -49,30 +49,32 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid JSON or a field has the wrong type.
-    #[error("model config {path} is not a valid config.json: {source}")]
+    /// The file is not valid JSON or a field has the wrong type. Like
+    /// every variant here, the message names the field, never the text read
+    /// from the file ([`crate::content_free`]): a spec can name any file.
+    #[error("model config {path} is not a valid config.json: {reason}")]
     Parse {
         /// The config file.
         path: PathBuf,
-        /// The JSON error.
-        source: serde_json::Error,
+        /// What is wrong, without the file's text.
+        reason: String,
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture {found:?} in {path}: supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
         path: PathBuf,
-        /// The architecture named there.
+        /// The architecture named there, for callers (not in the message).
         found: String,
     },
     /// A rope scaling type other than the default one.
-    #[error("unsupported rope type {found:?} in {path}: only \"default\" RoPE is implemented")]
+    #[error("unsupported rope type in {path} (rope_type): only \"default\" RoPE is implemented")]
     UnsupportedRopeType {
         /// The config file.
         path: PathBuf,
-        /// The rope type named there.
+        /// The rope type named there, for callers (not in the message).
         found: String,
     },
     /// A field has a value the forward pass cannot work with.
@@ -182,9 +184,9 @@ impl LlamaConfig {
     /// Parses and validates the text of a `config.json`; `path` only names
     /// the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            reason: crate::content_free::json(&e),
         })?;
         let invalid = |field: &'static str, reason: String| ConfigError::InvalidField {
             path: path.to_path_buf(),
@@ -218,10 +220,7 @@ impl LlamaConfig {
         if let Some(act) = &raw.hidden_act
             && act != "silu"
         {
-            return Err(invalid(
-                "hidden_act",
-                format!("expected \"silu\", found {act:?}"),
-            ));
+            return Err(invalid("hidden_act", "expected \"silu\"".to_string()));
         }
         let rope_theta = raw
             .rope_parameters
