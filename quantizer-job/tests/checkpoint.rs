@@ -94,7 +94,10 @@ fn unsupported_rope_type_is_refused() {
     );
     // Named by field, without the file's text.
     let text = err.to_string();
-    assert!(text.contains("rope_type") && !text.contains("yarn"), "{text}");
+    assert!(
+        text.contains("rope_type") && !text.contains("yarn"),
+        "{text}"
+    );
 }
 
 #[test]
