@@ -1,13 +1,15 @@
 //! The contracts of quantops, in one place so that the operator and the worker
 //! can never disagree about them: the two custom resources (`QuantizedModel`,
-//! `ModelPromotion`) whose field names are fixed by DESIGN.md, the variant and
-//! artifact naming rules, and the `report.json` / termination-message schema
-//! the worker hands back to the operator.
+//! `ModelPromotion`) whose field names are fixed by DESIGN.md, the value
+//! rules every spec field obeys, the variant and artifact naming rules, and
+//! the `report.json` / termination-message schema the worker hands back to
+//! the operator.
 
 pub mod model_promotion;
 pub mod probe;
 pub mod quantized_model;
 pub mod report;
+pub mod rules;
 pub mod spec_file;
 pub mod variant;
 

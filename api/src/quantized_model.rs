@@ -6,12 +6,15 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+use crate::rules;
+
 /// One quantized variant of a base model: what to quantize, how, with which
 /// calibration data, and which quality gates the result must pass.
 ///
 /// The cross-field rules of `spec_file::validate` are repeated here as CEL
 /// rules, so that the API server refuses what local mode refuses; each
-/// message names its field.
+/// message names its field. The value rules (paths, names, bounds) are
+/// [`crate::rules`]'s, shared by both.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(validation = Rule::new("!(self.quantization.method in ['gptq', 'awq']) || has(self.calibration)").message("spec.calibration: calibration data is required for gptq and awq"))]
 #[kube(
@@ -33,7 +36,10 @@ use std::collections::BTreeMap;
 pub struct QuantizedModelSpec {
     /// The full-precision checkpoint and its lineage.
     pub base_model: BaseModel,
-    /// The variant's version, part of the variant name and artifact path.
+    /// The variant's version, part of the variant name and artifact path:
+    /// letters, digits, `.`, `_`, `-`, starting with a letter or digit.
+    #[schemars(length(min = 1, max = rules::MAX_SEGMENT_LEN))]
+    #[x_kube(validation = Rule::new(rules::SEGMENT_RULE).message(rules::must_be("spec.version", rules::SEGMENT_EXPECTED).as_str()))]
     pub version: String,
     /// The quantization recipe.
     pub quantization: QuantizationSpec,
@@ -52,15 +58,23 @@ pub struct QuantizedModelSpec {
 }
 
 /// The source checkpoint.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BaseModel {
-    /// Lineage name (e.g. `meta-llama/Llama-3.2-1B`), written into the model card.
+    /// Lineage name (e.g. `meta-llama/Llama-3.2-1B`), written into the model
+    /// card; its last segment names the artifact directory.
+    #[schemars(length(min = 1, max = rules::MAX_MODEL_NAME_LEN))]
+    #[x_kube(validation = Rule::new(rules::MODEL_NAME_RULE).message(rules::must_be("spec.baseModel.name", rules::MODEL_NAME_EXPECTED).as_str()))]
     pub name: String,
     /// Directory of the Hugging Face-layout checkpoint, relative to the model volume.
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.baseModel.path").as_str()))]
     pub path: String,
     /// Expected sha256 digests of checkpoint files, by file name; checked before loading.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = rules::MAX_DIGESTS))]
+    #[x_kube(validation = Rule::new(rules::DIGEST_KEY_RULE).message(rules::must_be("spec.baseModel.sha256", rules::DIGEST_KEY_EXPECTED).as_str()))]
+    #[x_kube(validation = Rule::new(rules::DIGEST_RULE).message(rules::must_be("spec.baseModel.sha256", rules::DIGEST_EXPECTED).as_str()))]
     pub sha256: BTreeMap<String, String>,
 }
 
@@ -131,18 +145,23 @@ pub struct QuantizationSpec {
     pub damp_percent: f64,
     /// Linear layers left in full precision, matched by name suffix (e.g. `lm_head`).
     #[serde(default = "default_ignore")]
+    #[schemars(length(max = rules::MAX_IGNORE), inner(length(min = 1, max = rules::MAX_IGNORE_LEN)))]
     pub ignore: Vec<String>,
 }
 
 /// Calibration samples drawn from a text file.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CalibrationSpec {
-    /// Text file, relative to the model volume.
+    /// Text file (or JSON token file), relative to the model volume.
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.calibration.path").as_str()))]
     pub path: String,
     #[serde(default = "default_samples")]
+    #[schemars(range(min = rules::CALIBRATION_SAMPLES.min, max = rules::CALIBRATION_SAMPLES.max))]
     pub samples: u32,
     #[serde(default = "default_sequence_length")]
+    #[schemars(range(min = rules::CALIBRATION_SEQUENCE_LENGTH.min, max = rules::CALIBRATION_SEQUENCE_LENGTH.max))]
     pub sequence_length: u32,
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -157,6 +176,7 @@ pub struct ValidationSpec {
     pub eval_text: Option<EvalTextSpec>,
     /// Multiple-choice task sets scored by log-likelihood.
     #[serde(default)]
+    #[schemars(length(max = rules::MAX_TASK_SETS))]
     pub tasks: Vec<TaskSetSpec>,
     /// Stage-2 system tests: system prompts, structured output, edge cases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,19 +201,19 @@ pub struct ValidationSpec {
 pub struct LoadtestSpec {
     /// Requests per model.
     #[serde(default = "default_loadtest_requests")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = rules::LOADTEST_REQUESTS.min, max = rules::LOADTEST_REQUESTS.max))]
     pub requests: u32,
     /// Requests in flight at once.
     #[serde(default = "default_loadtest_concurrency")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = rules::LOADTEST_CONCURRENCY.min, max = rules::LOADTEST_CONCURRENCY.max))]
     pub concurrency: u32,
     /// Tokens of each synthetic prompt.
     #[serde(default = "default_loadtest_prompt_tokens")]
-    #[schemars(range(min = 1, max = 131072))]
+    #[schemars(range(min = rules::LOADTEST_PROMPT_TOKENS.min, max = rules::LOADTEST_PROMPT_TOKENS.max))]
     pub prompt_tokens: u32,
     /// Output tokens of each request (end-of-sequence ignored).
     #[serde(default = "default_loadtest_max_tokens")]
-    #[schemars(range(min = 1, max = 131072))]
+    #[schemars(range(min = rules::LOADTEST_MAX_TOKENS.min, max = rules::LOADTEST_MAX_TOKENS.max))]
     pub max_tokens: u32,
 }
 
@@ -211,40 +231,55 @@ fn default_loadtest_max_tokens() -> u32 {
 }
 
 /// Perplexity text and its windows.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EvalTextSpec {
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.validation.evalText.path").as_str()))]
     pub path: String,
     #[serde(default = "default_window_tokens")]
+    #[schemars(range(min = rules::EVAL_WINDOW_TOKENS.min, max = rules::EVAL_WINDOW_TOKENS.max))]
     pub window_tokens: u32,
     #[serde(default = "default_max_windows")]
+    #[schemars(range(min = rules::EVAL_MAX_WINDOWS.min, max = rules::EVAL_MAX_WINDOWS.max))]
     pub max_windows: u32,
 }
 
 /// A multiple-choice task file (JSON lines of `{"prompt", "choices", "answer"}`).
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSetSpec {
+    /// The task set's name in the report, the card and the metrics.
+    #[schemars(length(min = 1, max = rules::MAX_SEGMENT_LEN))]
+    #[x_kube(validation = Rule::new(rules::SEGMENT_RULE).message(rules::must_be("spec.validation.tasks[].name", rules::SEGMENT_EXPECTED).as_str()))]
     pub name: String,
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.validation.tasks[].path").as_str()))]
     pub path: String,
 }
 
 /// The system-test file.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SystemTestsSpec {
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.validation.systemTests.path").as_str()))]
     pub path: String,
 }
 
 /// Prompts for the greedy-decoding comparison with the baseline.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsistencySpec {
     /// JSON lines with a `prompt` field (chat-formatted or plain).
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.validation.consistency.path").as_str()))]
     pub path: String,
     #[serde(default = "default_consistency_prompts")]
+    #[schemars(range(min = rules::CONSISTENCY_MAX_PROMPTS.min, max = rules::CONSISTENCY_MAX_PROMPTS.max))]
     pub max_prompts: u32,
     #[serde(default = "default_max_new_tokens")]
+    #[schemars(range(min = rules::CONSISTENCY_MAX_NEW_TOKENS.min, max = rules::CONSISTENCY_MAX_NEW_TOKENS.max))]
     pub max_new_tokens: u32,
 }
 
@@ -279,10 +314,13 @@ impl Default for GatesSpec {
 }
 
 /// The artifact root.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutputSpec {
+    /// Directory of the artifacts, relative to the model volume.
     #[serde(default = "default_output_path")]
+    #[schemars(length(min = 1, max = rules::MAX_PATH_LEN))]
+    #[x_kube(validation = Rule::new(rules::PATH_RULE).message(rules::path_message("spec.output.path").as_str()))]
     pub path: String,
 }
 
@@ -295,14 +333,22 @@ impl Default for OutputSpec {
 }
 
 /// What a pipeline Job requests.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourcesSpec {
+    /// `nvidia.com/gpu` of each Job; 0 runs the CPU twin.
     #[serde(default = "default_gpus")]
+    #[schemars(range(min = rules::GPUS.min, max = rules::GPUS.max))]
     pub gpus: u32,
+    /// Memory request and limit, a Kubernetes quantity (e.g. `16Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = rules::MAX_QUANTITY_LEN))]
+    #[x_kube(validation = Rule::new(rules::QUANTITY_RULE).message(rules::must_be("spec.resources.memory", rules::QUANTITY_EXPECTED).as_str()))]
     pub memory: Option<String>,
+    /// CPU request, a Kubernetes quantity (e.g. `4` or `500m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = rules::MAX_QUANTITY_LEN))]
+    #[x_kube(validation = Rule::new(rules::QUANTITY_RULE).message(rules::must_be("spec.resources.cpu", rules::QUANTITY_EXPECTED).as_str()))]
     pub cpu: Option<String>,
 }
 

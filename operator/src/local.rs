@@ -19,6 +19,14 @@ use std::time::Duration;
 /// The worker binary's file name.
 pub const WORKER_NAME: &str = "quantizer-job";
 
+/// The worker flag local mode always passes: the data tree is the user's
+/// own, and may link to data kept elsewhere (the bundled example volume
+/// links to `../shared/data`). Spec paths are still confined lexically
+/// (relative, no `..`), so a spec handed to the user cannot name a file
+/// outside the tree; only links the user made lead out. Jobs run without
+/// it: there, a link out of `/models` is refused.
+pub const ALLOW_LINKS_OUT_OF_ROOT: &str = "--allow-links-out-of-root";
+
 /// Why local mode could not run the pipeline (as opposed to the pipeline
 /// running and failing, which is an [`Outcome`]).
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +177,7 @@ fn run_stage(
         .arg(&options.spec)
         .arg("--termination-log")
         .arg(&log)
+        .arg(ALLOW_LINKS_OUT_OF_ROOT)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -350,6 +359,7 @@ mod tests {
 
     /// A worker that records its calls, and answers each stage from `$RESULT_<stage>`.
     const SCRIPT: &str = r#"#!/bin/sh
+echo "$*" >> "$(dirname "$0")/args"
 stage="$1"; shift
 log=""
 while [ $# -gt 0 ]; do
@@ -392,6 +402,20 @@ esac
             "{text}"
         );
         assert!(text.contains("quantized/tiny/v1-int4-rtn-g128"), "{text}");
+    }
+
+    /// The data tree is the user's: local mode lets the worker follow its
+    /// links out of `--root` (a Job's worker refuses them).
+    #[test]
+    fn the_worker_may_follow_links_out_of_the_root() {
+        let options = setup("links", &script(QUANTIZE_OK, "true"));
+        run_pipeline(&options, &mut Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        let args = std::fs::read_to_string(options.scratch.join("args")).unwrap_or_default();
+        assert_eq!(args.lines().count(), 3, "{args}");
+        assert!(
+            args.lines().all(|l| l.contains(ALLOW_LINKS_OUT_OF_ROOT)),
+            "{args}"
+        );
     }
 
     #[test]

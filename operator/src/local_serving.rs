@@ -126,6 +126,7 @@ impl HealthCheck<'_> {
             .args(["--environment", "local"])
             .arg("--root")
             .arg(self.root)
+            .arg(crate::local::ALLOW_LINKS_OUT_OF_ROOT)
             .arg("--termination-log")
             .arg(&log)
             .stdin(Stdio::null())

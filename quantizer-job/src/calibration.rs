@@ -26,6 +26,15 @@ pub enum CalibrationError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A `.json` token file is not `{"input_ids": [[id, ...], ...]}`;
+    /// `reason` never quotes the file.
+    #[error("calibration token file {path} is not {{\"input_ids\": [[id, ...], ...]}}: {reason}")]
+    InvalidTokenFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, without the file's text.
+        reason: String,
+    },
     /// Tokenizing failed.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
@@ -129,8 +138,11 @@ pub fn load(
         source,
     };
     let text = std::fs::read_to_string(path).map_err(read)?;
-    let file: TokenFile = serde_json::from_str(&text)
-        .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    let file: TokenFile =
+        serde_json::from_str(&text).map_err(|e| CalibrationError::InvalidTokenFile {
+            path: path.to_path_buf(),
+            reason: crate::content_free::json(&e),
+        })?;
     let usable = file
         .input_ids
         .iter()

@@ -234,7 +234,7 @@ impl Checkpoint {
             let (file, mmap) = map_file(&path)?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| CheckpointError::Corrupt {
                 path: path.clone(),
-                reason: e.to_string(),
+                reason: safetensors_reason(&e),
             })?;
             let index = files.len();
             for (tensor_name, view) in st.iter() {
@@ -385,11 +385,11 @@ impl Checkpoint {
         let file = &self.files[entry.file];
         let st = SafeTensors::deserialize(&file.mmap).map_err(|e| CheckpointError::Corrupt {
             path: file.path.clone(),
-            reason: e.to_string(),
+            reason: safetensors_reason(&e),
         })?;
         let view = st.tensor(name).map_err(|e| CheckpointError::Corrupt {
             path: file.path.clone(),
-            reason: e.to_string(),
+            reason: safetensors_reason(&e),
         })?;
         if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(CheckpointError::UnsupportedDtype {
@@ -454,7 +454,7 @@ fn weight_file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
         let index: ShardIndex =
             serde_json::from_str(&text).map_err(|e| CheckpointError::InvalidIndex {
                 path: index_path.clone(),
-                reason: e.to_string(),
+                reason: crate::content_free::json(&e),
             })?;
         let mut names: Vec<String> = index.weight_map.into_values().collect();
         names.sort();
@@ -465,10 +465,10 @@ fn weight_file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
                 reason: "weight_map is empty".into(),
             });
         }
-        if let Some(bad) = names.iter().find(|n| n.contains('/') || n.contains("..")) {
+        if names.iter().any(|n| n.contains('/') || n.contains("..")) {
             return Err(CheckpointError::InvalidIndex {
                 path: index_path.clone(),
-                reason: format!("shard name {bad:?} is not a plain file name"),
+                reason: "weight_map names a shard that is not a plain file name".into(),
             });
         }
         return Ok(names);
@@ -479,6 +479,24 @@ fn weight_file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     Err(CheckpointError::NoWeights {
         dir: dir.to_path_buf(),
     })
+}
+
+/// What is wrong with a safetensors file, without its header's text (the
+/// JSON errors of a header that is not JSON would quote it).
+fn safetensors_reason(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeaderDeserialization(json) | E::JsonError(json) => {
+            format!(
+                "invalid JSON in header: {}",
+                crate::content_free::json(json)
+            )
+        }
+        E::InvalidHeader(_) => "invalid UTF-8 in header".to_string(),
+        E::TensorNotFound(_) => "a tensor the index names is not in the file".to_string(),
+        E::InvalidOffset(_) => "a tensor's offsets are invalid".to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// Opens and maps a weight file; the file stays open for positional reads.

@@ -50,22 +50,24 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid JSON or a field has the wrong type.
-    #[error("model config {path} is not a valid config.json: {source}")]
+    /// The file is not valid JSON or a field has the wrong type. Like
+    /// every variant here, the message names the field, never the text read
+    /// from the file ([`crate::content_free`]): a spec can name any file.
+    #[error("model config {path} is not a valid config.json: {reason}")]
     Parse {
         /// The config file.
         path: PathBuf,
-        /// The JSON error.
-        source: serde_json::Error,
+        /// What is wrong, without the file's text.
+        reason: String,
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture {found:?} in {path}: supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
         path: PathBuf,
-        /// The architecture named there.
+        /// The architecture named there, for callers (not in the message).
         found: String,
     },
     /// The rope fields describe a RoPE variant the tables cannot express.
@@ -80,13 +82,13 @@ pub enum ConfigError {
     },
     /// A config key that changes the model's math in a way the forward pass
     /// does not implement: refused rather than ignored.
-    #[error("unsupported {key} = {found} in {path}: {supported}")]
+    #[error("unsupported {key} in {path}: {supported}")]
     UnsupportedFeature {
         /// The config file.
         path: PathBuf,
         /// The key.
         key: &'static str,
-        /// Its value, as written.
+        /// Its value, for callers (not in the message: a spec can name any file).
         found: String,
         /// What the worker supports instead.
         supported: &'static str,
@@ -204,9 +206,9 @@ impl LlamaConfig {
     /// Parses and validates the text of a `config.json`; `path` only names
     /// the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            reason: crate::content_free::json(&e),
         })?;
         let invalid = |field: &'static str, reason: String| ConfigError::InvalidField {
             path: path.to_path_buf(),
@@ -227,10 +229,7 @@ impl LlamaConfig {
         if let Some(act) = &raw.hidden_act
             && act != "silu"
         {
-            return Err(invalid(
-                "hidden_act",
-                format!("expected \"silu\", found {act:?}"),
-            ));
+            return Err(invalid("hidden_act", "expected \"silu\"".to_string()));
         }
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
         let (rope_key, rope) = match (&raw.rope_parameters, &raw.rope_scaling) {

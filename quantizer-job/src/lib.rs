@@ -9,6 +9,7 @@ pub mod calibration;
 pub mod card;
 pub mod checkpoint;
 pub mod config;
+pub mod content_free;
 pub mod eval;
 pub mod format;
 pub mod gates;

@@ -9,7 +9,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use quantizer_job::gpu::{DeviceChoice, Gpu};
-use quantizer_job::layout::Layout;
+use quantizer_job::layout::{Layout, Links};
 use quantizer_job::stages::{self, Stage, StageInput};
 use quantizer_job::termination::TerminationLog;
 use quantops_api::StageSummary;
@@ -45,6 +45,12 @@ struct StageArgs {
     /// Base of `spec.output.path` when it must differ from --root (e.g. a read-only data tree).
     #[arg(long)]
     output_root: Option<PathBuf>,
+    /// Follow symbolic links that lead out of --root (and --output-root).
+    /// Off in a Job, where nothing outside the model volume is the spec's to
+    /// read; local mode turns it on for a data tree that links elsewhere.
+    /// Spec paths are checked (relative, no '..') either way.
+    #[arg(long, env = "QUANTOPS_ALLOW_LINKS_OUT_OF_ROOT")]
+    allow_links_out_of_root: bool,
     /// Where to write the compact summary. Default: /dev/termination-log when it exists.
     #[arg(long, env = "QUANTOPS_TERMINATION_LOG")]
     termination_log: Option<PathBuf>,
@@ -95,9 +101,13 @@ struct ProbeArgs {
     /// The system-tests YAML (the validation stage's format).
     #[arg(long)]
     suite: PathBuf,
-    /// Base of a relative --suite (e.g. the model volume's mount).
+    /// Base of --suite (e.g. the model volume's mount); with it, --suite
+    /// must be a relative path confined to this directory.
     #[arg(long)]
     root: Option<PathBuf>,
+    /// Follow symbolic links that lead out of --root (see the stages' flag).
+    #[arg(long, env = "QUANTOPS_ALLOW_LINKS_OUT_OF_ROOT")]
+    allow_links_out_of_root: bool,
     /// Variant label of the result and the metrics.
     #[arg(long)]
     variant: Option<String>,
@@ -349,8 +359,12 @@ fn loadtest(args: &LoadtestArgs) -> anyhow::Result<()> {
 
 fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     use quantizer_job::probe::{Probe, daemon, load_probe_suite};
-    let suite = load_probe_suite(&args.suite, args.root.as_deref())
-        .with_context(|| format!("--suite {}", args.suite.display()))?;
+    let suite = load_probe_suite(
+        &args.suite,
+        args.root.as_deref(),
+        links(args.allow_links_out_of_root),
+    )
+    .with_context(|| format!("--suite {}", args.suite.display()))?;
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         anyhow::bail!("--timeout must be > 0 seconds");
     }
@@ -435,8 +449,7 @@ async fn shutdown_signal() {
 }
 
 fn write_calibration_set(args: &StageArgs, out: &std::path::Path) -> anyhow::Result<()> {
-    let qm = quantops_api::spec_file::load_quantized_model(&args.spec)?;
-    let layout = Layout::new(&qm.spec, &spec_root(args)?, args.output_root.as_deref());
+    let (qm, layout) = load(args)?;
     let set = stages::calibration_set(&qm.spec, &layout)?;
     let file = quantizer_job::calibration::TokenFile { input_ids: set };
     std::fs::write(out, serde_json::to_string(&file)?)
@@ -461,9 +474,28 @@ fn spec_root(args: &StageArgs) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
+/// The spec and where its paths lead, every one of them confined.
+fn load(args: &StageArgs) -> anyhow::Result<(quantops_api::QuantizedModel, Layout)> {
     let qm = quantops_api::spec_file::load_quantized_model(&args.spec)?;
-    let layout = Layout::new(&qm.spec, &spec_root(args)?, args.output_root.as_deref());
+    let layout = Layout::new(
+        &qm.spec,
+        &spec_root(args)?,
+        args.output_root.as_deref(),
+        links(args.allow_links_out_of_root),
+    )?;
+    Ok((qm, layout))
+}
+
+fn links(allow_out_of_root: bool) -> Links {
+    if allow_out_of_root {
+        Links::AllowOutOfRoot
+    } else {
+        Links::Confined
+    }
+}
+
+fn run(stage: Stage, args: &StageArgs) -> anyhow::Result<StageSummary> {
+    let (qm, layout) = load(args)?;
     let gpu = Gpu::for_choice(args.device).context("--device")?;
     stages::run(
         stage,

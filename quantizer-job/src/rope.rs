@@ -92,9 +92,10 @@ pub struct RawRope {
 /// Why the rope fields cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RopeError {
-    /// A rope type the tables cannot express.
+    /// A rope type the tables cannot express (the type is kept for
+    /// callers, not put in the message: a spec can name any file).
     #[error(
-        "unsupported rope type {0:?}: supported are \"default\", \"linear\", \"llama3\" and \"yarn\""
+        "unsupported rope_type: supported are \"default\", \"linear\", \"llama3\" and \"yarn\""
     )]
     UnsupportedType(String),
     /// A required field is missing or out of range.

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// Why tokenizing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    /// `tokenizer.json` could not be read or parsed.
+    /// `tokenizer.json` could not be read or parsed; `reason` never quotes
+    /// the file.
     #[error("cannot load tokenizer {path}: {reason}")]
     Load {
         /// The file.
@@ -39,6 +40,21 @@ pub struct ChatMessage {
 /// The end-of-turn token of the bundled chat format.
 pub const END_TOKEN: &str = "<|end|>";
 
+/// Why `tokenizer.json` did not load, without its text: the tokenizers
+/// library reports a JSON error (which would quote the file) or an I/O one.
+fn load_reason(e: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+    if let Some(json) = e.downcast_ref::<serde_json::Error>() {
+        format!(
+            "not a valid tokenizer.json: {}",
+            crate::content_free::json(json)
+        )
+    } else if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        io.to_string()
+    } else {
+        "not a tokenizer the tokenizers library can load".to_string()
+    }
+}
+
 /// Wraps a Hugging Face tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -57,7 +73,7 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: load_reason(e.as_ref()),
         })?;
         Ok(Tokenizer { inner })
     }

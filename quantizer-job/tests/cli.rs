@@ -78,3 +78,87 @@ fn gpu_benchmark_specs_are_valid() {
     }
     assert!(checked >= 9, "{checked} specs found");
 }
+
+/// A Job's worker refuses a spec path whose real location leaves the
+/// volume through a symbolic link; local mode's flag follows it.
+#[test]
+fn a_link_out_of_the_volume_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volume = dir.path().join("volume");
+    std::fs::create_dir_all(&volume).expect("volume");
+    std::os::unix::fs::symlink(dir.path(), volume.join("does-not-exist")).expect("link out");
+    let spec = write_spec(&volume, "  quantization: {method: rtn}\n");
+    let run = |extra: &[&str]| {
+        let out = worker()
+            .arg("baseline")
+            .arg("--spec")
+            .arg(&spec)
+            .arg("--root")
+            .arg(&volume)
+            .args(extra)
+            .output()
+            .expect("run worker");
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refused = run(&[]);
+    assert!(
+        refused.contains("spec.baseModel.path") && refused.contains("leads out of"),
+        "{refused}"
+    );
+    // Followed: the outside directory is no checkpoint, and that is the error.
+    let followed = run(&["--allow-links-out-of-root"]);
+    assert!(
+        followed.contains("spec.baseModel.path: cannot load") && !followed.contains("leads out of"),
+        "{followed}"
+    );
+}
+
+/// `systemTests.path` naming a file that holds a token: the stage fails
+/// naming the field and the file, and the token is in neither the
+/// termination message (which becomes status) nor the log.
+#[test]
+fn a_file_that_is_not_a_suite_is_not_echoed_into_the_termination_message() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volume = dir.path();
+    let model = std::env::var_os("QUANTOPS_SHARED_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+        .join("tiny-llama");
+    std::os::unix::fs::symlink(&model, volume.join("tiny-llama")).expect("link the model");
+    let secret = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkFCQyJ9.eyJzdWIiOiJzeXN0ZW0ifQ.c2lnbmF0dXJl";
+    std::fs::write(volume.join("token"), secret).expect("write the token");
+    let spec = volume.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: quantops.dev/v1alpha1\nkind: QuantizedModel\nmetadata: {name: t}\nspec:\n  baseModel: {name: example/tiny-llama, path: tiny-llama}\n  version: v1\n  quantization: {method: rtn}\n  validation: {systemTests: {path: token}}\n",
+    )
+    .expect("write spec");
+    let term = volume.join("termination-log");
+    let out = worker()
+        .arg("baseline")
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--root")
+        .arg(volume)
+        .arg("--output-root")
+        .arg(volume.join("out"))
+        .arg("--allow-links-out-of-root")
+        .arg("--termination-log")
+        .arg(&term)
+        .output()
+        .expect("run worker");
+    assert_eq!(out.status.code(), Some(1));
+    let summary = std::fs::read_to_string(&term).expect("termination message written");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        summary.contains("spec.validation.systemTests") && summary.contains("token"),
+        "{summary}"
+    );
+    for text in [summary.as_str(), &stderr] {
+        assert!(
+            !text.contains("eyJ") && !text.contains("c2lnbmF0dXJl"),
+            "{text}"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use quantizer_job::layout::{Layout, files};
+use quantizer_job::layout::{Layout, Links, files};
 use quantizer_job::stages::{self, Stage, StageInput};
 use quantops_api::spec_file::parse_quantized_model;
 use quantops_api::{QuantizedModel, Report};
@@ -66,7 +66,9 @@ fn baseline_json() -> &'static PathBuf {
             &qm.spec,
             &common::data_dir(),
             Some(&output_root().join("base")),
-        );
+            Links::Confined,
+        )
+        .expect("the spec's paths stay in the data tree");
         stages::run(
             Stage::Baseline,
             &StageInput {
@@ -83,7 +85,13 @@ fn baseline_json() -> &'static PathBuf {
 /// Quantizes and validates one variant, returning its report.
 fn run_variant(method: &str, bits: u8, group: i32, symmetric: bool) -> Report {
     let qm = spec(method, bits, group, symmetric);
-    let layout = Layout::new(&qm.spec, &common::data_dir(), Some(output_root()));
+    let layout = Layout::new(
+        &qm.spec,
+        &common::data_dir(),
+        Some(output_root()),
+        Links::Confined,
+    )
+    .expect("the spec's paths stay in the data tree");
     std::fs::create_dir_all(&layout.artifact_dir).expect("artifact dir");
     std::fs::copy(baseline_json(), layout.artifact_file(files::BASELINE)).expect("copy baseline");
     let input = StageInput {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::serving::{MODEL_NAME, chat_messages, loaded, metric, scrape, start};
 use quantizer_job::eval::system_tests::{SystemTest, SystemTestSuite, normalize_answer};
+use quantizer_job::layout::Links;
 use quantizer_job::openai::Client;
 use quantizer_job::probe::daemon::{self, DaemonOptions};
 use quantizer_job::probe::{Probe, load_probe_suite};
@@ -195,19 +196,20 @@ fn a_bad_suite_is_a_crash() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("no-expectation") && stderr.contains("--suite"),
+        // The test is named by index: nothing read from the file is quoted.
+        stderr.contains("tests[0]") && stderr.contains("--suite"),
         "{stderr}"
     );
     let empty = dir.path().join("empty.yaml");
     std::fs::write(&empty, "tests: []\n").expect("write");
-    assert!(load_probe_suite(Path::new("empty.yaml"), Some(dir.path())).is_err());
+    assert!(load_probe_suite(Path::new("empty.yaml"), Some(dir.path()), Links::Confined).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_exports_the_window_and_one_alert() {
     let server = start(8).await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let suite = load_probe_suite(&write_suite(dir.path()), None).expect("suite");
+    let suite = load_probe_suite(&write_suite(dir.path()), None, Links::Confined).expect("suite");
     let probe = Probe {
         client: Client::new(&server.base_url(), Duration::from_secs(120)).expect("client"),
         model: MODEL_NAME.into(),

@@ -26,17 +26,28 @@ fn shared_data() -> PathBuf {
     )
 }
 
-/// Fills the model volume: absolute links to the bundled model and text,
-/// as a platform team would have copied them onto the PVC.
+/// Fills the model volume with the bundled model and text as a platform
+/// team would have copied them onto the PVC: real files (hard links where
+/// the file system allows, copies otherwise), since the worker in a Job
+/// refuses a symbolic link that leads out of the volume.
 fn stock_volume(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("create the model volume directory");
     let data = shared_data()
         .canonicalize()
         .expect("../shared/data exists (or set QUANTOPS_SHARED_DATA)");
     for name in ["tiny-llama", "text"] {
-        let link = dir.join(name);
-        if !link.exists() {
-            std::os::unix::fs::symlink(data.join(name), &link).expect("link the bundled data");
+        copy_tree(&data.join(name), &dir.join(name));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create a model volume directory");
+    for entry in std::fs::read_dir(from).expect("read the bundled data") {
+        let source = entry.expect("a bundled data entry").path();
+        let target = to.join(source.file_name().expect("an entry has a name"));
+        if source.is_dir() {
+            copy_tree(&source, &target);
+        } else if !target.exists() && std::fs::hard_link(&source, &target).is_err() {
+            std::fs::copy(&source, &target).expect("copy the bundled data");
         }
     }
 }

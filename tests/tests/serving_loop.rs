@@ -97,6 +97,8 @@ fn two_bit_artifact(out: &Path) -> PathBuf {
         .arg(&spec)
         .arg("--root")
         .arg(volume())
+        // The example volume links to ../shared/data, outside itself.
+        .arg("--allow-links-out-of-root")
         .arg("--output-root")
         .arg(out)
         .arg("--termination-log")

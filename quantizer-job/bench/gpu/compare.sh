@@ -63,7 +63,7 @@ quantops() {
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$out/$label.mem" &
     sampler=$!
     start=$EPOCHREALTIME
-    "$bin" quantize --device cuda --spec "$spec" --root "$vol" --output-root "$vol/out" \
+    "$bin" quantize --device cuda --spec "$spec" --root "$vol" --allow-links-out-of-root --output-root "$vol/out" \
         --termination-log "$out/termination.json" >"$out/$label.log" 2>&1 || { kill "$sampler"; tail -40 "$out/$label.log"; return 1; }
     end=$EPOCHREALTIME
     kill "$sampler"
@@ -105,7 +105,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case $case_name in
 tiny)
     spec="$repo/manifests/examples/tiny-llama-int4-gptq.yaml"
-    "$bin" calibration-set --spec "$spec" --root "$vol" --out "$vol/calib-tiny.json"
+    "$bin" calibration-set --spec "$spec" --root "$vol" --allow-links-out-of-root --out "$vol/calib-tiny.json"
     quantops quantops-gptq "$spec"
     llmcompressor lc-gptq --model "$vol/tiny-llama" --calib "$vol/calib-tiny.json" \
         --scheme W4A16_ASYM --method gptq --samples 128 --seq-len 512

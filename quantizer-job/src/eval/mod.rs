@@ -27,7 +27,8 @@ pub enum EvalError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// An input file is malformed.
+    /// An input file is malformed; `reason` never quotes the file
+    /// ([`crate::content_free`]).
     #[error("invalid evaluation input {path}{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
     Parse {
         /// The file.
@@ -79,7 +80,7 @@ pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<
             serde_json::from_str(l).map_err(|e| EvalError::Parse {
                 path: path.to_path_buf(),
                 line: Some(i + 1),
-                reason: e.to_string(),
+                reason: crate::content_free::json(&e),
             })
         })
         .collect()

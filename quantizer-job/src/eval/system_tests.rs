@@ -182,20 +182,19 @@ pub fn load_suite(path: &Path) -> Result<SystemTestSuite, EvalError> {
     let suite: SystemTestSuite =
         serde_yaml::from_str(&read_text(path)?).map_err(|e| EvalError::Parse {
             path: path.to_path_buf(),
-            line: e.location().map(|l| l.line()),
-            reason: e.to_string(),
-        })?;
-    for test in &suite.tests {
-        expectation(test).map_err(|reason| EvalError::Parse {
-            path: path.to_path_buf(),
             line: None,
-            reason: format!("test {:?}: {reason}", test.name),
+            reason: crate::content_free::yaml(&e),
         })?;
-        prompt_text(test).map_err(|reason| EvalError::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            reason: format!("test {:?}: {reason}", test.name),
-        })?;
+    // Tests are named by index: until the file has proved to be a suite,
+    // nothing read from it goes into a message.
+    for (i, test) in suite.tests.iter().enumerate() {
+        expectation(test)
+            .and_then(|_| prompt_text(test))
+            .map_err(|reason| EvalError::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                reason: format!("tests[{i}]: {reason}"),
+            })?;
     }
     Ok(suite)
 }
@@ -212,7 +211,9 @@ fn expectation(test: &SystemTest) -> Result<Expectation, String> {
         found.push(Expectation::Json(j.required_keys.clone()));
     }
     if let Some(p) = &test.pattern {
-        let re = Regex::new(p).map_err(|e| format!("invalid pattern {p:?}: {e}"))?;
+        // regex's message repeats the pattern, which is the file's text.
+        let re =
+            Regex::new(p).map_err(|_| "pattern is not a valid regular expression".to_string())?;
         found.push(Expectation::Pattern(re));
     }
     if let Some(s) = &test.equals {
@@ -364,7 +365,46 @@ mod tests {
         assert!(
             expectation(&bad_re)
                 .unwrap_err()
-                .contains("invalid pattern")
+                .contains("pattern is not a valid regular expression")
         );
+    }
+
+    /// A spec pointing `systemTests.path` at a token file must not put the
+    /// token into status: the error names the file and the position only.
+    #[test]
+    fn a_file_that_is_not_a_suite_is_not_quoted() {
+        let secret = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkFCQyJ9.eyJzdWIiOiJzeXN0ZW0ifQ.c2lnbmF0dXJl";
+        let dir = std::env::temp_dir().join(format!("qo-suite-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, text) in [
+            ("token", secret.to_string()),
+            ("mapping", format!("tests: {secret}\n")),
+            (
+                "pattern",
+                format!("tests:\n  - {{name: {secret}, prompt: p, pattern: '({secret}'}}\n"),
+            ),
+            (
+                "two",
+                format!(
+                    "tests:\n  - {{name: {secret}, prompt: p, equals: {secret}, contains: x}}\n"
+                ),
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, &text).expect("write");
+            let err = load_suite(&path).expect_err(name).to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(
+                !err.contains("eyJ") && !err.contains("c2ln"),
+                "{name}: {err}"
+            );
+        }
+        let err = load_suite(&dir.join("token"))
+            .expect_err("token")
+            .to_string();
+        assert!(err.contains("line 1 column 1: found a string"), "{err}");
+        let err = load_suite(&dir.join("two")).expect_err("two").to_string();
+        assert!(err.contains("tests[0]: needs exactly one of"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -25,6 +25,7 @@ use crate::eval::EvalError;
 use crate::eval::system_tests::{
     Expectation, SystemTestSuite, TestPrompt, load_suite, normalize_answer,
 };
+use crate::layout::{LayoutError, Links, confine};
 use crate::loadtest::stats::percentile;
 use crate::openai::{
     ChatCompletionRequest, Client, ClientError, CompletionRequest, GenerationParams,
@@ -40,6 +41,12 @@ pub enum ProbeError {
     /// The suite has no tests, so there is nothing to score.
     #[error("suite {0} has no tests")]
     EmptySuite(PathBuf),
+    /// The suite's path is not confined to the model volume.
+    #[error(transparent)]
+    Confinement(#[from] LayoutError),
+    /// The suite's path is not valid UTF-8, so it cannot be checked.
+    #[error("--suite: the path is not valid UTF-8")]
+    SuitePath,
     /// A flag is out of range.
     #[error("invalid flag: {0}")]
     Flag(String),
@@ -68,12 +75,20 @@ struct Checked<'s> {
     expectation: Expectation,
 }
 
-/// Loads the suite at `path` (relative paths resolve against `root`) and
-/// checks that every test has one prompt and one expectation.
-pub fn load_probe_suite(path: &Path, root: Option<&Path>) -> Result<SystemTestSuite, ProbeError> {
+/// Loads the suite at `path` and checks that every test has one prompt and
+/// one expectation. With a `root` (the model volume), `path` must be a
+/// relative path confined to it, as a spec path is.
+pub fn load_probe_suite(
+    path: &Path,
+    root: Option<&Path>,
+    links: Links,
+) -> Result<SystemTestSuite, ProbeError> {
     let path = match root {
-        Some(root) if path.is_relative() => root.join(path),
-        _ => path.to_path_buf(),
+        Some(root) => {
+            let relative = path.to_str().ok_or(ProbeError::SuitePath)?;
+            confine(root, "--suite", relative, links)?
+        }
+        None => path.to_path_buf(),
     };
     let suite = load_suite(&path)?;
     if suite.tests.is_empty() {

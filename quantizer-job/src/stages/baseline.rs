@@ -36,7 +36,9 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
 
 /// Opens the spec's base checkpoint, checks its digests, and describes it.
 pub(super) fn open_base_checkpoint(input: &StageInput) -> anyhow::Result<(Checkpoint, ModelFacts)> {
-    let dir = input.layout.input(&input.spec.base_model.path);
+    let dir = input
+        .layout
+        .input("spec.baseModel.path", &input.spec.base_model.path)?;
     let checkpoint = Checkpoint::open(&dir)
         .with_context(|| format!("spec.baseModel.path: cannot load {}", dir.display()))?;
     checkpoint

@@ -231,7 +231,7 @@ pub(super) fn evaluate(
     let v = &spec.validation;
     let perplexity = match &v.eval_text {
         Some(e) => {
-            let path = layout.input(&e.path);
+            let path = layout.input("spec.validation.evalText.path", &e.path)?;
             let result = evaluator
                 .perplexity_of_file(
                     tokenizer,
@@ -251,7 +251,10 @@ pub(super) fn evaluate(
     };
     let mut task_results = Vec::with_capacity(v.tasks.len());
     for set in &v.tasks {
-        let path = layout.input(&set.path);
+        let path = layout.input(
+            &format!("spec.validation.tasks[{}].path", set.name),
+            &set.path,
+        )?;
         let result = tasks::evaluate_task_file(model, tokenizer, &set.name, &path, None)
             .with_context(|| format!("spec.validation.tasks[{}]: {}", set.name, path.display()))?;
         tracing::info!(task = %set.name, accuracy = result.accuracy, "task accuracy");
@@ -259,7 +262,7 @@ pub(super) fn evaluate(
     }
     let system_tests = match &v.system_tests {
         Some(s) => {
-            let path = layout.input(&s.path);
+            let path = layout.input("spec.validation.systemTests.path", &s.path)?;
             let suite = system_tests::load_suite(&path)
                 .with_context(|| format!("spec.validation.systemTests: {}", path.display()))?;
             let result = evaluator.system_tests(
@@ -274,7 +277,7 @@ pub(super) fn evaluate(
     };
     let (generations, consistency) = match &v.consistency {
         Some(c) => {
-            let path = layout.input(&c.path);
+            let path = layout.input("spec.validation.consistency.path", &c.path)?;
             let prompts = consistency::load_prompts(&path, c.max_prompts as usize)
                 .with_context(|| format!("spec.validation.consistency: {}", path.display()))?;
             let eos = model.config().eos_token_id;

@@ -73,7 +73,7 @@ pub fn calibration_set(
     spec: &QuantizedModelSpec,
     layout: &Layout,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    let dir = layout.input(&spec.base_model.path);
+    let dir = layout.input("spec.baseModel.path", &spec.base_model.path)?;
     let checkpoint = crate::checkpoint::Checkpoint::open(&dir)
         .with_context(|| format!("spec.baseModel.path: cannot load {}", dir.display()))?;
     let tokenizer = crate::tokenizer::Tokenizer::from_dir(checkpoint.dir())?;
@@ -124,5 +124,11 @@ fn read_json<T: DeserializeOwned>(path: &Path, written_by: &str) -> anyhow::Resu
             path.display()
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid: {}",
+            path.display(),
+            crate::content_free::json(&e)
+        )
+    })
 }

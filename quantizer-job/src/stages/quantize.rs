@@ -154,7 +154,7 @@ pub(super) fn calibration_for(
         .calibration
         .as_ref()
         .context("spec.calibration: required by this method")?;
-    let path = layout.input(&c.path);
+    let path = layout.input("spec.calibration.path", &c.path)?;
     let set = calibration::load(
         &path,
         tokenizer,
