@@ -537,7 +537,11 @@ async fn a_second_replica_stays_passive_until_the_leader_dies() {
     // once the Lease expires (15 s) and carries on.
     leader.kill().await.expect("kill replica a");
     wait_for_holder(&env, "quantops-b", Duration::from_secs(45)).await;
-    create(&env, &small_model("sim-leader-2", 3.0)).await;
+    // Another artifact directory: the first model keeps its own.
+    let second = edited_model("sim-leader-2", |v| {
+        v["spec"]["output"]["path"] = "out-2".into()
+    });
+    create(&env, &second).await;
     wait_for(
         &qms,
         "sim-leader-2",
