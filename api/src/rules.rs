@@ -123,8 +123,7 @@ pub const DIGEST_KEY_EXPECTED: &str = "a map whose keys are relative file paths 
 /// The CEL form of the key rule.
 pub const DIGEST_KEY_RULE: &str = "self.all(k, k.size() <= 1024 && k.matches('^[^/]+(/[^/]+)*$') && !k.matches('(^|/)[.][.]?(/|$)'))";
 /// What the values of `baseModel.sha256` must be.
-pub const DIGEST_EXPECTED: &str =
-    "a map whose values are sha256 digests (64 lowercase hex digits)";
+pub const DIGEST_EXPECTED: &str = "a map whose values are sha256 digests (64 lowercase hex digits)";
 /// The CEL form of [`sha256_digest`].
 pub const DIGEST_RULE: &str = "self.all(k, self[k].matches('^[0-9a-f]{64}$'))";
 

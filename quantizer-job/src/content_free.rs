@@ -207,7 +207,7 @@ mod tests {
                 format!("{{\"tests\": [{{\"{SECRET}\": 1}}]}}"),
                 "a field the format does not have",
             ),
-            (format!("{SECRET}"), "invalid JSON"),
+            (SECRET.to_string(), "invalid JSON"),
             ("{\"tests\": [".to_string(), "ends early"),
         ] {
             let err = json_error(&text);
