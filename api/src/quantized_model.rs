@@ -72,9 +72,21 @@ pub struct BaseModel {
     pub path: String,
     /// Expected sha256 digests of checkpoint files, by file name; checked before loading.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = rules::MAX_DIGESTS))]
+    // The digest rule sits on the values' own schema, where `maxLength`
+    // bounds its cost; a rule on the map iterating `self[k]` is estimated
+    // over unbounded strings and the API server refuses the CRD.
+    #[schemars(extend(
+        "maxProperties" = rules::MAX_DIGESTS,
+        "additionalProperties" = {
+            "type": "string",
+            "maxLength": rules::DIGEST_LEN,
+            "x-kubernetes-validations": [{
+                "rule": rules::DIGEST_RULE,
+                "message": rules::must_be("spec.baseModel.sha256", rules::DIGEST_EXPECTED),
+            }],
+        },
+    ))]
     #[x_kube(validation = Rule::new(rules::DIGEST_KEY_RULE).message(rules::must_be("spec.baseModel.sha256", rules::DIGEST_KEY_EXPECTED).as_str()))]
-    #[x_kube(validation = Rule::new(rules::DIGEST_RULE).message(rules::must_be("spec.baseModel.sha256", rules::DIGEST_EXPECTED).as_str()))]
     pub sha256: BTreeMap<String, String>,
 }
 

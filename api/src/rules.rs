@@ -124,12 +124,14 @@ pub const DIGEST_KEY_EXPECTED: &str = "a map whose keys are relative file paths 
 pub const DIGEST_KEY_RULE: &str = "self.all(k, k.size() <= 1024 && k.matches('^[^/]+(/[^/]+)*$') && !k.matches('(^|/)[.][.]?(/|$)'))";
 /// What the values of `baseModel.sha256` must be.
 pub const DIGEST_EXPECTED: &str = "a map whose values are sha256 digests (64 lowercase hex digits)";
-/// The CEL form of [`sha256_digest`].
-pub const DIGEST_RULE: &str = "self.all(k, self[k].matches('^[0-9a-f]{64}$'))";
+/// Length of a hex sha256 digest.
+pub const DIGEST_LEN: usize = 64;
+/// The CEL form of [`sha256_digest`], on each value of the map.
+pub const DIGEST_RULE: &str = "self.matches('^[0-9a-f]{64}$')";
 
 /// A hex sha256 digest as `sha256sum` prints it.
 pub fn sha256_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    s.len() == DIGEST_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Most entries of `quantization.ignore`.
