@@ -811,9 +811,9 @@ async fn an_unschedulable_pod_shows_in_status_then_fails_the_stage() {
     let operator = Operator::start(&env, options)
         .await
         .expect("start the operator");
-    // The test node has 8 GPUs: 32 fit no node.
+    // The test node has 8 GPUs: 16 (the most a spec may ask for) fit no node.
     let qm = edited_model("sim-unsched", |v| {
-        v["spec"]["resources"]["gpus"] = 32.into()
+        v["spec"]["resources"]["gpus"] = 16.into()
     });
     create(&env, &qm).await;
     let qms = env.api::<QuantizedModel>();
