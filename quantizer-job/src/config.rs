@@ -1,14 +1,16 @@
 //! The model configuration read from a Hugging Face `config.json`.
 //!
 //! Only decoder-only Llama-family architectures are supported: the forward
-//! pass in [`crate::model`] implements exactly one layer layout, so anything
-//! else is refused up front with an error naming the architecture instead of
-//! failing later on a missing tensor.
+//! passes implement exactly one layer layout, with the switches of
+//! [`crate::family::Block`] (biases, Qwen3's q/k norms) filled in here, so
+//! anything else is refused up front with an error naming the architecture
+//! or key instead of failing later on a missing tensor.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::family::{Block, HeadNorm};
 use crate::rope::{RawRope, RopeError, RopeScaling};
 
 /// The Llama-family architectures the CPU forward pass implements.
@@ -20,6 +22,8 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM` (Llama layout plus biases on q/k/v).
     Qwen2,
+    /// `Qwen3ForCausalLM` (Llama layout plus per-head RMSNorm of q and k).
+    Qwen3,
 }
 
 impl Architecture {
@@ -29,11 +33,12 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
     fn from_hf_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Mistral, Self::Qwen2]
+        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
             .into_iter()
             .find(|a| a.hf_name() == name)
     }
@@ -62,7 +67,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -140,10 +145,8 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     /// Whether `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
-    /// Whether q/k/v projections carry a bias.
-    pub qkv_bias: bool,
-    /// Whether the output projection carries a bias.
-    pub o_bias: bool,
+    /// What distinguishes the family's decoder block (biases, q/k norms).
+    pub block: Block,
     /// Beginning-of-sequence token id, if declared.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if declared (the first one when a list).
@@ -281,8 +284,9 @@ impl LlamaConfig {
         }
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
-            // Qwen2 writes a window it does not use unless use_sliding_window.
-            Architecture::Llama | Architecture::Qwen2 => None,
+            // Qwen2 and Qwen3 write a window they do not use unless
+            // use_sliding_window (refused above).
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => None,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -311,9 +315,23 @@ impl LlamaConfig {
             ));
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        let (qkv_bias, o_bias) = match architecture {
-            Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
+        let block = match architecture {
+            // transformers' Qwen2 hard-codes its biases, whatever attention_bias says.
+            Architecture::Qwen2 => Block {
+                qkv_bias: true,
+                o_bias: false,
+                qk_norm: false,
+            },
+            Architecture::Llama | Architecture::Mistral => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: false,
+            },
+            Architecture::Qwen3 => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: true,
+            },
         };
         Ok(LlamaConfig {
             architecture,
@@ -330,8 +348,7 @@ impl LlamaConfig {
             sliding_window,
             max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias,
-            o_bias,
+            block,
             bos_token_id: raw.bos_token_id.as_ref().and_then(OneOrMany::first),
             eos_token_id: raw.eos_token_id.as_ref().and_then(OneOrMany::first),
         })
@@ -356,12 +373,17 @@ impl LlamaConfig {
             out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
             out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-            if self.qkv_bias {
+            if self.block.qk_norm {
+                for norm in HeadNorm::ALL {
+                    out.push((norm.weight_name(i), vec![self.head_dim]));
+                }
+            }
+            if self.block.qkv_bias {
                 out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
                 out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
                 out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
             }
-            if self.o_bias {
+            if self.block.o_bias {
                 out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
             }
             out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod content_free;
 pub mod eval;
+pub mod family;
 pub mod format;
 pub mod gates;
 pub mod gpu;

@@ -39,6 +39,15 @@ pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
 /// `gate,up`), so no fold ever touches quantized weights. `o_proj` folds
 /// into `v_proj` only without grouped-query attention. The CPU driver (through
 /// [`LayeredModel::input_groups`]) and the GPU pipeline both take them from here.
+///
+/// With Qwen3's per-head q/k norms ([`crate::family::Block::qk_norm`]) these
+/// folds stay exact: `input_layernorm` absorbs the scales of q/k/v's *input*
+/// channels, so the projections' outputs, and what the norms see, do not
+/// change. No group may fold into `q_proj` or `k_proj` (scaling their output
+/// channels): the norm after them would undo a per-channel scale only where
+/// it is uniform over a head, so such a fold would change the model. None
+/// does (the only Linear sinks are `v_proj` and `up_proj`), and
+/// `qk_norm_layers_never_fold_into_q_or_k` keeps it that way.
 pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let v_out = cfg.num_key_value_heads * cfg.head_dim;
     let o_in = cfg.num_attention_heads * cfg.head_dim;
@@ -163,6 +172,45 @@ impl LayeredModel for LlamaLayers<'_> {
         match failure {
             Some(error) => Err(error),
             None => Ok(out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(arch: &str, kv_heads: usize) -> LlamaConfig {
+        let text = serde_json::json!({
+            "architectures": [arch],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": kv_heads,
+            "head_dim": 16,
+            "vocab_size": 256,
+        });
+        LlamaConfig::from_json(&text.to_string(), "config.json".as_ref()).expect("config")
+    }
+
+    #[test]
+    fn qk_norm_layers_never_fold_into_q_or_k() {
+        // With and without grouped-query attention (without it o_proj folds
+        // into v_proj, which has no norm after it).
+        for kv_heads in [2, 4] {
+            let cfg = config("Qwen3ForCausalLM", kv_heads);
+            assert!(cfg.block.qk_norm);
+            for layer in 0..cfg.num_hidden_layers {
+                for group in llama_input_groups(&cfg, layer) {
+                    if let Some(ScaleSink::Linear(module)) = &group.fold {
+                        assert!(
+                            !module.ends_with("q_proj") && !module.ends_with("k_proj"),
+                            "{module} feeds a per-head norm"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -53,7 +53,10 @@ fn top_level_rope_theta_and_default_head_dim_are_read() {
     assert_eq!(cfg.rope_theta, 500_000.0);
     assert_eq!(cfg.head_dim, 16);
     assert_eq!(cfg.num_key_value_heads, 4);
-    assert!(cfg.qkv_bias && !cfg.o_bias, "Qwen2 has q/k/v biases only");
+    assert!(
+        cfg.block.qkv_bias && !cfg.block.o_bias && !cfg.block.qk_norm,
+        "Qwen2 has q/k/v biases only"
+    );
     let names: Vec<String> = cfg.expected_tensors().into_iter().map(|t| t.0).collect();
     assert!(names.contains(&"model.layers.1.self_attn.k_proj.bias".to_string()));
     assert!(

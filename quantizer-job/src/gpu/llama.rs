@@ -20,6 +20,10 @@
 //! none); only the summation order of the GEMMs and row reductions differs,
 //! so logits agree with the CPU's to f32 rounding, not bit for bit.
 //!
+//! Family switches ([`crate::family::Block`]) are read from the config as
+//! on the CPU: biases are added after the GEMMs, and Qwen3's per-head q/k
+//! norms live in the child module `head_norm` (`llama/head_norm.rs`).
+//!
 //! Memory. [`GpuLlama`] keeps every layer on the device when they fit with
 //! room for activations, and otherwise streams each layer from its
 //! [`WeightSource`] at every forward pass: slow, but it runs a model larger
@@ -39,8 +43,13 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
+use crate::family::HeadNorm;
 use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
+
+mod head_norm;
+
+use head_norm::DeviceHeadNorms;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
 /// device at hand when a [`LlamaOps`] is built.
@@ -187,6 +196,14 @@ impl WeightSource for LlamaModel {
         if let Some(weight) = name.strip_suffix(".bias") {
             let weight = format!("{weight}.weight");
             return self.linear_bias(&weight)?.cloned().ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: name.to_string(),
+                }
+                .into()
+            });
+        }
+        if let Some((layer, norm)) = HeadNorm::parse(name) {
+            return self.head_norm(layer, norm)?.cloned().ok_or_else(|| {
                 ModelError::MissingTensor {
                     name: name.to_string(),
                 }
@@ -605,8 +622,8 @@ fn linear_shape(cfg: &LlamaConfig, kind: LinearKind) -> (usize, usize) {
 
 fn has_bias(cfg: &LlamaConfig, kind: LinearKind) -> bool {
     match kind {
-        LinearKind::QProj | LinearKind::KProj | LinearKind::VProj => cfg.qkv_bias,
-        LinearKind::OProj => cfg.o_bias,
+        LinearKind::QProj | LinearKind::KProj | LinearKind::VProj => cfg.block.qkv_bias,
+        LinearKind::OProj => cfg.block.o_bias,
         LinearKind::GateProj | LinearKind::UpProj | LinearKind::DownProj => false,
     }
 }
@@ -677,6 +694,8 @@ pub struct DeviceLayer {
     index: usize,
     input_layernorm: CudaSlice<f32>,
     post_attention_layernorm: CudaSlice<f32>,
+    /// Qwen3's q/k norms, when the family has them.
+    head_norms: Option<DeviceHeadNorms>,
     /// The seven Linears, in [`LinearKind::ALL`]'s order.
     projections: Vec<Projection>,
 }
@@ -718,6 +737,7 @@ impl DeviceLayer {
             index: layer,
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
+            head_norms: DeviceHeadNorms::load(gpu, source, layer)?,
             projections: LinearKind::ALL
                 .into_iter()
                 .map(proj)
@@ -1024,17 +1044,29 @@ impl<'g> LlamaOps<'g> {
         Ok(out)
     }
 
+    /// RMSNorm of `x [rows, hidden_size]`.
     fn rms_norm(
         &self,
         x: &CudaView<'_, f32>,
         w: &CudaSlice<f32>,
         rows: usize,
     ) -> Result<CudaSlice<f32>, GpuError> {
-        let cols = self.cfg.hidden_size;
+        self.rms_norm_rows(x, w, rows, self.cfg.hidden_size)
+    }
+
+    /// RMSNorm of each row of `x [rows, cols]` with `w [cols]` (rows may be
+    /// tokens × heads, for the per-head norms).
+    fn rms_norm_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<f32>, GpuError> {
         check_len("RMSNorm input", x.len(), rows * cols)?;
         check_len("RMSNorm weight", w.len(), cols)?;
         let mut y = self.alloc(rows * cols, "RMSNorm output")?;
-        let cols_i = to_i32(cols, "hidden_size")?;
+        let cols_i = to_i32(cols, "RMSNorm width")?;
         // candle's mean is sum · (1/n) with the factor rounded to f32, and
         // its `+ eps` adds eps rounded to f32.
         let inv_cols = (1.0 / cols as f64) as f32;
@@ -1307,6 +1339,9 @@ impl<'g> LlamaOps<'g> {
             "v_proj",
         )?;
         drop(x);
+        if let Some(norms) = &layer.head_norms {
+            self.head_norms(norms, &mut q, &mut k, rows)?;
+        }
         self.rope(&mut q, heads.heads, span)?;
         self.rope(&mut k, heads.kv_heads, span)?;
         let mut attn = self.alloc(rows * heads.q_width(), "attention output")?;
@@ -1548,7 +1583,13 @@ fn layer_bytes(cfg: &LlamaConfig) -> usize {
             out * inp + if has_bias(cfg, kind) { out } else { 0 }
         })
         .sum();
-    (values + 2 * cfg.hidden_size) * 4
+    let norms = 2 * cfg.hidden_size
+        + if cfg.block.qk_norm {
+            2 * cfg.head_dim
+        } else {
+            0
+        };
+    (values + norms) * 4
 }
 
 impl<'a> GpuLlama<'a> {

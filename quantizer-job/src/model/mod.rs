@@ -17,6 +17,7 @@ pub use norm::{NormId, NormKind};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
+use crate::family::HeadNorm;
 use linear::Linear;
 use rope::Rope;
 
@@ -90,6 +91,9 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 struct DecoderLayer {
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
+    /// The per-head RMSNorms of queries and keys `[head_dim]` each, when the
+    /// family has them ([`crate::family::Block::qk_norm`]).
+    head_norms: Option<HeadNorms>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -99,7 +103,32 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
+/// Qwen3's `q_norm` and `k_norm` weights of one layer.
+#[derive(Debug, Clone)]
+struct HeadNorms {
+    q: Tensor,
+    k: Tensor,
+}
+
+impl HeadNorms {
+    fn get(&self, norm: HeadNorm) -> &Tensor {
+        match norm {
+            HeadNorm::Query => &self.q,
+            HeadNorm::Key => &self.k,
+        }
+    }
+}
+
 impl DecoderLayer {
+    /// Normalises each head of `x [b, heads, t, head_dim]` with the layer's
+    /// `norm` when the family has one (before RoPE, as transformers does).
+    fn head_norm(&self, norm: HeadNorm, x: Tensor, eps: f64) -> candle_core::Result<Tensor> {
+        match &self.head_norms {
+            Some(norms) => rms_norm(&x, norms.get(norm), eps),
+            None => Ok(x),
+        }
+    }
+
     fn linear(&self, kind: LinearKind) -> &Linear {
         match kind {
             LinearKind::QProj => &self.q_proj,
@@ -187,11 +216,21 @@ impl LlamaModel {
         for layer in 0..config.num_hidden_layers {
             let id = |kind| LinearId { layer, kind };
             let p = format!("model.layers.{layer}");
+            let block = config.block;
+            let head_norms = if block.qk_norm {
+                Some(HeadNorms {
+                    q: take(&mut tensors, &shapes, &HeadNorm::Query.weight_name(layer))?,
+                    k: take(&mut tensors, &shapes, &HeadNorm::Key.weight_name(layer))?,
+                })
+            } else {
+                None
+            };
             layers.push(DecoderLayer {
-                q_proj: linear(&mut tensors, id(LinearKind::QProj), config.qkv_bias)?,
-                k_proj: linear(&mut tensors, id(LinearKind::KProj), config.qkv_bias)?,
-                v_proj: linear(&mut tensors, id(LinearKind::VProj), config.qkv_bias)?,
-                o_proj: linear(&mut tensors, id(LinearKind::OProj), config.o_bias)?,
+                head_norms,
+                q_proj: linear(&mut tensors, id(LinearKind::QProj), block.qkv_bias)?,
+                k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
+                v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
+                o_proj: linear(&mut tensors, id(LinearKind::OProj), block.o_bias)?,
                 gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
                 up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
                 down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
@@ -390,6 +429,12 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Layer `index`'s `q_norm` or `k_norm` weight `[head_dim]`; `None` when
+    /// the family has no per-head norms.
+    pub fn head_norm(&self, index: usize, norm: HeadNorm) -> Result<Option<&Tensor>> {
+        Ok(self.layer(index)?.head_norms.as_ref().map(|n| n.get(norm)))
+    }
+
     /// Layer `index`'s `post_attention_layernorm` weight `[h]`.
     pub fn post_attention_layernorm(&self, index: usize) -> Result<&Tensor> {
         Ok(&self.layer(index)?.post_attention_layernorm)
@@ -466,12 +511,15 @@ impl LlamaModel {
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
+        let eps = cfg.rms_norm_eps;
+        let q = heads(layer.q_proj.forward(&x)?, nh)?;
         let q = self
             .rope
-            .apply(&heads(layer.q_proj.forward(&x)?, nh)?, offset)?;
+            .apply(&layer.head_norm(HeadNorm::Query, q, eps)?, offset)?;
+        let k = heads(layer.k_proj.forward(&x)?, nkv)?;
         let k = self
             .rope
-            .apply(&heads(layer.k_proj.forward(&x)?, nkv)?, offset)?;
+            .apply(&layer.head_norm(HeadNorm::Key, k, eps)?, offset)?;
         let v = heads(layer.v_proj.forward(&x)?, nkv)?;
         let (k, v) = match cache {
             Some((ck, cv)) => {

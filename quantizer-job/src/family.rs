@@ -1,0 +1,87 @@
+//! What sets one family of the Llama block layout apart from another.
+//!
+//! Llama, Mistral, Qwen2 and Qwen3 share one decoder block (RMSNorm,
+//! grouped-query attention with RoPE, SwiGLU MLP); they differ in a few
+//! switches. [`crate::config`] reads them from `config.json` once into a
+//! [`Block`], and everything that touches a model reads that one value: the
+//! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
+//! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
+//! and the AWQ fold table ([`crate::llama_layers`]). A family is therefore
+//! described in one place and cannot be half-supported on one backend.
+
+use serde::{Deserialize, Serialize};
+
+/// The switches of the shared decoder block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Block {
+    /// `q_proj`, `k_proj` and `v_proj` carry a bias (Qwen2; `attention_bias`).
+    pub qkv_bias: bool,
+    /// `o_proj` carries a bias (`attention_bias` of Llama, Mistral, Qwen3).
+    pub o_bias: bool,
+    /// Each head's query and key go through an RMSNorm over `head_dim`
+    /// (weights [`HeadNorm::weight_name`], shape `[head_dim]`, eps
+    /// `rms_norm_eps`) after the projection and before RoPE: Qwen3.
+    #[serde(default)]
+    pub qk_norm: bool,
+}
+
+/// One of the per-head RMSNorms of [`Block::qk_norm`]. They are not Linears:
+/// never quantized, and written unchanged into an artifact beside the other
+/// norms. AWQ never folds into them and never scales what they normalise
+/// (see [`crate::llama_layers::llama_input_groups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeadNorm {
+    /// `self_attn.q_norm`, over each query head.
+    Query,
+    /// `self_attn.k_norm`, over each key head.
+    Key,
+}
+
+impl HeadNorm {
+    /// Both, queries first.
+    pub const ALL: [HeadNorm; 2] = [HeadNorm::Query, HeadNorm::Key];
+
+    /// The module's leaf name in a checkpoint.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            HeadNorm::Query => "q_norm",
+            HeadNorm::Key => "k_norm",
+        }
+    }
+
+    /// `model.layers.{layer}.self_attn.{q,k}_norm.weight`.
+    pub fn weight_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.self_attn.{}.weight", self.leaf())
+    }
+
+    /// Parses a name written by [`Self::weight_name`].
+    pub fn parse(name: &str) -> Option<(usize, HeadNorm)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (index, leaf) = rest.split_once(".self_attn.")?;
+        let norm = Self::ALL
+            .into_iter()
+            .find(|n| leaf.strip_suffix(".weight") == Some(n.leaf()))?;
+        Some((index.parse().ok()?, norm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_norm_names_round_trip() {
+        for norm in HeadNorm::ALL {
+            let name = norm.weight_name(7);
+            assert_eq!(HeadNorm::parse(&name), Some((7, norm)), "{name}");
+        }
+        for other in [
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.1.input_layernorm.weight",
+            "model.layers.x.self_attn.q_norm.weight",
+            "model.layers.1.self_attn.q_norm.bias",
+        ] {
+            assert_eq!(HeadNorm::parse(other), None, "{other}");
+        }
+    }
+}
