@@ -104,6 +104,8 @@ impl World {
         self.server.authenticated_url(&self.url)
     }
 
+    /// A QuantizedModel writing its own artifact directory (two of one base
+    /// model in one output folder would be an `OutputConflict`).
     async fn model(&self, name: &str, base: &str) {
         let qm: QuantizedModel = serde_json::from_value(serde_json::json!({
             "apiVersion": "quantops.dev/v1alpha1", "kind": "QuantizedModel",
@@ -113,7 +115,7 @@ impl World {
                 "version": "v1",
                 "quantization": {"method": "rtn", "bits": 4, "groupSize": 128},
                 "validation": {"evalText": {"path": "text/eval.txt"}},
-                "output": {"path": "out"},
+                "output": {"path": format!("out/{name}")},
                 "resources": {"gpus": 0}
             }
         }))
