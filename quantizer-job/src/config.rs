@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::{Block, HeadNorm};
+use crate::family::{Block, HeadNorm, Scalars};
 use crate::rope::{RawRope, RopeError, RopeScaling};
 
 /// The Llama-family architectures the CPU forward pass implements.
@@ -24,6 +24,9 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM` (Llama layout plus per-head RMSNorm of q and k).
     Qwen3,
+    /// `GraniteForCausalLM` (Llama layout plus the scalar multipliers of
+    /// [`crate::family::Scalars`]).
+    Granite,
 }
 
 impl Architecture {
@@ -34,13 +37,20 @@ impl Architecture {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Granite => "GraniteForCausalLM",
         }
     }
 
     fn from_hf_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
-            .into_iter()
-            .find(|a| a.hf_name() == name)
+        [
+            Self::Llama,
+            Self::Mistral,
+            Self::Qwen2,
+            Self::Qwen3,
+            Self::Granite,
+        ]
+        .into_iter()
+        .find(|a| a.hf_name() == name)
     }
 }
 
@@ -67,7 +77,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -194,6 +204,35 @@ struct RawConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
+    embedding_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    attention_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
+}
+
+/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
+/// default (1.0) and required finite and positive: a zero or negative
+/// multiplier is no model anyone trained, and `logits_scaling` divides.
+fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
+    let check = |field: &'static str, value: Option<f64>| match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(ConfigError::InvalidField {
+            path: path.to_path_buf(),
+            field,
+            reason: "must be a finite positive number".into(),
+        }),
+        _ => Ok(value),
+    };
+    Ok(Scalars {
+        embedding_multiplier: check("embedding_multiplier", raw.embedding_multiplier)?
+            .unwrap_or(1.0),
+        residual_multiplier: check("residual_multiplier", raw.residual_multiplier)?.unwrap_or(1.0),
+        // GraniteConfig defaults attention_multiplier to 1.0, not to
+        // 1/sqrt(head_dim): an absent key means a scale of 1.
+        attention_multiplier: Some(
+            check("attention_multiplier", raw.attention_multiplier)?.unwrap_or(1.0),
+        ),
+        logits_scaling: check("logits_scaling", raw.logits_scaling)?.unwrap_or(1.0),
+    })
 }
 
 impl LlamaConfig {
@@ -286,7 +325,10 @@ impl LlamaConfig {
             Architecture::Mistral => raw.sliding_window,
             // Qwen2 and Qwen3 write a window they do not use unless
             // use_sliding_window (refused above).
-            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => None,
+            Architecture::Llama
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Granite => None,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -320,17 +362,24 @@ impl LlamaConfig {
             Architecture::Qwen2 => Block {
                 qkv_bias: true,
                 o_bias: false,
-                qk_norm: false,
+                ..Block::default()
             },
             Architecture::Llama | Architecture::Mistral => Block {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
-                qk_norm: false,
+                ..Block::default()
             },
             Architecture::Qwen3 => Block {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 qk_norm: true,
+                ..Block::default()
+            },
+            Architecture::Granite => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                scalars: granite_scalars(&raw, path)?,
+                ..Block::default()
             },
         };
         Ok(LlamaConfig {
@@ -395,5 +444,67 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: serde_json::Value, arch: &str) -> Result<LlamaConfig, ConfigError> {
+        let mut json = serde_json::json!({
+            "architectures": [arch],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 256,
+        });
+        if let (Some(base), Some(extra)) = (json.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        LlamaConfig::from_json(&json.to_string(), "config.json".as_ref())
+    }
+
+    #[test]
+    fn granite_reads_its_multipliers_with_transformers_defaults() {
+        let c = parse(
+            serde_json::json!({"logits_scaling": 8.0}),
+            "GraniteForCausalLM",
+        )
+        .expect("granite");
+        assert_eq!(c.architecture, Architecture::Granite);
+        let s = c.block.scalars;
+        assert_eq!(s.logits_scaling, 8.0);
+        assert_eq!(s.embedding_multiplier, 1.0);
+        // GraniteConfig's default is 1.0, not 1/sqrt(head_dim).
+        assert_eq!(c.block.attention_scale(c.head_dim), 1.0);
+        // Llama ignores Granite's keys, as transformers does.
+        let llama = parse(
+            serde_json::json!({"logits_scaling": 8.0}),
+            "LlamaForCausalLM",
+        )
+        .expect("llama");
+        assert_eq!(llama.block.scalars, Scalars::default());
+        assert_eq!(llama.block.attention_scale(16), 0.25);
+    }
+
+    #[test]
+    fn granite_refuses_a_non_positive_multiplier_naming_the_key() {
+        for key in [
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+        ] {
+            let err =
+                parse(serde_json::json!({ key: 0.0 }), "GraniteForCausalLM").expect_err("refused");
+            assert!(
+                matches!(&err, ConfigError::InvalidField { field, .. } if *field == key),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2 and Qwen3 share one decoder block (RMSNorm,
-//! grouped-query attention with RoPE, SwiGLU MLP); they differ in a few
-//! switches. [`crate::config`] reads them from `config.json` once into a
+//! Llama, Mistral, Qwen2, Qwen3 and Granite share one decoder block
+//! (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP); they differ in a
+//! few switches and scalars. [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The switches of the shared decoder block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Block {
     /// `q_proj`, `k_proj` and `v_proj` carry a bias (Qwen2; `attention_bias`).
     pub qkv_bias: bool,
@@ -23,6 +23,73 @@ pub struct Block {
     /// `rms_norm_eps`) after the projection and before RoPE: Qwen3.
     #[serde(default)]
     pub qk_norm: bool,
+    /// Granite's scalar multipliers (all neutral for the other families).
+    #[serde(default)]
+    pub scalars: Scalars,
+}
+
+impl Block {
+    /// The factor the attention scores `q·k` are multiplied by: Granite's
+    /// `attention_multiplier`, else `1 / sqrt(head_dim)`.
+    pub fn attention_scale(&self, head_dim: usize) -> f64 {
+        self.scalars
+            .attention_multiplier
+            .unwrap_or_else(|| 1.0 / (head_dim as f64).sqrt())
+    }
+}
+
+/// Scalars that transformers' Granite multiplies into an otherwise Llama
+/// forward (`modeling_granite.py`), read from `config.json`'s keys of the
+/// same names. Each is applied in f32 exactly where transformers applies it,
+/// on both backends: a neutral value (1, or `None`) is skipped, which changes
+/// nothing since multiplying by 1 is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scalars {
+    /// `embedding_multiplier`: the embeddings are multiplied by it before
+    /// the first layer.
+    pub embedding_multiplier: f64,
+    /// `residual_multiplier`: each block's attention and MLP output is
+    /// multiplied by it before it is added to the residual stream.
+    pub residual_multiplier: f64,
+    /// `attention_multiplier`: the attention score scale, replacing
+    /// `1 / sqrt(head_dim)`; `None` keeps that default.
+    pub attention_multiplier: Option<f64>,
+    /// `logits_scaling`: the logits are divided by it.
+    pub logits_scaling: f64,
+}
+
+impl Default for Scalars {
+    fn default() -> Self {
+        Self {
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
+        }
+    }
+}
+
+impl Scalars {
+    /// The factor the embeddings are multiplied by, `None` when neutral.
+    pub fn embedding(&self) -> Option<f32> {
+        neutral_free(self.embedding_multiplier)
+    }
+
+    /// The factor each sublayer's output is multiplied by, `None` when neutral.
+    pub fn residual(&self) -> Option<f32> {
+        neutral_free(self.residual_multiplier)
+    }
+
+    /// The divisor of the logits, `None` when neutral.
+    pub fn logits_divisor(&self) -> Option<f32> {
+        neutral_free(self.logits_scaling)
+    }
+}
+
+/// `value` in f32 (as PyTorch applies a Python float to an f32 tensor), or
+/// `None` for 1.
+fn neutral_free(value: f64) -> Option<f32> {
+    (value != 1.0).then_some(value as f32)
 }
 
 /// One of the per-head RMSNorms of [`Block::qk_norm`]. They are not Linears:

@@ -26,6 +26,7 @@ const SUPPORTED: &[&str] = &[
     "mistral",      // sliding_window 16 over 40 tokens
     "qwen2",        // q/k/v bias, tied, sliding_window disabled
     "qwen3",        // per-head q/k RMSNorm before RoPE, no bias, tied
+    "granite",      // embedding / residual / attention multipliers, logits scaling
 ];
 
 /// Fixtures refused up front, with a part of the error that names the key
@@ -37,7 +38,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("gemma2", "(architectures[0])"),
     ("gemma3", "(architectures[0])"),
     ("olmo2", "(architectures[0])"),
-    ("granite", "(architectures[0])"),
     ("mixtral", "(architectures[0])"),
     ("qwen2-moe", "(architectures[0])"),
     ("qwen3-moe", "(architectures[0])"),
@@ -208,6 +208,22 @@ fn each_fixture_really_exercises_its_feature() {
     });
     let d = max_diff(&ours, &r.logits);
     assert!(d > 1e-2, "qwen3: no q/k norms is within {d} of its own");
+    // Granite with each of its four multipliers neutral (1, or the default
+    // 1/sqrt(head_dim) score scale) in turn.
+    let dir = fixtures().join("granite");
+    let r = reference(&dir);
+    type Tweak = fn(&mut quantizer_job::family::Scalars);
+    let tweaks: [(&str, Tweak); 4] = [
+        ("embedding_multiplier", |s| s.embedding_multiplier = 1.0),
+        ("residual_multiplier", |s| s.residual_multiplier = 1.0),
+        ("attention_multiplier", |s| s.attention_multiplier = None),
+        ("logits_scaling", |s| s.logits_scaling = 1.0),
+    ];
+    for (key, tweak) in tweaks {
+        let ours = logits_with(&dir, &r.ids, |c| tweak(&mut c.block.scalars));
+        let d = max_diff(&ours, &r.logits);
+        assert!(d > 1e-2, "granite without {key} is within {d} of its own");
+    }
     // Mistral's window (16) is shorter than its 40 tokens: inside the window
     // full attention agrees, past it it does not.
     let dir = fixtures().join("mistral");

@@ -48,8 +48,10 @@ use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKi
 use crate::quant::QuantError;
 
 mod head_norm;
+mod scalars;
 
 use head_norm::DeviceHeadNorms;
+use scalars::ScalarKernels;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
 /// device at hand when a [`LlamaOps`] is built.
@@ -891,6 +893,8 @@ pub struct LlamaOps<'g> {
     gpu: &'g Gpu,
     cfg: LlamaConfig,
     kernels: Kernels,
+    /// Granite's multiply/divide kernels, when the family has scalars.
+    scalars: Option<ScalarKernels>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
 }
@@ -911,6 +915,7 @@ impl<'g> LlamaOps<'g> {
             gpu,
             cfg: cfg.clone(),
             kernels,
+            scalars: ScalarKernels::load(gpu, cfg)?,
             cos: stream
                 .clone_htod(&cos)
                 .during("uploading the RoPE cosines")?,
@@ -1161,7 +1166,9 @@ impl<'g> LlamaOps<'g> {
     ) -> Result<(), GpuError> {
         let heads = self.heads();
         let kv_len = kv.len;
-        let plan = heads.scores_plan(t, kv_len);
+        let mut plan = heads.scores_plan(t, kv_len);
+        // Granite's attention_multiplier, else 1 / sqrt(head_dim) as planned.
+        plan.alpha = self.cfg.block.attention_scale(heads.head_dim) as f32;
         for r in 0..heads.rep() {
             let (_, b, c) = heads.scores_offsets(r, t, kv_len);
             let q_r = sub_view(q, b..q.len(), "queries")?;
@@ -1301,8 +1308,10 @@ impl<'g> LlamaOps<'g> {
         }
         check_len("hidden states", hidden.len(), rows * self.cfg.hidden_size)?;
         let mut h1 = self.attention_block(layer, hidden, span, cache, &mut capture)?;
+        self.scale_residual(&mut h1)?;
         self.add_inplace(&mut h1, hidden)?;
         let mut out = self.mlp_block(layer, &h1, rows, &mut capture)?;
+        self.scale_residual(&mut out)?;
         self.add_inplace(&mut out, &h1)?;
         Ok(out)
     }
@@ -1696,7 +1705,9 @@ impl<'a> GpuLlama<'a> {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::TokenOutOfVocabulary { id, vocab }.into());
         }
-        Ok(self.ops.embed(&self.embed_tokens, tokens)?)
+        let mut x = self.ops.embed(&self.embed_tokens, tokens)?;
+        self.ops.scale_embeddings(&mut x)?;
+        Ok(x)
     }
 
     fn check_positions(&self, len: usize) -> Result<(), LlamaGpuError> {
@@ -1758,14 +1769,16 @@ impl<'a> GpuLlama<'a> {
         rows: usize,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let cfg = self.config();
-        self.ops.matmul_t(
+        let mut logits = self.ops.matmul_t(
             x,
             rows,
             self.lm_head(),
             cfg.vocab_size,
             cfg.hidden_size,
             "lm_head",
-        )
+        )?;
+        self.ops.scale_logits(&mut logits)?;
+        Ok(logits)
     }
 
     /// Logits `[seq, vocab_size]` of one sequence, copied to the host: the

@@ -319,10 +319,14 @@ impl LlamaModel {
         {
             return Err(ModelError::TokenOutOfVocabulary { id, vocab });
         }
-        Ok(self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+        let x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.block.scalars.embedding() {
+            Some(m) => x.affine(f64::from(m), 0.0)?,
+            None => x,
+        })
     }
 
     /// Runs decoder layer `index` on hidden states `[b, t, h]` (positions
@@ -343,6 +347,11 @@ impl LlamaModel {
         let (b, t, h) = hidden.dims3()?;
         let x = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         let logits = x.reshape((b * t, h))?.matmul(&self.lm_head.t()?)?;
+        let logits = match self.config.block.scalars.logits_divisor() {
+            // Divided, not multiplied by the reciprocal, as transformers does.
+            Some(d) => logits.broadcast_div(&Tensor::new(d, &Device::Cpu)?)?,
+            None => logits,
+        };
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -541,7 +550,7 @@ impl LlamaModel {
         // Grouped-query attention without materialising repeated K/V: the
         // `rep` query heads sharing one KV head are stacked along the rows.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.block.attention_scale(hd);
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, kv_len))?;
         let window = cfg.sliding_window.filter(|w| *w < kv_len);
         let scores = if t > 1 || window.is_some() {
@@ -556,7 +565,12 @@ impl LlamaModel {
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         emit(LinearKind::OProj, &attn);
-        let hidden = (hidden + layer.o_proj.forward(&attn)?.reshape((b, t, h))?)?;
+        let residual = cfg.block.scalars.residual();
+        let scaled = |y: Tensor| match residual {
+            Some(m) => y.affine(f64::from(m), 0.0),
+            None => Ok(y),
+        };
+        let hidden = (hidden + scaled(layer.o_proj.forward(&attn)?.reshape((b, t, h))?)?)?;
 
         // MLP block.
         let x = rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps)?
@@ -565,7 +579,7 @@ impl LlamaModel {
         emit(LinearKind::UpProj, &x);
         let gated = (layer.gate_proj.forward(&x)?.silu()? * layer.up_proj.forward(&x)?)?;
         emit(LinearKind::DownProj, &gated);
-        let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
+        let out = scaled(layer.down_proj.forward(&gated)?.reshape((b, t, h))?)?;
         Ok((hidden + out)?)
     }
 }

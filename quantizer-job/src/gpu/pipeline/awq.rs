@@ -64,7 +64,7 @@ pub(super) fn quantize_layers(
     let seq = calibration.first().map_or(0, Vec::len);
     let ops = LlamaOps::new(gpu, cfg)?;
     let awq = DeviceAwq::new(job.quantizer)?;
-    let mut hidden = embed_batches(gpu, checkpoint, cfg, calibration)?;
+    let mut hidden = embed_batches(&ops, checkpoint, calibration)?;
     let mut folded_norms = BTreeMap::new();
     let progress = Progress::new("quantize", cfg.num_hidden_layers);
     for layer in 0..cfg.num_hidden_layers {
