@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::{Block, HeadNorm, Scalars};
+use std::ops::Range;
+
+use crate::family::{Block, Fused, HeadNorm, Scalars};
+use crate::model::{LinearId, LinearKind};
 use crate::rope::{RawRope, RopeError, RopeScaling};
 
 /// The Llama-family architectures the CPU forward pass implements.
@@ -27,6 +30,9 @@ pub enum Architecture {
     /// `GraniteForCausalLM` (Llama layout plus the scalar multipliers of
     /// [`crate::family::Scalars`]).
     Granite,
+    /// `Phi3ForCausalLM` (Phi-3, 3.5, 4-mini: Llama layout with fused
+    /// `qkv_proj` and `gate_up_proj`, [`crate::family::Fused`]; longrope).
+    Phi3,
 }
 
 impl Architecture {
@@ -38,6 +44,7 @@ impl Architecture {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Granite => "GraniteForCausalLM",
+            Architecture::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -48,6 +55,7 @@ impl Architecture {
             Self::Qwen2,
             Self::Qwen3,
             Self::Granite,
+            Self::Phi3,
         ]
         .into_iter()
         .find(|a| a.hf_name() == name)
@@ -77,7 +85,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -208,6 +216,8 @@ struct RawConfig {
     residual_multiplier: Option<f64>,
     attention_multiplier: Option<f64>,
     logits_scaling: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
@@ -279,13 +289,6 @@ impl LlamaConfig {
             (None, Some(r)) => ("rope_scaling", r.clone()),
             (None, None) => ("rope_parameters", RawRope::default()),
         };
-        let rope_scaling =
-            rope.scaling(max_position_embeddings)
-                .map_err(|source| ConfigError::Rope {
-                    path: path.to_path_buf(),
-                    key: rope_key,
-                    source,
-                })?;
         let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
         let unsupported = |key: &'static str, found: String, supported: &'static str| {
             ConfigError::UnsupportedFeature {
@@ -295,6 +298,18 @@ impl LlamaConfig {
                 supported,
             }
         };
+        // Configs written for transformers 4 (Phi-4-mini among them) keep
+        // it at the top level; transformers 5 moves it into rope_parameters,
+        // where `RawRope::scaling` refuses it the same way.
+        if let Some(p) = raw.partial_rotary_factor
+            && p != 1.0
+        {
+            return Err(unsupported(
+                "partial_rotary_factor",
+                p.to_string(),
+                "only 1.0: RoPE over the whole head",
+            ));
+        }
         if raw.mlp_bias == Some(true) {
             return Err(unsupported(
                 "mlp_bias",
@@ -322,7 +337,8 @@ impl LlamaConfig {
             ));
         }
         let sliding_window = match architecture {
-            Architecture::Mistral => raw.sliding_window,
+            // transformers' Phi-3 masks with the window whenever one is set.
+            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
             // Qwen2 and Qwen3 write a window they do not use unless
             // use_sliding_window (refused above).
             Architecture::Llama
@@ -356,6 +372,17 @@ impl LlamaConfig {
                 format!("must be positive and even for RoPE, found {head_dim}"),
             ));
         }
+        let rope_scaling = rope
+            .scaling(
+                max_position_embeddings,
+                raw.original_max_position_embeddings,
+                head_dim,
+            )
+            .map_err(|source| ConfigError::Rope {
+                path: path.to_path_buf(),
+                key: rope_key,
+                source,
+            })?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let block = match architecture {
             // transformers' Qwen2 hard-codes its biases, whatever attention_bias says.
@@ -379,6 +406,11 @@ impl LlamaConfig {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 scalars: granite_scalars(&raw, path)?,
+                ..Block::default()
+            },
+            // transformers' Phi-3 has no biases, whatever attention_bias says.
+            Architecture::Phi3 => Block {
+                fused_projections: true,
                 ..Block::default()
             },
         };
@@ -418,9 +450,14 @@ impl LlamaConfig {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            if self.block.fused_projections {
+                let qkv = Fused::Qkv.module_name(i);
+                out.push((format!("{qkv}.weight"), vec![q + 2 * kv, h]));
+            } else {
+                out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+                out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            }
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             if self.block.qk_norm {
                 for norm in HeadNorm::ALL {
@@ -435,8 +472,13 @@ impl LlamaConfig {
             if self.block.o_bias {
                 out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
             }
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
+            if self.block.fused_projections {
+                let gate_up = Fused::GateUp.module_name(i);
+                out.push((format!("{gate_up}.weight"), vec![2 * m, h]));
+            } else {
+                out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
+                out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
+            }
             out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
@@ -444,6 +486,43 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
+    }
+
+    /// Output rows `(out)` of each Linear, as [`Fused`] stacks them.
+    fn linear_rows(&self, kind: LinearKind) -> usize {
+        match kind {
+            LinearKind::QProj => self.num_attention_heads * self.head_dim,
+            LinearKind::KProj | LinearKind::VProj => self.num_key_value_heads * self.head_dim,
+            LinearKind::OProj | LinearKind::DownProj => self.hidden_size,
+            LinearKind::GateProj | LinearKind::UpProj => self.intermediate_size,
+        }
+    }
+
+    /// The rows `kind` occupies in its fused Linear.
+    pub fn fused_rows(&self, fused: Fused, kind: LinearKind) -> Option<Range<usize>> {
+        let mut start = 0;
+        for part in fused.parts() {
+            let rows = self.linear_rows(*part);
+            if *part == kind {
+                return Some(start..start + rows);
+            }
+            start += rows;
+        }
+        None
+    }
+
+    /// Where the split Linear weight `name` (e.g.
+    /// `model.layers.0.self_attn.k_proj.weight`) lives when this family
+    /// stores it fused: the fused tensor's name and the rows it takes.
+    /// `None` for a tensor stored under its own name.
+    pub fn fused_part(&self, name: &str) -> Option<(String, Range<usize>)> {
+        if !self.block.fused_projections {
+            return None;
+        }
+        let id = LinearId::parse(name)?;
+        let fused = Fused::of(id.kind)?;
+        let rows = self.fused_rows(fused, id.kind)?;
+        Some((format!("{}.weight", fused.module_name(id.layer)), rows))
     }
 }
 
@@ -506,5 +585,48 @@ mod tests {
             );
             assert!(err.to_string().contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn phi3_reads_fused_projections_and_refuses_a_partial_rotary_factor() {
+        let c = parse(serde_json::json!({}), "Phi3ForCausalLM").expect("phi3");
+        assert!(c.block.fused_projections);
+        let names: Vec<String> = c.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.layers.0.self_attn.qkv_proj.weight".to_string()));
+        assert!(!names.iter().any(|n| n.ends_with("q_proj.weight")));
+        // k's rows follow q's 4 heads of 16.
+        assert_eq!(
+            c.fused_part("model.layers.1.self_attn.k_proj.weight"),
+            Some((
+                "model.layers.1.self_attn.qkv_proj.weight".to_string(),
+                64..96
+            ))
+        );
+        assert_eq!(
+            c.fused_part("model.layers.1.mlp.up_proj.weight"),
+            Some((
+                "model.layers.1.mlp.gate_up_proj.weight".to_string(),
+                128..256
+            ))
+        );
+        assert_eq!(c.fused_part("model.layers.1.self_attn.o_proj.weight"), None);
+        // Phi-4-mini's 0.75, at the top level (transformers 4) or in
+        // rope_parameters (transformers 5).
+        let err = parse(
+            serde_json::json!({"partial_rotary_factor": 0.75}),
+            "Phi3ForCausalLM",
+        )
+        .expect_err("top level");
+        assert!(
+            matches!(&err, ConfigError::UnsupportedFeature { key, .. } if *key == "partial_rotary_factor"),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("0.75"), "{err}");
+        let err = parse(
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}}),
+            "Phi3ForCausalLM",
+        )
+        .expect_err("rope_parameters");
+        assert!(err.to_string().contains("partial_rotary_factor"), "{err}");
     }
 }

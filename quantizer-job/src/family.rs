@@ -1,8 +1,9 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2, Qwen3 and Granite share one decoder block
+//! Llama, Mistral, Qwen2, Qwen3, Granite and Phi-3 share one decoder block
 //! (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP); they differ in a
-//! few switches and scalars. [`crate::config`] reads them from `config.json` once into a
+//! few switches and scalars, and in how the checkpoint stores the Linears
+//! ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -10,6 +11,8 @@
 //! described in one place and cannot be half-supported on one backend.
 
 use serde::{Deserialize, Serialize};
+
+use crate::model::LinearKind;
 
 /// The switches of the shared decoder block.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -26,6 +29,10 @@ pub struct Block {
     /// Granite's scalar multipliers (all neutral for the other families).
     #[serde(default)]
     pub scalars: Scalars,
+    /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up
+    /// as one `mlp.gate_up_proj` (Phi-3, [`Fused`]).
+    #[serde(default)]
+    pub fused_projections: bool,
 }
 
 impl Block {
@@ -132,9 +139,86 @@ impl HeadNorm {
     }
 }
 
+/// A Linear that Phi-3 checkpoints store as the row-wise concatenation of
+/// the block's Linears sharing its input: `qkv_proj = [q; k; v]` and
+/// `gate_up_proj = [gate; up]` (transformers' `Phi3Attention` slices q, k, v
+/// off the columns of its output in that order, `Phi3MLP` chunks gate then
+/// up).
+///
+/// Both forwards run the split Linears: the checkpoint
+/// ([`crate::checkpoint::Checkpoint::raw`]) and the model's loader
+/// ([`crate::model::LlamaModel::from_tensors`]) hand out each part as rows
+/// of the fused tensor ([`crate::config::LlamaConfig::fused_part`]), so the
+/// one forward, the capture points and the quantizers need nothing new. The
+/// writer fuses the quantized parts again under the checkpoint's name
+/// ([`crate::format::fused`]), because transformers, vLLM and llm-compressor
+/// expect `qkv_proj` and `gate_up_proj` for Phi-3. That is exact: every
+/// scheme's scales are per output row (per channel, or per group along the
+/// input), so the parts' rows are the fused Linear's rows, quantized with the
+/// same input statistics (one Hessian or AWQ scale per shared input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fused {
+    /// `self_attn.qkv_proj`: `q_proj`, `k_proj`, `v_proj`.
+    Qkv,
+    /// `mlp.gate_up_proj`: `gate_proj`, `up_proj`.
+    GateUp,
+}
+
+impl Fused {
+    /// Both, in forward order.
+    pub const ALL: [Fused; 2] = [Fused::Qkv, Fused::GateUp];
+
+    /// The module path inside a decoder layer.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            Fused::Qkv => "self_attn.qkv_proj",
+            Fused::GateUp => "mlp.gate_up_proj",
+        }
+    }
+
+    /// `model.layers.{layer}.{leaf}`.
+    pub fn module_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.leaf())
+    }
+
+    /// The Linears it holds, in row order.
+    pub fn parts(self) -> &'static [LinearKind] {
+        match self {
+            Fused::Qkv => &[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj],
+            Fused::GateUp => &[LinearKind::GateProj, LinearKind::UpProj],
+        }
+    }
+
+    /// The fused Linear holding `kind`, if any.
+    pub fn of(kind: LinearKind) -> Option<Fused> {
+        Self::ALL.into_iter().find(|f| f.parts().contains(&kind))
+    }
+
+    /// Parses a module name written by [`Self::module_name`].
+    pub fn parse(module: &str) -> Option<(usize, Fused)> {
+        let rest = module.strip_prefix("model.layers.")?;
+        let (index, leaf) = rest.split_once('.')?;
+        let fused = Self::ALL.into_iter().find(|f| f.leaf() == leaf)?;
+        Some((index.parse().ok()?, fused))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_names_round_trip_and_cover_every_shared_input() {
+        for fused in Fused::ALL {
+            assert_eq!(Fused::parse(&fused.module_name(3)), Some((3, fused)));
+            for kind in fused.parts() {
+                assert_eq!(Fused::of(*kind), Some(fused));
+            }
+        }
+        assert_eq!(Fused::of(LinearKind::OProj), None);
+        assert_eq!(Fused::of(LinearKind::DownProj), None);
+        assert_eq!(Fused::parse("model.layers.3.self_attn.q_proj"), None);
+    }
 
     #[test]
     fn head_norm_names_round_trip() {

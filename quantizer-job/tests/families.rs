@@ -19,22 +19,22 @@ use safetensors::SafeTensors;
 
 /// Fixtures the forward pass implements, with what they prove.
 const SUPPORTED: &[&str] = &[
-    "llama",        // default RoPE, untied lm_head
-    "llama3",       // rope_type llama3, tied embeddings
-    "llama-linear", // rope_type linear
-    "llama-yarn",   // rope_type yarn (attention factor on cos/sin)
-    "mistral",      // sliding_window 16 over 40 tokens
-    "qwen2",        // q/k/v bias, tied, sliding_window disabled
-    "qwen3",        // per-head q/k RMSNorm before RoPE, no bias, tied
-    "granite",      // embedding / residual / attention multipliers, logits scaling
+    "llama",         // default RoPE, untied lm_head
+    "llama3",        // rope_type llama3, tied embeddings
+    "llama-linear",  // rope_type linear
+    "llama-yarn",    // rope_type yarn (attention factor on cos/sin)
+    "mistral",       // sliding_window 16 over 40 tokens
+    "qwen2",         // q/k/v bias, tied, sliding_window disabled
+    "qwen3",         // per-head q/k RMSNorm before RoPE, no bias, tied
+    "granite",       // embedding / residual / attention multipliers, logits scaling
+    "phi3",          // fused qkv_proj and gate_up_proj
+    "phi3-longrope", // longrope past the original length (long factors)
 ];
 
 /// Fixtures refused up front, with a part of the error that names the key
 /// (values read from the file are never quoted: a spec can name any file).
 const REFUSED: &[(&str, &str)] = &[
     ("llama-dynamic", "unsupported rope_type"),
-    ("phi3", "(architectures[0])"),
-    ("phi3-longrope", "(architectures[0])"),
     ("gemma2", "(architectures[0])"),
     ("gemma3", "(architectures[0])"),
     ("olmo2", "(architectures[0])"),
@@ -224,6 +224,23 @@ fn each_fixture_really_exercises_its_feature() {
         let d = max_diff(&ours, &r.logits);
         assert!(d > 1e-2, "granite without {key} is within {d} of its own");
     }
+    // Phi-3.5's longrope over 40 tokens (original length 32) rotates with
+    // its long factors: with the short ones instead it is far off.
+    let dir = fixtures().join("phi3-longrope");
+    let r = reference(&dir);
+    let ours = logits_with(&dir, &r.ids, |c| match &mut c.rope_scaling {
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } => *long_factor = short_factor.clone(),
+        other => panic!("phi3-longrope reads as {other:?}"),
+    });
+    let d = max_diff(&ours, &r.logits);
+    assert!(
+        d > 1e-2,
+        "phi3-longrope with short factors is within {d} of its own"
+    );
     // Mistral's window (16) is shorter than its 40 tokens: inside the window
     // full attention agrees, past it it does not.
     let dir = fixtures().join("mistral");

@@ -8,8 +8,8 @@
 mod common;
 
 use common::family::{
-    Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, reference, tensor_names,
-    volume,
+    Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, reference, stored,
+    tensor_names, try_quantize, volume,
 };
 use quantizer_job::gpu::Gpu;
 use quantizer_job::llama_layers::LlamaLayers;
@@ -31,6 +31,9 @@ struct Family {
     quantized: &'static [&'static str],
     /// Modules that must not appear in the artifact (quantized or not).
     absent: &'static [&'static str],
+    /// `weight_shape` `[out, in]` the packed integer schemes must store for
+    /// some of the quantized modules.
+    shapes: &'static [(&'static str, [i64; 2])],
     /// (method, bits, group size, largest |logit − transformers'| allowed
     /// for the artifact read back): 8 bits keep the logits close, 4 bits
     /// are not bounded.
@@ -56,6 +59,7 @@ const GRANITE: Family = Family {
         "mlp.down_proj",
     ],
     absent: &[],
+    shapes: &[],
     methods: &[
         ("rtn", 4, 32, f32::INFINITY),
         ("gptq", 4, 32, f32::INFINITY),
@@ -63,6 +67,52 @@ const GRANITE: Family = Family {
         ("int8", 8, -1, 0.15),
         ("fp8", 8, -1, 0.5),
     ],
+};
+
+/// Phi-3's fused projections: quantized as split Linears, written under
+/// the checkpoint's fused names with the stacked rows' scales.
+const PHI3: Family = Family {
+    name: "phi3",
+    architecture: "Phi3ForCausalLM",
+    kept_keys: &["original_max_position_embeddings"],
+    quantized: &[
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "mlp.gate_up_proj",
+        "mlp.down_proj",
+    ],
+    absent: &[
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    ],
+    // q (4 heads of 16) + k + v (2 heads each); gate + up (128 each).
+    shapes: &[
+        ("self_attn.qkv_proj", [128, 64]),
+        ("mlp.gate_up_proj", [256, 64]),
+    ],
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("awq", 8, 32, 0.15),
+        ("int8", 8, -1, 0.15),
+        ("fp8", 8, -1, 0.5),
+    ],
+};
+
+/// Phi-3.5's longrope (long factors past the original 32 positions) through
+/// the artifact.
+const PHI3_LONGROPE: Family = Family {
+    name: "phi3-longrope",
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("int8", 8, -1, 0.15),
+    ],
+    kept_keys: &["rope_parameters"],
+    ..PHI3
 };
 
 /// Quantizes fixture `family` with every method, checks each artifact and
@@ -98,6 +148,17 @@ fn quantize_all(family: &Family, gpu: Option<&Gpu>, out: &str) -> Vec<(String, V
                     };
                     let tensor = format!("{module}.{suffix}");
                     assert!(names.contains(&tensor), "{method}: {tensor} written");
+                }
+            }
+            if !matches!(method, "fp8") {
+                for (module, expected) in family.shapes {
+                    let name = format!("model.layers.{layer}.{module}.weight_shape");
+                    let (_, bytes) = stored(&artifact, &name);
+                    let shape: Vec<i64> = bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect();
+                    assert_eq!(shape, expected, "{method}: {name}");
                 }
             }
             for module in family.absent {
@@ -197,4 +258,66 @@ fn granite_round_trips_through_the_artifact_on_the_cpu() {
 #[test]
 fn granite_gpu_quantize_stage_matches_the_cpu() {
     gpu_matches_cpu(&GRANITE);
+}
+
+#[test]
+fn phi3_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&PHI3);
+}
+
+#[test]
+fn phi3_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&PHI3);
+}
+
+#[test]
+fn phi3_longrope_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&PHI3_LONGROPE);
+}
+
+#[test]
+fn phi3_longrope_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&PHI3_LONGROPE);
+}
+
+/// Ignoring a fused Linear keeps the checkpoint's tensor as it is; ignoring
+/// part of one is refused before any work, naming the fused Linear.
+#[test]
+fn phi3_ignores_a_fused_linear_whole_or_not_at_all() {
+    let volume = volume("phi3");
+    let mut run = Run::new("gptq", 4, 32);
+    run.ignore = &["qkv_proj"];
+    let (artifact, _) = quantize(volume.path(), "phi3", run, None, "whole");
+    let names = tensor_names(&artifact);
+    for layer in 0..2 {
+        let qkv = format!("model.layers.{layer}.self_attn.qkv_proj");
+        assert_eq!(
+            stored(&artifact, &format!("{qkv}.weight")),
+            stored(&fixture("phi3"), &format!("{qkv}.weight")),
+            "{qkv} stays dense and unchanged"
+        );
+        assert!(!names.contains(&format!("{qkv}.weight_scale")));
+        let gate_up = format!("model.layers.{layer}.mlp.gate_up_proj.weight_scale");
+        assert!(names.contains(&gate_up), "{gate_up}");
+    }
+    let config = config_json(&artifact);
+    let ignore = &config["quantization_config"]["ignore"];
+    assert!(
+        ignore
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == "qkv_proj")),
+        "the artifact's ignore list names the fused Linear: {ignore}"
+    );
+    let loaded = LoadedModel::load(&artifact).expect("loads");
+    let (ids, reference) = reference("phi3");
+    let d = max_diff(&logits(&loaded.model, &ids), &reference);
+    assert!(d.is_finite(), "{d}");
+
+    run.ignore = &["model.layers.1.self_attn.k_proj"];
+    let err = try_quantize(volume.path(), "phi3", run, None, "partial").expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("model.layers.1.self_attn.qkv_proj") && text.contains("ignore"),
+        "{text}"
+    );
 }

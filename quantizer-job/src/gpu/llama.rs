@@ -43,14 +43,16 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::family::HeadNorm;
+use crate::family::{Fused, HeadNorm};
 use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
 mod head_norm;
+mod rope_tables;
 mod scalars;
 
 use head_norm::DeviceHeadNorms;
+use rope_tables::DeviceRope;
 use scalars::ScalarKernels;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
@@ -169,6 +171,13 @@ impl WeightSource for TensorMap {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor, LlamaGpuError> {
+        if !self.tensors.contains_key(name)
+            && let Some((fused, rows)) = self.config.fused_part(name)
+            && let Some(whole) = self.tensors.get(&fused)
+        {
+            // Phi-3's fused projections, read back from an artifact.
+            return Ok(whole.narrow(0, rows.start, rows.len())?.contiguous()?);
+        }
         self.tensors.get(name).cloned().ok_or_else(|| {
             ModelError::MissingTensor {
                 name: name.to_string(),
@@ -189,6 +198,15 @@ impl WeightSource for LlamaModel {
     fn tensor(&self, name: &str) -> Result<Tensor, LlamaGpuError> {
         if name == LM_HEAD || LinearId::parse(name).is_some() {
             return Ok(self.linear_weight(name)?.clone());
+        }
+        if let Some((layer, fused)) = name.strip_suffix(".weight").and_then(Fused::parse) {
+            // Phi-3's stored layout, from the split Linears the model holds.
+            let parts = fused
+                .parts()
+                .iter()
+                .map(|&kind| self.linear_weight(&LinearId { layer, kind }.weight_name()))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
         }
         match name {
             "model.embed_tokens.weight" => return Ok(self.embed_tokens().clone()),
@@ -630,17 +648,6 @@ fn has_bias(cfg: &LlamaConfig, kind: LinearKind) -> bool {
     }
 }
 
-/// RoPE tables `[positions, head_dim / 2]` (cos, sin): the ones the CPU
-/// rotates with ([`crate::rope::tables`]), so the device rotation equals it.
-fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
-    crate::rope::tables(
-        &cfg.rope_scaling,
-        cfg.head_dim,
-        cfg.rope_theta,
-        cfg.max_position_embeddings,
-    )
-}
-
 /// Uploads one tensor of a weight source as f32, checking its shape.
 fn upload(
     gpu: &Gpu,
@@ -895,8 +902,8 @@ pub struct LlamaOps<'g> {
     kernels: Kernels,
     /// Granite's multiply/divide kernels, when the family has scalars.
     scalars: Option<ScalarKernels>,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    /// The RoPE tables the CPU rotates with ([`crate::rope::tables`]).
+    rope: DeviceRope,
 }
 
 impl std::fmt::Debug for LlamaOps<'_> {
@@ -909,17 +916,12 @@ impl<'g> LlamaOps<'g> {
     /// Compiles the kernels for `gpu` and uploads the RoPE tables of `cfg`.
     pub fn new(gpu: &'g Gpu, cfg: &LlamaConfig) -> Result<Self, GpuError> {
         let kernels = Kernels::load(gpu)?;
-        let (cos, sin) = rope_tables(cfg);
-        let stream = gpu.stream();
         Ok(Self {
             gpu,
             cfg: cfg.clone(),
             kernels,
             scalars: ScalarKernels::load(gpu, cfg)?,
-            cos: stream
-                .clone_htod(&cos)
-                .during("uploading the RoPE cosines")?,
-            sin: stream.clone_htod(&sin).during("uploading the RoPE sines")?,
+            rope: DeviceRope::upload(gpu, cfg)?,
         })
     }
 
@@ -1112,8 +1114,9 @@ impl<'g> LlamaOps<'g> {
             to_i32(span.seq, "sequence length")?,
             to_i32(span.offset, "position offset")?,
         ];
+        let (cos, sin) = self.rope.for_len(last)?;
         let mut launch = self.gpu.stream().launch_builder(&self.kernels.rope_inplace);
-        launch.arg(x).arg(&self.cos).arg(&self.sin);
+        launch.arg(x).arg(cos).arg(sin);
         for a in &args {
             launch.arg(a);
         }

@@ -203,7 +203,30 @@ impl LlamaModel {
         let shapes: HashMap<String, Vec<usize>> = config.expected_tensors().into_iter().collect();
         let linear = |tensors: &mut HashMap<String, Tensor>, id: LinearId, bias: bool| {
             let name = id.weight_name();
-            let weight = take(tensors, &shapes, &name)?;
+            let weight = match config.fused_part(&name) {
+                // Phi-3's fused qkv_proj / gate_up_proj: this Linear's rows.
+                Some((fused, rows)) if !tensors.contains_key(&name) => {
+                    let whole = tensors
+                        .get(&fused)
+                        .ok_or_else(|| ModelError::MissingTensor {
+                            name: fused.clone(),
+                        })?;
+                    if let Some(expected) = shapes.get(&fused)
+                        && whole.dims() != expected.as_slice()
+                    {
+                        return Err(ModelError::ShapeMismatch {
+                            name: fused,
+                            expected: expected.clone(),
+                            found: whole.dims().to_vec(),
+                        });
+                    }
+                    whole
+                        .narrow(0, rows.start, rows.len())?
+                        .to_dtype(DType::F32)?
+                        .contiguous()?
+                }
+                _ => take(tensors, &shapes, &name)?,
+            };
             let bias = if bias {
                 let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
                 Some(take(tensors, &shapes, &bias_name)?)
