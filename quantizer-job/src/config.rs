@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use std::ops::Range;
 
-use crate::family::{Block, Fused, HeadNorm, Scalars};
+use crate::family::{Block, Fused, HeadNorm, NormPlacement, QkNormScope, Scalars};
 use crate::model::{LinearId, LinearKind};
 use crate::rope::{RawRope, RopeError, RopeScaling};
 
@@ -33,6 +33,10 @@ pub enum Architecture {
     /// `Phi3ForCausalLM` (Phi-3, 3.5, 4-mini: Llama layout with fused
     /// `qkv_proj` and `gate_up_proj`, [`crate::family::Fused`]; longrope).
     Phi3,
+    /// `Olmo2ForCausalLM` (norms after the sublayers, q/k RMSNorm over the
+    /// whole projections: [`crate::family::NormPlacement::Post`],
+    /// [`crate::family::QkNormScope::Projection`]).
+    Olmo2,
 }
 
 impl Architecture {
@@ -45,6 +49,7 @@ impl Architecture {
             Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Granite => "GraniteForCausalLM",
             Architecture::Phi3 => "Phi3ForCausalLM",
+            Architecture::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 
@@ -56,6 +61,7 @@ impl Architecture {
             Self::Qwen3,
             Self::Granite,
             Self::Phi3,
+            Self::Olmo2,
         ]
         .into_iter()
         .find(|a| a.hf_name() == name)
@@ -85,7 +91,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -344,7 +350,8 @@ impl LlamaConfig {
             Architecture::Llama
             | Architecture::Qwen2
             | Architecture::Qwen3
-            | Architecture::Granite => None,
+            | Architecture::Granite
+            | Architecture::Olmo2 => None,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -375,7 +382,9 @@ impl LlamaConfig {
         let rope_scaling = rope
             .scaling(
                 max_position_embeddings,
-                raw.original_max_position_embeddings,
+                // Phi3Config's default when the key is absent.
+                raw.original_max_position_embeddings
+                    .or((architecture == Architecture::Phi3).then_some(4096.0)),
                 head_dim,
             )
             .map_err(|source| ConfigError::Rope {
@@ -413,6 +422,14 @@ impl LlamaConfig {
                 fused_projections: true,
                 ..Block::default()
             },
+            Architecture::Olmo2 => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: true,
+                qk_norm_scope: QkNormScope::Projection,
+                norms: NormPlacement::Post,
+                ..Block::default()
+            },
         };
         Ok(LlamaConfig {
             architecture,
@@ -423,7 +440,11 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            // The architectures' config defaults: Phi3Config and Olmo2Config 1e-5.
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(match architecture {
+                Architecture::Phi3 | Architecture::Olmo2 => 1e-5,
+                _ => 1e-6,
+            }),
             rope_theta,
             rope_scaling,
             sliding_window,
@@ -448,8 +469,14 @@ impl LlamaConfig {
         )];
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            if self.block.norms == NormPlacement::Pre {
+                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            }
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            if self.block.norms == NormPlacement::Post {
+                let leaf = NormPlacement::POST_FEEDFORWARD;
+                out.push((format!("{p}.{leaf}.weight"), vec![h]));
+            }
             if self.block.fused_projections {
                 let qkv = Fused::Qkv.module_name(i);
                 out.push((format!("{qkv}.weight"), vec![q + 2 * kv, h]));
@@ -461,7 +488,7 @@ impl LlamaConfig {
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             if self.block.qk_norm {
                 for norm in HeadNorm::ALL {
-                    out.push((norm.weight_name(i), vec![self.head_dim]));
+                    out.push((norm.weight_name(i), vec![self.head_norm_width(norm)]));
                 }
             }
             if self.block.qkv_bias {
@@ -486,6 +513,18 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
+    }
+
+    /// The width of a q/k norm's weight: `head_dim` per head (Qwen3), or
+    /// the whole projection's (OLMo 2).
+    pub fn head_norm_width(&self, norm: HeadNorm) -> usize {
+        match self.block.qk_norm_scope {
+            QkNormScope::Head => self.head_dim,
+            QkNormScope::Projection => match norm {
+                HeadNorm::Query => self.num_attention_heads * self.head_dim,
+                HeadNorm::Key => self.num_key_value_heads * self.head_dim,
+            },
+        }
     }
 
     /// Output rows `(out)` of each Linear, as [`Fused`] stacks them.

@@ -1,9 +1,10 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2, Qwen3, Granite and Phi-3 share one decoder block
-//! (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP); they differ in a
-//! few switches and scalars, and in how the checkpoint stores the Linears
-//! ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
+//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3 and OLMo 2 share one
+//! decoder block (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP);
+//! they differ in a few switches and scalars — where the norms sit
+//! ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]) — and in
+//! how the checkpoint stores the Linears ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -21,11 +22,18 @@ pub struct Block {
     pub qkv_bias: bool,
     /// `o_proj` carries a bias (`attention_bias` of Llama, Mistral, Qwen3).
     pub o_bias: bool,
-    /// Each head's query and key go through an RMSNorm over `head_dim`
-    /// (weights [`HeadNorm::weight_name`], shape `[head_dim]`, eps
-    /// `rms_norm_eps`) after the projection and before RoPE: Qwen3.
+    /// Queries and keys go through an RMSNorm (weights
+    /// [`HeadNorm::weight_name`], eps `rms_norm_eps`) after the projection and
+    /// before RoPE: Qwen3 per head, OLMo 2 over the whole projection
+    /// ([`Block::qk_norm_scope`]).
     #[serde(default)]
     pub qk_norm: bool,
+    /// What the q/k norms normalise over, when [`Block::qk_norm`].
+    #[serde(default)]
+    pub qk_norm_scope: QkNormScope,
+    /// Where the two RMSNorms of a block sit.
+    #[serde(default)]
+    pub norms: NormPlacement,
     /// Granite's scalar multipliers (all neutral for the other families).
     #[serde(default)]
     pub scalars: Scalars,
@@ -33,6 +41,38 @@ pub struct Block {
     /// as one `mlp.gate_up_proj` (Phi-3, [`Fused`]).
     #[serde(default)]
     pub fused_projections: bool,
+}
+
+/// Where a decoder block's RMSNorms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NormPlacement {
+    /// Before each sublayer (Llama and most families): `input_layernorm`
+    /// normalises the attention's input, `post_attention_layernorm` the
+    /// MLP's input; the sublayers' outputs go to the residual unchanged.
+    #[default]
+    Pre,
+    /// After each sublayer (OLMo 2): the attention and the MLP read the
+    /// residual stream itself, `post_attention_layernorm` normalises the
+    /// attention's output and `post_feedforward_layernorm` the MLP's output
+    /// before each is added to the residual. There is no `input_layernorm`,
+    /// so no norm for AWQ to fold the scales of q/k/v or gate/up into.
+    Post,
+}
+
+impl NormPlacement {
+    /// The checkpoint leaf name of the norm after the MLP (post placement).
+    pub const POST_FEEDFORWARD: &'static str = "post_feedforward_layernorm";
+}
+
+/// What [`Block::qk_norm`] normalises over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum QkNormScope {
+    /// Each head on its own, weights `[head_dim]` (Qwen3).
+    #[default]
+    Head,
+    /// The whole projection output, all heads at once, weights
+    /// `[num_heads · head_dim]` and `[num_kv_heads · head_dim]` (OLMo 2).
+    Projection,
 }
 
 impl Block {
@@ -99,15 +139,15 @@ fn neutral_free(value: f64) -> Option<f32> {
     (value != 1.0).then_some(value as f32)
 }
 
-/// One of the per-head RMSNorms of [`Block::qk_norm`]. They are not Linears:
+/// One of the q/k RMSNorms of [`Block::qk_norm`]. They are not Linears:
 /// never quantized, and written unchanged into an artifact beside the other
 /// norms. AWQ never folds into them and never scales what they normalise
 /// (see [`crate::llama_layers::llama_input_groups`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HeadNorm {
-    /// `self_attn.q_norm`, over each query head.
+    /// `self_attn.q_norm`, over the queries.
     Query,
-    /// `self_attn.k_norm`, over each key head.
+    /// `self_attn.k_norm`, over the keys.
     Key,
 }
 

@@ -29,6 +29,7 @@ const SUPPORTED: &[&str] = &[
     "granite",       // embedding / residual / attention multipliers, logits scaling
     "phi3",          // fused qkv_proj and gate_up_proj
     "phi3-longrope", // longrope past the original length (long factors)
+    "olmo2",         // norms after the sublayers, q/k RMSNorm over the whole projections
 ];
 
 /// Fixtures refused up front, with a part of the error that names the key
@@ -37,7 +38,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("llama-dynamic", "unsupported rope_type"),
     ("gemma2", "(architectures[0])"),
     ("gemma3", "(architectures[0])"),
-    ("olmo2", "(architectures[0])"),
     ("mixtral", "(architectures[0])"),
     ("qwen2-moe", "(architectures[0])"),
     ("qwen3-moe", "(architectures[0])"),
@@ -241,6 +241,16 @@ fn each_fixture_really_exercises_its_feature() {
         d > 1e-2,
         "phi3-longrope with short factors is within {d} of its own"
     );
+    // OLMo 2 without its q/k norms over the whole projections (the tensors
+    // are there, but ignored).
+    let dir = fixtures().join("olmo2");
+    let r = reference(&dir);
+    let ours = logits_with(&dir, &r.ids, |c| {
+        assert!(c.block.qk_norm);
+        c.block.qk_norm = false;
+    });
+    let d = max_diff(&ours, &r.logits);
+    assert!(d > 1e-2, "olmo2: no q/k norms is within {d} of its own");
     // Mistral's window (16) is shorter than its 40 tokens: inside the window
     // full attention agrees, past it it does not.
     let dir = fixtures().join("mistral");
@@ -264,7 +274,7 @@ fn cached_generation_equals_the_full_recompute() {
     // Decoding one token at a time with the KV cache must mask the keys that
     // left Mistral's window, and cache Qwen3's keys normed and rotated, as
     // the full recompute does.
-    for name in ["mistral", "qwen3"] {
+    for name in ["mistral", "qwen3", "olmo2"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
         let checkpoint = Checkpoint::open(&dir).expect("open");

@@ -31,6 +31,9 @@ struct Family {
     quantized: &'static [&'static str],
     /// Modules that must not appear in the artifact (quantized or not).
     absent: &'static [&'static str],
+    /// Tensors of each layer (after `model.layers.{i}.`) that are no Linears
+    /// and must be written exactly as the checkpoint stores them.
+    unchanged: &'static [&'static str],
     /// `weight_shape` `[out, in]` the packed integer schemes must store for
     /// some of the quantized modules.
     shapes: &'static [(&'static str, [i64; 2])],
@@ -59,6 +62,7 @@ const GRANITE: Family = Family {
         "mlp.down_proj",
     ],
     absent: &[],
+    unchanged: &[],
     shapes: &[],
     methods: &[
         ("rtn", 4, 32, f32::INFINITY),
@@ -88,6 +92,7 @@ const PHI3: Family = Family {
         "mlp.gate_proj",
         "mlp.up_proj",
     ],
+    unchanged: &[],
     // q (4 heads of 16) + k + v (2 heads each); gate + up (128 each).
     shapes: &[
         ("self_attn.qkv_proj", [128, 64]),
@@ -113,6 +118,30 @@ const PHI3_LONGROPE: Family = Family {
     ],
     kept_keys: &["rope_parameters"],
     ..PHI3
+};
+
+/// OLMo 2: norms after the sublayers and q/k norms over the whole
+/// projections, none of them quantized. AWQ is refused (see
+/// `olmo2_refuses_awq_before_any_work`).
+const OLMO2: Family = Family {
+    name: "olmo2",
+    architecture: "Olmo2ForCausalLM",
+    kept_keys: &["rope_parameters"],
+    quantized: GRANITE.quantized,
+    absent: &["input_layernorm"],
+    unchanged: &[
+        "post_attention_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+    ],
+    shapes: &[],
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("int8", 8, -1, 0.15),
+        ("fp8", 8, -1, 0.5),
+    ],
 };
 
 /// Quantizes fixture `family` with every method, checks each artifact and
@@ -160,6 +189,14 @@ fn quantize_all(family: &Family, gpu: Option<&Gpu>, out: &str) -> Vec<(String, V
                         .collect();
                     assert_eq!(shape, expected, "{method}: {name}");
                 }
+            }
+            for tensor in family.unchanged {
+                let name = format!("model.layers.{layer}.{tensor}");
+                assert_eq!(
+                    stored(&artifact, &name),
+                    stored(&fixture(family.name), &name),
+                    "{method}: {name} unchanged"
+                );
             }
             for module in family.absent {
                 let prefix = format!("model.layers.{layer}.{module}.");
@@ -320,4 +357,56 @@ fn phi3_ignores_a_fused_linear_whole_or_not_at_all() {
         text.contains("model.layers.1.self_attn.qkv_proj") && text.contains("ignore"),
         "{text}"
     );
+}
+
+#[test]
+fn olmo2_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&OLMO2);
+}
+
+#[test]
+fn olmo2_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&OLMO2);
+}
+
+/// AWQ would fold its scales into norms OLMo 2 does not have before q/k/v
+/// and gate/up: refused by the stage before any work, naming the
+/// architecture and the method, on either backend.
+#[test]
+fn olmo2_refuses_awq_before_any_work() {
+    let volume = volume("olmo2");
+    let files = || -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![volume.path().to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()) {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let before = files();
+    let gpu = gpu_or_skip();
+    for device in [None, gpu.as_ref()] {
+        let err = try_quantize(
+            volume.path(),
+            "olmo2",
+            Run::new("awq", 4, 32),
+            device,
+            "awq",
+        )
+        .expect_err("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("Olmo2ForCausalLM") && text.contains("awq"),
+            "{text}"
+        );
+        assert_eq!(files(), before, "nothing written");
+    }
 }

@@ -43,11 +43,12 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::family::{Fused, HeadNorm};
+use crate::family::{Fused, HeadNorm, NormPlacement};
 use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
 mod head_norm;
+mod norm_placement;
 mod rope_tables;
 mod scalars;
 
@@ -234,6 +235,13 @@ impl WeightSource for LlamaModel {
             return Ok(match norm {
                 LayerNorm::Input => self.input_layernorm(layer)?,
                 LayerNorm::PostAttention => self.post_attention_layernorm(layer)?,
+                LayerNorm::PostFeedforward => {
+                    self.post_feedforward_layernorm(layer)?.ok_or_else(|| {
+                        ModelError::MissingTensor {
+                            name: name.to_string(),
+                        }
+                    })?
+                }
             }
             .clone());
         }
@@ -244,10 +252,11 @@ impl WeightSource for LlamaModel {
     }
 }
 
-/// The two norms of a decoder layer.
+/// The norms of a decoder layer.
 enum LayerNorm {
     Input,
     PostAttention,
+    PostFeedforward,
 }
 
 /// Parses `model.layers.{i}.input_layernorm.weight` and its post-attention twin.
@@ -257,6 +266,7 @@ fn layer_norm_name(name: &str) -> Option<(usize, LayerNorm)> {
     let norm = match norm {
         "input_layernorm.weight" => LayerNorm::Input,
         "post_attention_layernorm.weight" => LayerNorm::PostAttention,
+        "post_feedforward_layernorm.weight" => LayerNorm::PostFeedforward,
         _ => return None,
     };
     Some((index.parse().ok()?, norm))
@@ -701,8 +711,11 @@ impl Projection {
 /// (swapping Linear weights with [`DeviceLayer::set_linear`]) and drops.
 pub struct DeviceLayer {
     index: usize,
-    input_layernorm: CudaSlice<f32>,
+    /// `None` with the norms after the sublayers (OLMo 2).
+    input_layernorm: Option<CudaSlice<f32>>,
     post_attention_layernorm: CudaSlice<f32>,
+    /// With the norms after the sublayers only.
+    post_feedforward_layernorm: Option<CudaSlice<f32>>,
     /// Qwen3's q/k norms, when the family has them.
     head_norms: Option<DeviceHeadNorms>,
     /// The seven Linears, in [`LinearKind::ALL`]'s order.
@@ -742,10 +755,14 @@ impl DeviceLayer {
             )
         };
         let proj = |kind| Projection::load(gpu, source, LinearId { layer, kind });
+        let post = cfg.block.norms == NormPlacement::Post;
         Ok(Self {
             index: layer,
-            input_layernorm: norm("input_layernorm")?,
+            input_layernorm: (!post).then(|| norm("input_layernorm")).transpose()?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
+            post_feedforward_layernorm: post
+                .then(|| norm(NormPlacement::POST_FEEDFORWARD))
+                .transpose()?,
             head_norms: DeviceHeadNorms::load(gpu, source, layer)?,
             projections: LinearKind::ALL
                 .into_iter()
@@ -824,18 +841,26 @@ impl DeviceLayer {
         Ok(std::mem::replace(&mut slot.weight, weight))
     }
 
-    fn norm_slot(&mut self, kind: NormKind) -> &mut CudaSlice<f32> {
+    fn norm_slot(&mut self, kind: NormKind) -> Result<&mut CudaSlice<f32>, GpuError> {
+        let index = self.index;
         match kind {
-            NormKind::Input => &mut self.input_layernorm,
-            NormKind::PostAttention => &mut self.post_attention_layernorm,
+            NormKind::Input => self
+                .input_layernorm
+                .as_mut()
+                .ok_or_else(|| no_input_norm(index)),
+            NormKind::PostAttention => Ok(&mut self.post_attention_layernorm),
         }
     }
 
-    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into.
-    pub fn norm(&self, kind: NormKind) -> &CudaSlice<f32> {
+    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into; an
+    /// error for `input_layernorm` of a family without one (OLMo 2).
+    pub fn norm(&self, kind: NormKind) -> Result<&CudaSlice<f32>, GpuError> {
         match kind {
-            NormKind::Input => &self.input_layernorm,
-            NormKind::PostAttention => &self.post_attention_layernorm,
+            NormKind::Input => self
+                .input_layernorm
+                .as_ref()
+                .ok_or_else(|| no_input_norm(self.index)),
+            NormKind::PostAttention => Ok(&self.post_attention_layernorm),
         }
     }
 
@@ -847,7 +872,7 @@ impl DeviceLayer {
         weight: CudaSlice<f32>,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let index = self.index;
-        let slot = self.norm_slot(kind);
+        let slot = self.norm_slot(kind)?;
         check_len(
             &format!("model.layers.{index} {kind:?} norm weight"),
             weight.len(),
@@ -855,6 +880,14 @@ impl DeviceLayer {
         )?;
         Ok(std::mem::replace(slot, weight))
     }
+}
+
+fn no_input_norm(layer: usize) -> GpuError {
+    shape_error(
+        &format!("model.layers.{layer}.input_layernorm"),
+        "a norm before the attention",
+        "none (the family's norms follow the sublayers)",
+    )
 }
 
 /// The positions a forward pass covers: `batch` independent sequences of
@@ -1330,7 +1363,8 @@ impl<'g> LlamaOps<'g> {
     ) -> Result<CudaSlice<f32>, GpuError> {
         let heads = self.heads();
         let rows = span.rows();
-        let x = self.rms_norm(&hidden.as_view(), &layer.input_layernorm, rows)?;
+        let norms = layer.attention_norms();
+        let x = self.sublayer_input(hidden, norms, rows)?;
         emit(capture, CapturePoint::Attention, &x, rows)?;
         let mut q = self.linear(
             &x.as_view(),
@@ -1362,12 +1396,13 @@ impl<'g> LlamaOps<'g> {
             None => self.batch_attention(&q, &k, &v, &mut attn, span)?,
         }
         emit(capture, CapturePoint::Output, &attn, rows)?;
-        self.linear(
+        let out = self.linear(
             &attn.as_view(),
             rows,
             layer.projection(LinearKind::OProj),
             "o_proj",
-        )
+        )?;
+        self.sublayer_output(out, norms, rows)
     }
 
     /// Attention of each sequence of the batch over its own positions.
@@ -1449,7 +1484,8 @@ impl<'g> LlamaOps<'g> {
         rows: usize,
         capture: &mut Option<Capture<'_>>,
     ) -> Result<CudaSlice<f32>, GpuError> {
-        let x = self.rms_norm(&h1.as_view(), &layer.post_attention_layernorm, rows)?;
+        let norms = layer.mlp_norms();
+        let x = self.sublayer_input(h1, norms, rows)?;
         emit(capture, CapturePoint::Mlp, &x, rows)?;
         let mut gate = self.linear(
             &x.as_view(),
@@ -1467,12 +1503,13 @@ impl<'g> LlamaOps<'g> {
         self.silu_mul(&mut gate, &up)?;
         drop(up);
         emit(capture, CapturePoint::Down, &gate, rows)?;
-        self.linear(
+        let out = self.linear(
             &gate.as_view(),
             rows,
             layer.projection(LinearKind::DownProj),
             "down_proj",
-        )
+        )?;
+        self.sublayer_output(out, norms, rows)
     }
 
     fn new_cache(&self, capacity: usize) -> Result<KvCache, GpuError> {
@@ -1597,7 +1634,10 @@ fn layer_bytes(cfg: &LlamaConfig) -> usize {
         .sum();
     let norms = 2 * cfg.hidden_size
         + if cfg.block.qk_norm {
-            2 * cfg.head_dim
+            HeadNorm::ALL
+                .into_iter()
+                .map(|n| cfg.head_norm_width(n))
+                .sum()
         } else {
             0
         };

@@ -17,7 +17,7 @@ pub use norm::{NormId, NormKind};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
-use crate::family::HeadNorm;
+use crate::family::{HeadNorm, NormPlacement, QkNormScope};
 use linear::Linear;
 use rope::Rope;
 
@@ -89,10 +89,16 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
-    input_layernorm: Tensor,
+    /// Before the attention; `None` with the norms after the sublayers
+    /// ([`NormPlacement::Post`], OLMo 2).
+    input_layernorm: Option<Tensor>,
+    /// Before the MLP, or (post placement) after the attention.
     post_attention_layernorm: Tensor,
-    /// The per-head RMSNorms of queries and keys `[head_dim]` each, when the
-    /// family has them ([`crate::family::Block::qk_norm`]).
+    /// After the MLP, with the post placement only.
+    post_feedforward_layernorm: Option<Tensor>,
+    /// The RMSNorms of queries and keys, when the family has them
+    /// ([`crate::family::Block::qk_norm`]): `[head_dim]` per head, or the
+    /// whole projection's width ([`QkNormScope`]).
     head_norms: Option<HeadNorms>,
     q_proj: Linear,
     k_proj: Linear,
@@ -103,7 +109,7 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
-/// Qwen3's `q_norm` and `k_norm` weights of one layer.
+/// The `q_norm` and `k_norm` weights of one layer (Qwen3, OLMo 2).
 #[derive(Debug, Clone)]
 struct HeadNorms {
     q: Tensor,
@@ -120,8 +126,9 @@ impl HeadNorms {
 }
 
 impl DecoderLayer {
-    /// Normalises each head of `x [b, heads, t, head_dim]` with the layer's
-    /// `norm` when the family has one (before RoPE, as transformers does).
+    /// Normalises the last dimension of `x` with the layer's `norm` when the
+    /// family has one (before RoPE, as transformers does): each head of `[b,
+    /// heads, t, head_dim]`, or a whole projection `[b·t, heads·head_dim]`.
     fn head_norm(&self, norm: HeadNorm, x: Tensor, eps: f64) -> candle_core::Result<Tensor> {
         match &self.head_norms {
             Some(norms) => rms_norm(&x, norms.get(norm), eps),
@@ -248,8 +255,21 @@ impl LlamaModel {
             } else {
                 None
             };
+            let post = block.norms == NormPlacement::Post;
+            let norm = |tensors: &mut HashMap<String, Tensor>, leaf: &str| {
+                take(tensors, &shapes, &format!("{p}.{leaf}.weight"))
+            };
             layers.push(DecoderLayer {
                 head_norms,
+                input_layernorm: match post {
+                    false => Some(norm(&mut tensors, "input_layernorm")?),
+                    true => None,
+                },
+                post_attention_layernorm: norm(&mut tensors, "post_attention_layernorm")?,
+                post_feedforward_layernorm: match post {
+                    true => Some(norm(&mut tensors, NormPlacement::POST_FEEDFORWARD)?),
+                    false => None,
+                },
                 q_proj: linear(&mut tensors, id(LinearKind::QProj), block.qkv_bias)?,
                 k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
                 v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
@@ -257,16 +277,6 @@ impl LlamaModel {
                 gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
                 up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
                 down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
-                input_layernorm: take(
-                    &mut tensors,
-                    &shapes,
-                    &format!("{p}.input_layernorm.weight"),
-                )?,
-                post_attention_layernorm: take(
-                    &mut tensors,
-                    &shapes,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                )?,
             });
         }
         let embed_tokens = take(&mut tensors, &shapes, "model.embed_tokens.weight")?;
@@ -445,24 +455,40 @@ impl LlamaModel {
         Ok(self.layers[id.layer].linear(id.kind).bias.as_ref())
     }
 
-    /// Layer `index`'s `input_layernorm` weight `[h]`.
+    /// Layer `index`'s `input_layernorm` weight `[h]`; an error for a
+    /// family whose norms follow the sublayers (OLMo 2 has none).
     pub fn input_layernorm(&self, index: usize) -> Result<&Tensor> {
-        Ok(&self.layer(index)?.input_layernorm)
+        self.layer(index)?
+            .input_layernorm
+            .as_ref()
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: format!("model.layers.{index}.input_layernorm.weight"),
+            })
+    }
+
+    /// Layer `index`'s `post_feedforward_layernorm` weight `[h]`, when the
+    /// family's norms follow the sublayers (OLMo 2).
+    pub fn post_feedforward_layernorm(&self, index: usize) -> Result<Option<&Tensor>> {
+        Ok(self.layer(index)?.post_feedforward_layernorm.as_ref())
     }
 
     /// Replaces layer `index`'s `input_layernorm` weight (AWQ folds its
     /// scales into it).
     pub fn set_input_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
         let name = format!("model.layers.{index}.input_layernorm.weight");
-        let slot = &mut self.layer_mut(index)?.input_layernorm;
+        let slot = self
+            .layer_mut(index)?
+            .input_layernorm
+            .as_mut()
+            .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
         let weight = weight.to_dtype(DType::F32)?;
         check_same_shape(&name, slot, &weight)?;
         *slot = weight;
         Ok(())
     }
 
-    /// Layer `index`'s `q_norm` or `k_norm` weight `[head_dim]`; `None` when
-    /// the family has no per-head norms.
+    /// Layer `index`'s `q_norm` or `k_norm` weight; `None` when the family
+    /// has no q/k norms.
     pub fn head_norm(&self, index: usize, norm: HeadNorm) -> Result<Option<&Tensor>> {
         Ok(self.layer(index)?.head_norms.as_ref().map(|n| n.get(norm)))
     }
@@ -535,8 +561,12 @@ impl LlamaModel {
             }
         };
 
-        // Attention block.
-        let x = rms_norm(hidden, &layer.input_layernorm, cfg.rms_norm_eps)?.reshape((b * t, h))?;
+        // Attention block (its input normed unless the norms follow it).
+        let x = match &layer.input_layernorm {
+            Some(w) => rms_norm(hidden, w, cfg.rms_norm_eps)?,
+            None => hidden.clone(),
+        }
+        .reshape((b * t, h))?;
         emit(LinearKind::QProj, &x);
         emit(LinearKind::KProj, &x);
         emit(LinearKind::VProj, &x);
@@ -544,14 +574,22 @@ impl LlamaModel {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
         let eps = cfg.rms_norm_eps;
-        let q = heads(layer.q_proj.forward(&x)?, nh)?;
+        // q/k norms over the whole projection (OLMo 2) or per head (Qwen3).
+        let per_head = cfg.block.qk_norm_scope == QkNormScope::Head;
+        let normed = |norm, y: Tensor, here: bool| match here {
+            true => layer.head_norm(norm, y, eps),
+            false => Ok(y),
+        };
+        let q = layer.q_proj.forward(&x)?;
+        let q = heads(normed(HeadNorm::Query, q, !per_head)?, nh)?;
         let q = self
             .rope
-            .apply(&layer.head_norm(HeadNorm::Query, q, eps)?, offset)?;
-        let k = heads(layer.k_proj.forward(&x)?, nkv)?;
+            .apply(&normed(HeadNorm::Query, q, per_head)?, offset)?;
+        let k = layer.k_proj.forward(&x)?;
+        let k = heads(normed(HeadNorm::Key, k, !per_head)?, nkv)?;
         let k = self
             .rope
-            .apply(&layer.head_norm(HeadNorm::Key, k, eps)?, offset)?;
+            .apply(&normed(HeadNorm::Key, k, per_head)?, offset)?;
         let v = heads(layer.v_proj.forward(&x)?, nkv)?;
         let (k, v) = match cache {
             Some((ck, cv)) => {
@@ -593,17 +631,30 @@ impl LlamaModel {
             Some(m) => y.affine(f64::from(m), 0.0),
             None => Ok(y),
         };
-        let hidden = (hidden + scaled(layer.o_proj.forward(&attn)?.reshape((b, t, h))?)?)?;
+        let post = cfg.block.norms == NormPlacement::Post;
+        let out = layer.o_proj.forward(&attn)?.reshape((b, t, h))?;
+        let out = match post {
+            true => rms_norm(&out, &layer.post_attention_layernorm, eps)?,
+            false => out,
+        };
+        let hidden = (hidden + scaled(out)?)?;
 
-        // MLP block.
-        let x = rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps)?
-            .reshape((b * t, h))?;
+        // MLP block (its input normed unless the norms follow it).
+        let x = match post {
+            true => hidden.clone(),
+            false => rms_norm(&hidden, &layer.post_attention_layernorm, eps)?,
+        }
+        .reshape((b * t, h))?;
         emit(LinearKind::GateProj, &x);
         emit(LinearKind::UpProj, &x);
         let gated = (layer.gate_proj.forward(&x)?.silu()? * layer.up_proj.forward(&x)?)?;
         emit(LinearKind::DownProj, &gated);
-        let out = scaled(layer.down_proj.forward(&gated)?.reshape((b, t, h))?)?;
-        Ok((hidden + out)?)
+        let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
+        let out = match &layer.post_feedforward_layernorm {
+            Some(w) => rms_norm(&out, w, eps)?,
+            None => out,
+        };
+        Ok((hidden + scaled(out)?)?)
     }
 }
 
