@@ -884,7 +884,7 @@ impl DeviceLayer {
 
 fn no_input_norm(layer: usize) -> GpuError {
     shape_error(
-        &format!("model.layers.{layer}.input_layernorm"),
+        format!("model.layers.{layer}.input_layernorm"),
         "a norm before the attention",
         "none (the family's norms follow the sublayers)",
     )
