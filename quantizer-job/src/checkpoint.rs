@@ -373,8 +373,33 @@ impl Checkpoint {
     }
 
     /// One tensor's stored bytes, dtype and shape, borrowed from the mapped
-    /// file: what the GPU path uploads as is and widens on the device.
+    /// file: what the GPU path uploads as is and widens on the device. A
+    /// Linear the family stores fused ([`crate::family::Fused`], Phi-3's
+    /// `qkv_proj`) is served under its split name too, as its rows of the
+    /// fused tensor: contiguous bytes of the row-major matrix, so every
+    /// reader (CPU loader, GPU upload, staging) sees the split Linears.
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, CheckpointError> {
+        if !self.tensors.contains_key(name)
+            && let Some((fused, rows)) = self.config.fused_part(name)
+        {
+            let whole = self.raw(&fused)?;
+            let cols = whole.shape.get(1).copied().unwrap_or(0);
+            let width = cols * whole.dtype.bitsize() / 8;
+            let bytes = whole
+                .bytes
+                .get(rows.start * width..rows.end * width)
+                .ok_or_else(|| CheckpointError::ShapeMismatch {
+                    name: fused.clone(),
+                    expected: vec![rows.end, cols],
+                    found: whole.shape.clone(),
+                })?;
+            return Ok(RawTensor {
+                bytes,
+                shape: vec![rows.len(), cols],
+                offset: whole.offset + (rows.start * width) as u64,
+                ..whole
+            });
+        }
         let entry = self
             .tensors
             .get(name)

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::family::{Block, HeadNorm};
+use std::ops::Range;
+
+use crate::family::{Block, Fused, HeadNorm, NormPlacement, QkNormScope, Scalars};
+use crate::model::{LinearId, LinearKind};
 use crate::rope::{RawRope, RopeError, RopeScaling};
 
 /// The Llama-family architectures the CPU forward pass implements.
@@ -24,6 +27,16 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM` (Llama layout plus per-head RMSNorm of q and k).
     Qwen3,
+    /// `GraniteForCausalLM` (Llama layout plus the scalar multipliers of
+    /// [`crate::family::Scalars`]).
+    Granite,
+    /// `Phi3ForCausalLM` (Phi-3, 3.5, 4-mini: Llama layout with fused
+    /// `qkv_proj` and `gate_up_proj`, [`crate::family::Fused`]; longrope).
+    Phi3,
+    /// `Olmo2ForCausalLM` (norms after the sublayers, q/k RMSNorm over the
+    /// whole projections: [`crate::family::NormPlacement::Post`],
+    /// [`crate::family::QkNormScope::Projection`]).
+    Olmo2,
 }
 
 impl Architecture {
@@ -34,13 +47,24 @@ impl Architecture {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Granite => "GraniteForCausalLM",
+            Architecture::Phi3 => "Phi3ForCausalLM",
+            Architecture::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 
     fn from_hf_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
-            .into_iter()
-            .find(|a| a.hf_name() == name)
+        [
+            Self::Llama,
+            Self::Mistral,
+            Self::Qwen2,
+            Self::Qwen3,
+            Self::Granite,
+            Self::Phi3,
+            Self::Olmo2,
+        ]
+        .into_iter()
+        .find(|a| a.hf_name() == name)
     }
 }
 
@@ -67,7 +91,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -194,6 +218,37 @@ struct RawConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
+    embedding_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    attention_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+}
+
+/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
+/// default (1.0) and required finite and positive: a zero or negative
+/// multiplier is no model anyone trained, and `logits_scaling` divides.
+fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
+    let check = |field: &'static str, value: Option<f64>| match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(ConfigError::InvalidField {
+            path: path.to_path_buf(),
+            field,
+            reason: "must be a finite positive number".into(),
+        }),
+        _ => Ok(value),
+    };
+    Ok(Scalars {
+        embedding_multiplier: check("embedding_multiplier", raw.embedding_multiplier)?
+            .unwrap_or(1.0),
+        residual_multiplier: check("residual_multiplier", raw.residual_multiplier)?.unwrap_or(1.0),
+        // GraniteConfig defaults attention_multiplier to 1.0, not to
+        // 1/sqrt(head_dim): an absent key means a scale of 1.
+        attention_multiplier: Some(
+            check("attention_multiplier", raw.attention_multiplier)?.unwrap_or(1.0),
+        ),
+        logits_scaling: check("logits_scaling", raw.logits_scaling)?.unwrap_or(1.0),
+    })
 }
 
 impl LlamaConfig {
@@ -240,13 +295,6 @@ impl LlamaConfig {
             (None, Some(r)) => ("rope_scaling", r.clone()),
             (None, None) => ("rope_parameters", RawRope::default()),
         };
-        let rope_scaling =
-            rope.scaling(max_position_embeddings)
-                .map_err(|source| ConfigError::Rope {
-                    path: path.to_path_buf(),
-                    key: rope_key,
-                    source,
-                })?;
         let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
         let unsupported = |key: &'static str, found: String, supported: &'static str| {
             ConfigError::UnsupportedFeature {
@@ -256,6 +304,18 @@ impl LlamaConfig {
                 supported,
             }
         };
+        // Configs written for transformers 4 (Phi-4-mini among them) keep
+        // it at the top level; transformers 5 moves it into rope_parameters,
+        // where `RawRope::scaling` refuses it the same way.
+        if let Some(p) = raw.partial_rotary_factor
+            && p != 1.0
+        {
+            return Err(unsupported(
+                "partial_rotary_factor",
+                p.to_string(),
+                "only 1.0: RoPE over the whole head",
+            ));
+        }
         if raw.mlp_bias == Some(true) {
             return Err(unsupported(
                 "mlp_bias",
@@ -283,10 +343,15 @@ impl LlamaConfig {
             ));
         }
         let sliding_window = match architecture {
-            Architecture::Mistral => raw.sliding_window,
+            // transformers' Phi-3 masks with the window whenever one is set.
+            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
             // Qwen2 and Qwen3 write a window they do not use unless
             // use_sliding_window (refused above).
-            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => None,
+            Architecture::Llama
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Granite
+            | Architecture::Olmo2 => None,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -314,23 +379,56 @@ impl LlamaConfig {
                 format!("must be positive and even for RoPE, found {head_dim}"),
             ));
         }
+        let rope_scaling = rope
+            .scaling(
+                max_position_embeddings,
+                // Phi3Config's default when the key is absent.
+                raw.original_max_position_embeddings
+                    .or((architecture == Architecture::Phi3).then_some(4096.0)),
+                head_dim,
+            )
+            .map_err(|source| ConfigError::Rope {
+                path: path.to_path_buf(),
+                key: rope_key,
+                source,
+            })?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let block = match architecture {
             // transformers' Qwen2 hard-codes its biases, whatever attention_bias says.
             Architecture::Qwen2 => Block {
                 qkv_bias: true,
                 o_bias: false,
-                qk_norm: false,
+                ..Block::default()
             },
             Architecture::Llama | Architecture::Mistral => Block {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
-                qk_norm: false,
+                ..Block::default()
             },
             Architecture::Qwen3 => Block {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 qk_norm: true,
+                ..Block::default()
+            },
+            Architecture::Granite => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                scalars: granite_scalars(&raw, path)?,
+                ..Block::default()
+            },
+            // transformers' Phi-3 has no biases, whatever attention_bias says.
+            Architecture::Phi3 => Block {
+                fused_projections: true,
+                ..Block::default()
+            },
+            Architecture::Olmo2 => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: true,
+                qk_norm_scope: QkNormScope::Projection,
+                norms: NormPlacement::Post,
+                ..Block::default()
             },
         };
         Ok(LlamaConfig {
@@ -342,7 +440,11 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            // The architectures' config defaults: Phi3Config and Olmo2Config 1e-5.
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(match architecture {
+                Architecture::Phi3 | Architecture::Olmo2 => 1e-5,
+                _ => 1e-6,
+            }),
             rope_theta,
             rope_scaling,
             sliding_window,
@@ -367,15 +469,26 @@ impl LlamaConfig {
         )];
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            if self.block.norms == NormPlacement::Pre {
+                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            }
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            if self.block.norms == NormPlacement::Post {
+                let leaf = NormPlacement::POST_FEEDFORWARD;
+                out.push((format!("{p}.{leaf}.weight"), vec![h]));
+            }
+            if self.block.fused_projections {
+                let qkv = Fused::Qkv.module_name(i);
+                out.push((format!("{qkv}.weight"), vec![q + 2 * kv, h]));
+            } else {
+                out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+                out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            }
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             if self.block.qk_norm {
                 for norm in HeadNorm::ALL {
-                    out.push((norm.weight_name(i), vec![self.head_dim]));
+                    out.push((norm.weight_name(i), vec![self.head_norm_width(norm)]));
                 }
             }
             if self.block.qkv_bias {
@@ -386,8 +499,13 @@ impl LlamaConfig {
             if self.block.o_bias {
                 out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
             }
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
+            if self.block.fused_projections {
+                let gate_up = Fused::GateUp.module_name(i);
+                out.push((format!("{gate_up}.weight"), vec![2 * m, h]));
+            } else {
+                out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
+                out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
+            }
             out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
@@ -395,5 +513,159 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
+    }
+
+    /// The width of a q/k norm's weight: `head_dim` per head (Qwen3), or
+    /// the whole projection's (OLMo 2).
+    pub fn head_norm_width(&self, norm: HeadNorm) -> usize {
+        match self.block.qk_norm_scope {
+            QkNormScope::Head => self.head_dim,
+            QkNormScope::Projection => match norm {
+                HeadNorm::Query => self.num_attention_heads * self.head_dim,
+                HeadNorm::Key => self.num_key_value_heads * self.head_dim,
+            },
+        }
+    }
+
+    /// Output rows `(out)` of each Linear, as [`Fused`] stacks them.
+    fn linear_rows(&self, kind: LinearKind) -> usize {
+        match kind {
+            LinearKind::QProj => self.num_attention_heads * self.head_dim,
+            LinearKind::KProj | LinearKind::VProj => self.num_key_value_heads * self.head_dim,
+            LinearKind::OProj | LinearKind::DownProj => self.hidden_size,
+            LinearKind::GateProj | LinearKind::UpProj => self.intermediate_size,
+        }
+    }
+
+    /// The rows `kind` occupies in its fused Linear.
+    pub fn fused_rows(&self, fused: Fused, kind: LinearKind) -> Option<Range<usize>> {
+        let mut start = 0;
+        for part in fused.parts() {
+            let rows = self.linear_rows(*part);
+            if *part == kind {
+                return Some(start..start + rows);
+            }
+            start += rows;
+        }
+        None
+    }
+
+    /// Where the split Linear weight `name` (e.g.
+    /// `model.layers.0.self_attn.k_proj.weight`) lives when this family
+    /// stores it fused: the fused tensor's name and the rows it takes.
+    /// `None` for a tensor stored under its own name.
+    pub fn fused_part(&self, name: &str) -> Option<(String, Range<usize>)> {
+        if !self.block.fused_projections {
+            return None;
+        }
+        let id = LinearId::parse(name)?;
+        let fused = Fused::of(id.kind)?;
+        let rows = self.fused_rows(fused, id.kind)?;
+        Some((format!("{}.weight", fused.module_name(id.layer)), rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: serde_json::Value, arch: &str) -> Result<LlamaConfig, ConfigError> {
+        let mut json = serde_json::json!({
+            "architectures": [arch],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 256,
+        });
+        if let (Some(base), Some(extra)) = (json.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        LlamaConfig::from_json(&json.to_string(), "config.json".as_ref())
+    }
+
+    #[test]
+    fn granite_reads_its_multipliers_with_transformers_defaults() {
+        let c = parse(
+            serde_json::json!({"logits_scaling": 8.0}),
+            "GraniteForCausalLM",
+        )
+        .expect("granite");
+        assert_eq!(c.architecture, Architecture::Granite);
+        let s = c.block.scalars;
+        assert_eq!(s.logits_scaling, 8.0);
+        assert_eq!(s.embedding_multiplier, 1.0);
+        // GraniteConfig's default is 1.0, not 1/sqrt(head_dim).
+        assert_eq!(c.block.attention_scale(c.head_dim), 1.0);
+        // Llama ignores Granite's keys, as transformers does.
+        let llama = parse(
+            serde_json::json!({"logits_scaling": 8.0}),
+            "LlamaForCausalLM",
+        )
+        .expect("llama");
+        assert_eq!(llama.block.scalars, Scalars::default());
+        assert_eq!(llama.block.attention_scale(16), 0.25);
+    }
+
+    #[test]
+    fn granite_refuses_a_non_positive_multiplier_naming_the_key() {
+        for key in [
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+        ] {
+            let err =
+                parse(serde_json::json!({ key: 0.0 }), "GraniteForCausalLM").expect_err("refused");
+            assert!(
+                matches!(&err, ConfigError::InvalidField { field, .. } if *field == key),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn phi3_reads_fused_projections_and_refuses_a_partial_rotary_factor() {
+        let c = parse(serde_json::json!({}), "Phi3ForCausalLM").expect("phi3");
+        assert!(c.block.fused_projections);
+        let names: Vec<String> = c.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.layers.0.self_attn.qkv_proj.weight".to_string()));
+        assert!(!names.iter().any(|n| n.ends_with("q_proj.weight")));
+        // k's rows follow q's 4 heads of 16.
+        assert_eq!(
+            c.fused_part("model.layers.1.self_attn.k_proj.weight"),
+            Some((
+                "model.layers.1.self_attn.qkv_proj.weight".to_string(),
+                64..96
+            ))
+        );
+        assert_eq!(
+            c.fused_part("model.layers.1.mlp.up_proj.weight"),
+            Some((
+                "model.layers.1.mlp.gate_up_proj.weight".to_string(),
+                128..256
+            ))
+        );
+        assert_eq!(c.fused_part("model.layers.1.self_attn.o_proj.weight"), None);
+        // Phi-4-mini's 0.75, at the top level (transformers 4) or in
+        // rope_parameters (transformers 5).
+        let err = parse(
+            serde_json::json!({"partial_rotary_factor": 0.75}),
+            "Phi3ForCausalLM",
+        )
+        .expect_err("top level");
+        assert!(
+            matches!(&err, ConfigError::UnsupportedFeature { key, .. } if *key == "partial_rotary_factor"),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("0.75"), "{err}");
+        let err = parse(
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}}),
+            "Phi3ForCausalLM",
+        )
+        .expect_err("rope_parameters");
+        assert!(err.to_string().contains("partial_rotary_factor"), "{err}");
     }
 }

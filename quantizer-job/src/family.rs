@@ -1,8 +1,10 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2 and Qwen3 share one decoder block (RMSNorm,
-//! grouped-query attention with RoPE, SwiGLU MLP); they differ in a few
-//! switches. [`crate::config`] reads them from `config.json` once into a
+//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3 and OLMo 2 share one
+//! decoder block (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP);
+//! they differ in a few switches and scalars — where the norms sit
+//! ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]) — and in
+//! how the checkpoint stores the Linears ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -11,29 +13,141 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::LinearKind;
+
 /// The switches of the shared decoder block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Block {
     /// `q_proj`, `k_proj` and `v_proj` carry a bias (Qwen2; `attention_bias`).
     pub qkv_bias: bool,
     /// `o_proj` carries a bias (`attention_bias` of Llama, Mistral, Qwen3).
     pub o_bias: bool,
-    /// Each head's query and key go through an RMSNorm over `head_dim`
-    /// (weights [`HeadNorm::weight_name`], shape `[head_dim]`, eps
-    /// `rms_norm_eps`) after the projection and before RoPE: Qwen3.
+    /// Queries and keys go through an RMSNorm (weights
+    /// [`HeadNorm::weight_name`], eps `rms_norm_eps`) after the projection and
+    /// before RoPE: Qwen3 per head, OLMo 2 over the whole projection
+    /// ([`Block::qk_norm_scope`]).
     #[serde(default)]
     pub qk_norm: bool,
+    /// What the q/k norms normalise over, when [`Block::qk_norm`].
+    #[serde(default)]
+    pub qk_norm_scope: QkNormScope,
+    /// Where the two RMSNorms of a block sit.
+    #[serde(default)]
+    pub norms: NormPlacement,
+    /// Granite's scalar multipliers (all neutral for the other families).
+    #[serde(default)]
+    pub scalars: Scalars,
+    /// The checkpoint stores q/k/v as one `self_attn.qkv_proj` and gate/up
+    /// as one `mlp.gate_up_proj` (Phi-3, [`Fused`]).
+    #[serde(default)]
+    pub fused_projections: bool,
 }
 
-/// One of the per-head RMSNorms of [`Block::qk_norm`]. They are not Linears:
+/// Where a decoder block's RMSNorms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NormPlacement {
+    /// Before each sublayer (Llama and most families): `input_layernorm`
+    /// normalises the attention's input, `post_attention_layernorm` the
+    /// MLP's input; the sublayers' outputs go to the residual unchanged.
+    #[default]
+    Pre,
+    /// After each sublayer (OLMo 2): the attention and the MLP read the
+    /// residual stream itself, `post_attention_layernorm` normalises the
+    /// attention's output and `post_feedforward_layernorm` the MLP's output
+    /// before each is added to the residual. There is no `input_layernorm`,
+    /// so no norm for AWQ to fold the scales of q/k/v or gate/up into.
+    Post,
+}
+
+impl NormPlacement {
+    /// The checkpoint leaf name of the norm after the MLP (post placement).
+    pub const POST_FEEDFORWARD: &'static str = "post_feedforward_layernorm";
+}
+
+/// What [`Block::qk_norm`] normalises over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum QkNormScope {
+    /// Each head on its own, weights `[head_dim]` (Qwen3).
+    #[default]
+    Head,
+    /// The whole projection output, all heads at once, weights
+    /// `[num_heads · head_dim]` and `[num_kv_heads · head_dim]` (OLMo 2).
+    Projection,
+}
+
+impl Block {
+    /// The factor the attention scores `q·k` are multiplied by: Granite's
+    /// `attention_multiplier`, else `1 / sqrt(head_dim)`.
+    pub fn attention_scale(&self, head_dim: usize) -> f64 {
+        self.scalars
+            .attention_multiplier
+            .unwrap_or_else(|| 1.0 / (head_dim as f64).sqrt())
+    }
+}
+
+/// Scalars that transformers' Granite multiplies into an otherwise Llama
+/// forward (`modeling_granite.py`), read from `config.json`'s keys of the
+/// same names. Each is applied in f32 exactly where transformers applies it,
+/// on both backends: a neutral value (1, or `None`) is skipped, which changes
+/// nothing since multiplying by 1 is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scalars {
+    /// `embedding_multiplier`: the embeddings are multiplied by it before
+    /// the first layer.
+    pub embedding_multiplier: f64,
+    /// `residual_multiplier`: each block's attention and MLP output is
+    /// multiplied by it before it is added to the residual stream.
+    pub residual_multiplier: f64,
+    /// `attention_multiplier`: the attention score scale, replacing
+    /// `1 / sqrt(head_dim)`; `None` keeps that default.
+    pub attention_multiplier: Option<f64>,
+    /// `logits_scaling`: the logits are divided by it.
+    pub logits_scaling: f64,
+}
+
+impl Default for Scalars {
+    fn default() -> Self {
+        Self {
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
+        }
+    }
+}
+
+impl Scalars {
+    /// The factor the embeddings are multiplied by, `None` when neutral.
+    pub fn embedding(&self) -> Option<f32> {
+        neutral_free(self.embedding_multiplier)
+    }
+
+    /// The factor each sublayer's output is multiplied by, `None` when neutral.
+    pub fn residual(&self) -> Option<f32> {
+        neutral_free(self.residual_multiplier)
+    }
+
+    /// The divisor of the logits, `None` when neutral.
+    pub fn logits_divisor(&self) -> Option<f32> {
+        neutral_free(self.logits_scaling)
+    }
+}
+
+/// `value` in f32 (as PyTorch applies a Python float to an f32 tensor), or
+/// `None` for 1.
+fn neutral_free(value: f64) -> Option<f32> {
+    (value != 1.0).then_some(value as f32)
+}
+
+/// One of the q/k RMSNorms of [`Block::qk_norm`]. They are not Linears:
 /// never quantized, and written unchanged into an artifact beside the other
 /// norms. AWQ never folds into them and never scales what they normalise
 /// (see [`crate::llama_layers::llama_input_groups`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HeadNorm {
-    /// `self_attn.q_norm`, over each query head.
+    /// `self_attn.q_norm`, over the queries.
     Query,
-    /// `self_attn.k_norm`, over each key head.
+    /// `self_attn.k_norm`, over the keys.
     Key,
 }
 
@@ -65,9 +179,86 @@ impl HeadNorm {
     }
 }
 
+/// A Linear that Phi-3 checkpoints store as the row-wise concatenation of
+/// the block's Linears sharing its input: `qkv_proj = [q; k; v]` and
+/// `gate_up_proj = [gate; up]` (transformers' `Phi3Attention` slices q, k, v
+/// off the columns of its output in that order, `Phi3MLP` chunks gate then
+/// up).
+///
+/// Both forwards run the split Linears: the checkpoint
+/// ([`crate::checkpoint::Checkpoint::raw`]) and the model's loader
+/// ([`crate::model::LlamaModel::from_tensors`]) hand out each part as rows
+/// of the fused tensor ([`crate::config::LlamaConfig::fused_part`]), so the
+/// one forward, the capture points and the quantizers need nothing new. The
+/// writer fuses the quantized parts again under the checkpoint's name
+/// ([`crate::format::fused`]), because transformers, vLLM and llm-compressor
+/// expect `qkv_proj` and `gate_up_proj` for Phi-3. That is exact: every
+/// scheme's scales are per output row (per channel, or per group along the
+/// input), so the parts' rows are the fused Linear's rows, quantized with the
+/// same input statistics (one Hessian or AWQ scale per shared input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fused {
+    /// `self_attn.qkv_proj`: `q_proj`, `k_proj`, `v_proj`.
+    Qkv,
+    /// `mlp.gate_up_proj`: `gate_proj`, `up_proj`.
+    GateUp,
+}
+
+impl Fused {
+    /// Both, in forward order.
+    pub const ALL: [Fused; 2] = [Fused::Qkv, Fused::GateUp];
+
+    /// The module path inside a decoder layer.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            Fused::Qkv => "self_attn.qkv_proj",
+            Fused::GateUp => "mlp.gate_up_proj",
+        }
+    }
+
+    /// `model.layers.{layer}.{leaf}`.
+    pub fn module_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.leaf())
+    }
+
+    /// The Linears it holds, in row order.
+    pub fn parts(self) -> &'static [LinearKind] {
+        match self {
+            Fused::Qkv => &[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj],
+            Fused::GateUp => &[LinearKind::GateProj, LinearKind::UpProj],
+        }
+    }
+
+    /// The fused Linear holding `kind`, if any.
+    pub fn of(kind: LinearKind) -> Option<Fused> {
+        Self::ALL.into_iter().find(|f| f.parts().contains(&kind))
+    }
+
+    /// Parses a module name written by [`Self::module_name`].
+    pub fn parse(module: &str) -> Option<(usize, Fused)> {
+        let rest = module.strip_prefix("model.layers.")?;
+        let (index, leaf) = rest.split_once('.')?;
+        let fused = Self::ALL.into_iter().find(|f| f.leaf() == leaf)?;
+        Some((index.parse().ok()?, fused))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_names_round_trip_and_cover_every_shared_input() {
+        for fused in Fused::ALL {
+            assert_eq!(Fused::parse(&fused.module_name(3)), Some((3, fused)));
+            for kind in fused.parts() {
+                assert_eq!(Fused::of(*kind), Some(fused));
+            }
+        }
+        assert_eq!(Fused::of(LinearKind::OProj), None);
+        assert_eq!(Fused::of(LinearKind::DownProj), None);
+        assert_eq!(Fused::parse("model.layers.3.self_attn.q_proj"), None);
+    }
 
     #[test]
     fn head_norm_names_round_trip() {

@@ -3,11 +3,13 @@
 //! model's candle tensors and the algorithms' plain matrices.
 
 use crate::config::LlamaConfig;
+use crate::family::NormPlacement;
 use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
 use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
 use anyhow::Context;
 use candle_core::{Device, Tensor};
+use quantops_api::Method;
 
 /// A Llama model seen layer by layer.
 pub struct LlamaLayers<'a> {
@@ -33,6 +35,32 @@ pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_slice(&m.data, (m.rows, m.cols), &Device::Cpu)?)
 }
 
+/// Why a quantization method cannot run exactly on a family's block.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FamilyMethodError {
+    /// AWQ needs a norm before q/k/v and gate/up to fold its scales into.
+    #[error(
+        "spec.quantization.method: awq is not supported for {architecture}: AWQ folds the scales of q_proj/k_proj/v_proj and gate_proj/up_proj into the RMSNorm before them, and {architecture} has none there (its norms follow the attention and the MLP), so the folded model would not be the quantized one; supported for {architecture}: gptq, rtn, int8, fp8"
+    )]
+    AwqWithoutInputNorms {
+        /// `architectures[0]`.
+        architecture: &'static str,
+    },
+}
+
+/// Refuses, before any work, a method the family's block cannot run
+/// exactly: AWQ with the norms after the sublayers (OLMo 2,
+/// [`NormPlacement::Post`]), where its input scales have nowhere to go.
+/// Every other method needs no fold and runs on every family.
+pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMethodError> {
+    if method == Method::Awq && cfg.block.norms == NormPlacement::Post {
+        return Err(FamilyMethodError::AwqWithoutInputNorms {
+            architecture: cfg.architecture.hf_name(),
+        });
+    }
+    Ok(())
+}
+
 /// The input groups of decoder layer `layer` of a Llama-family model, in
 /// AWQ's folding order: a group that folds into a Linear comes before the
 /// group that quantizes that Linear (`o` before `q,k,v`, `down` before
@@ -48,11 +76,18 @@ pub fn to_tensor(m: &Matrix) -> anyhow::Result<Tensor> {
 /// it is uniform over a head, so such a fold would change the model. None
 /// does (the only Linear sinks are `v_proj` and `up_proj`), and
 /// `qk_norm_layers_never_fold_into_q_or_k` keeps it that way.
+///
+/// With the norms after the sublayers (OLMo 2) q/k/v and gate/up have no
+/// norm before them: their groups get no fold (AWQ is refused for such a
+/// family by [`check_method`]; the groups still tell GPTQ which Linears
+/// share a Hessian).
 pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let v_out = cfg.num_key_value_heads * cfg.head_dim;
     let o_in = cfg.num_attention_heads * cfg.head_dim;
     let m = |kind| module(layer, kind);
     let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
+    let pre = cfg.block.norms == NormPlacement::Pre;
+    let norm = |leaf: &str| pre.then(|| ScaleSink::Norm(format!("model.layers.{layer}.{leaf}")));
     vec![
         InputGroup {
             linears: vec![m(LinearKind::OProj)],
@@ -64,9 +99,7 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
                 m(LinearKind::KProj),
                 m(LinearKind::VProj),
             ],
-            fold: Some(ScaleSink::Norm(format!(
-                "model.layers.{layer}.input_layernorm"
-            ))),
+            fold: norm("input_layernorm"),
         },
         InputGroup {
             linears: vec![m(LinearKind::DownProj)],
@@ -74,9 +107,7 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
         },
         InputGroup {
             linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
-            fold: Some(ScaleSink::Norm(format!(
-                "model.layers.{layer}.post_attention_layernorm"
-            ))),
+            fold: norm("post_attention_layernorm"),
         },
     ]
 }
@@ -212,5 +243,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn awq_is_refused_for_post_norm_families_and_nothing_folds_into_their_norms() {
+        let cfg = config("Olmo2ForCausalLM", 2);
+        let err = check_method(&cfg, Method::Awq).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("Olmo2ForCausalLM") && text.contains("awq"),
+            "{text}"
+        );
+        for method in [Method::Gptq, Method::Rtn, Method::Int8, Method::Fp8] {
+            assert_eq!(check_method(&cfg, method), Ok(()), "{method:?}");
+        }
+        for group in llama_input_groups(&cfg, 0) {
+            assert!(
+                !matches!(group.fold, Some(ScaleSink::Norm(_))),
+                "{:?} folds into a norm",
+                group.linears
+            );
+        }
+        // The pre-norm families keep AWQ and their norm folds.
+        let llama = config("LlamaForCausalLM", 2);
+        assert_eq!(check_method(&llama, Method::Awq), Ok(()));
+        assert!(
+            llama_input_groups(&llama, 0)
+                .iter()
+                .any(|g| matches!(g.fold, Some(ScaleSink::Norm(_))))
+        );
     }
 }

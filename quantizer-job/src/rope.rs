@@ -6,10 +6,18 @@
 //! transformers' (`modeling_rope_utils`), checked against its logits by the
 //! family conformance fixtures (`tests/families.rs`).
 //!
-//! Rope types whose frequencies depend on the length of the sequence being
-//! run (`dynamic`, `longrope`) are refused when the config is read: a table
-//! built once cannot express them, and computing them as `default` would be
-//! silently wrong.
+//! `longrope` (Phi-3 / 3.5 / 4-mini) has two frequency sets, and which one a
+//! forward uses depends on its sequence: transformers' `longrope_frequency_update`
+//! takes the long factors when the last position plus one exceeds
+//! `original_max_position_embeddings`, the short ones otherwise, for every
+//! position of that forward. Both sets are tabulated once ([`FrequencySet`])
+//! and each forward picks with [`RopeScaling::set_for`] from the length it
+//! runs to (its offset plus its tokens), on both backends; a KV cache keeps
+//! the keys rotated as they were, exactly as transformers' cache does.
+//!
+//! `dynamic`, whose frequencies are recomputed for every length past the
+//! trained one, is refused when the config is read: no fixed set of tables
+//! expresses it, and computing it as `default` would be silently wrong.
 
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
@@ -54,6 +62,31 @@ pub enum RopeScaling {
         /// Whether the ramp's ends are rounded to whole dimensions (default true).
         truncate: bool,
     },
+    /// `longrope` (Phi-3): each base frequency divided by a per-dimension
+    /// factor, `short_factor` for sequences up to the original length,
+    /// `long_factor` past it, and cos/sin scaled by an attention factor.
+    #[serde(rename = "longrope")]
+    LongRope {
+        /// Divisors of the `head_dim / 2` frequencies, up to the original length.
+        short_factor: Vec<f64>,
+        /// Divisors past the original length.
+        long_factor: Vec<f64>,
+        /// The context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+        /// Scale of cos and sin (`sqrt(1 + ln(factor) / ln(original))` when
+        /// not given, `factor` being `max_position_embeddings / original`).
+        attention_factor: f64,
+    },
+}
+
+/// Which of a rope's frequency sets a forward rotates with: every rope type
+/// has [`FrequencySet::Short`] only, but `longrope` has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrequencySet {
+    /// The only set, or longrope's `short_factor`.
+    Short,
+    /// longrope's `long_factor`.
+    Long,
 }
 
 /// The raw rope fields of a `config.json`, as transformers 4 (`rope_scaling`
@@ -85,6 +118,10 @@ pub struct RawRope {
     pub mscale_all_dim: Option<f64>,
     /// `yarn`.
     pub truncate: Option<bool>,
+    /// `longrope`.
+    pub short_factor: Option<Vec<f64>>,
+    /// `longrope`.
+    pub long_factor: Option<Vec<f64>>,
     /// A rotary width smaller than the head: not supported.
     pub partial_rotary_factor: Option<f64>,
 }
@@ -95,7 +132,7 @@ pub enum RopeError {
     /// A rope type the tables cannot express (the type is kept for
     /// callers, not put in the message: a spec can name any file).
     #[error(
-        "unsupported rope_type: supported are \"default\", \"linear\", \"llama3\" and \"yarn\""
+        "unsupported rope_type: supported are \"default\", \"linear\", \"llama3\", \"yarn\" and \"longrope\""
     )]
     UnsupportedType(String),
     /// A required field is missing or out of range.
@@ -110,14 +147,23 @@ pub enum RopeError {
 
 impl RawRope {
     /// The scaling this rope describes; `max_position_embeddings` is the
-    /// config's top-level value (yarn derives its factor from it).
-    pub fn scaling(&self, max_position_embeddings: usize) -> Result<RopeScaling, RopeError> {
+    /// config's top-level value (yarn and longrope derive their factor from
+    /// it), `original_fallback` the top-level `original_max_position_embeddings`
+    /// that Phi-3 configs written for transformers 4 keep outside
+    /// `rope_scaling`, and `head_dim` the width the longrope factors must
+    /// cover (one per rotated pair).
+    pub fn scaling(
+        &self,
+        max_position_embeddings: usize,
+        original_fallback: Option<f64>,
+        head_dim: usize,
+    ) -> Result<RopeScaling, RopeError> {
         if let Some(p) = self.partial_rotary_factor
             && p != 1.0
         {
             return Err(field(
                 "partial_rotary_factor",
-                format!("only 1.0 (the whole head rotates) is supported, found {p}"),
+                "only 1.0 (the whole head rotates) is supported".into(),
             ));
         }
         let kind = self.rope_type.as_deref().unwrap_or("default");
@@ -184,8 +230,68 @@ impl RawRope {
                     truncate: self.truncate.unwrap_or(true),
                 })
             }
+            "longrope" => self.longrope(max_position_embeddings, original_fallback, head_dim),
             other => Err(RopeError::UnsupportedType(other.to_string())),
         }
+    }
+
+    /// transformers' `_compute_longrope_parameters`.
+    fn longrope(
+        &self,
+        max_position_embeddings: usize,
+        original_fallback: Option<f64>,
+        head_dim: usize,
+    ) -> Result<RopeScaling, RopeError> {
+        let original = self
+            .original_max_position_embeddings
+            .or(original_fallback)
+            .filter(|n| *n >= 1.0)
+            .ok_or_else(|| {
+                field(
+                    "original_max_position_embeddings",
+                    "required by longrope, a positive length".into(),
+                )
+            })?;
+        let factors = |name: &'static str, given: &Option<Vec<f64>>| {
+            let values = given
+                .clone()
+                .ok_or_else(|| field(name, "required by longrope".into()))?;
+            if values.len() != head_dim / 2 {
+                return Err(field(
+                    name,
+                    format!(
+                        "needs one factor per rotated pair, {} for head_dim {head_dim}, found {}",
+                        head_dim / 2,
+                        values.len()
+                    ),
+                ));
+            }
+            if values.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(field(
+                    name,
+                    "every factor must be finite and positive".into(),
+                ));
+            }
+            Ok(values)
+        };
+        let short_factor = factors("short_factor", &self.short_factor)?;
+        let long_factor = factors("long_factor", &self.long_factor)?;
+        let factor = match self.factor {
+            Some(f) if f.is_finite() && f > 0.0 => f,
+            Some(_) => return Err(field("factor", "must be finite and positive".into())),
+            None => max_position_embeddings as f64 / original,
+        };
+        let attention_factor = match self.attention_factor {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / original.ln()).sqrt(),
+        };
+        Ok(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings: original,
+            attention_factor,
+        })
     }
 }
 
@@ -194,10 +300,32 @@ fn field(field: &'static str, reason: String) -> RopeError {
 }
 
 impl RopeScaling {
+    /// The frequency sets this scaling has, each tabulated once.
+    pub fn sets(&self) -> &'static [FrequencySet] {
+        match self {
+            RopeScaling::LongRope { .. } => &[FrequencySet::Short, FrequencySet::Long],
+            _ => &[FrequencySet::Short],
+        }
+    }
+
+    /// The set a forward running to `len` positions (its first position's
+    /// offset plus its tokens) rotates every one of its tokens with:
+    /// longrope's long factors when `len` exceeds the original length, as
+    /// transformers' `longrope_frequency_update` chooses.
+    pub fn set_for(&self, len: usize) -> FrequencySet {
+        match self {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } if len as f64 > *original_max_position_embeddings => FrequencySet::Long,
+            _ => FrequencySet::Short,
+        }
+    }
+
     /// The rotation frequencies of a head of width `head_dim` (`head_dim / 2`
-    /// of them), in f32 as transformers computes them, and the factor cos and
-    /// sin are multiplied by.
-    pub fn frequencies(&self, head_dim: usize, theta: f64) -> (Vec<f32>, f32) {
+    /// of them) in frequency set `set`, in f32 as transformers computes them,
+    /// and the factor cos and sin are multiplied by.
+    pub fn frequencies(&self, head_dim: usize, theta: f64, set: FrequencySet) -> (Vec<f32>, f32) {
         let half = head_dim / 2;
         // transformers: 1 / base ** (arange(0, d, 2).float() / d), in f32.
         let exponent = |i: usize| (2 * i) as f32 / head_dim as f32;
@@ -270,20 +398,38 @@ impl RopeScaling {
                     .collect();
                 (blended, attention_factor as f32)
             }
+            RopeScaling::LongRope {
+                ref short_factor,
+                ref long_factor,
+                attention_factor,
+                ..
+            } => {
+                let ext = match set {
+                    FrequencySet::Short => short_factor,
+                    FrequencySet::Long => long_factor,
+                };
+                // transformers: 1 / (ext_factors * base ** (arange(0, d, 2) / d)),
+                // the factors as an f32 tensor.
+                let freqs = (0..half)
+                    .map(|i| 1.0 / (ext[i] as f32 * (theta as f32).powf(exponent(i))))
+                    .collect();
+                (freqs, attention_factor as f32)
+            }
         }
     }
 }
 
-/// The cos and sin tables `[positions, head_dim / 2]` (row-major), each
-/// angle `position · frequency` in f32 as transformers forms it, scaled by the
-/// rope's attention factor.
+/// The cos and sin tables `[positions, head_dim / 2]` (row-major) of
+/// frequency set `set`, each angle `position · frequency` in f32 as
+/// transformers forms it, scaled by the rope's attention factor.
 pub fn tables(
     scaling: &RopeScaling,
     head_dim: usize,
     theta: f64,
     positions: usize,
+    set: FrequencySet,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (freqs, scale) = scaling.frequencies(head_dim, theta);
+    let (freqs, scale) = scaling.frequencies(head_dim, theta, set);
     let mut cos = Vec::with_capacity(positions * freqs.len());
     let mut sin = Vec::with_capacity(positions * freqs.len());
     for pos in 0..positions {
@@ -309,11 +455,12 @@ mod tests {
 
     #[test]
     fn default_and_linear_frequencies() {
-        let (f, s) = RopeScaling::Default.frequencies(8, 10_000.0);
+        let (f, s) = RopeScaling::Default.frequencies(8, 10_000.0, FrequencySet::Short);
         assert_eq!(s, 1.0);
         assert_eq!(f.len(), 4);
         assert!((f[0] - 1.0).abs() < 1e-7 && (f[1] - 0.1).abs() < 1e-6);
-        let (l, _) = RopeScaling::Linear { factor: 2.0 }.frequencies(8, 10_000.0);
+        let (l, _) =
+            RopeScaling::Linear { factor: 2.0 }.frequencies(8, 10_000.0, FrequencySet::Short);
         assert!((l[1] - 0.05).abs() < 1e-6);
     }
 
@@ -325,8 +472,8 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,
         };
-        let (base, _) = RopeScaling::Default.frequencies(128, 500_000.0);
-        let (f, _) = s.frequencies(128, 500_000.0);
+        let (base, _) = RopeScaling::Default.frequencies(128, 500_000.0, FrequencySet::Short);
+        let (f, _) = s.frequencies(128, 500_000.0, FrequencySet::Short);
         assert_eq!(f[0], base[0], "the highest frequency is kept");
         assert!(
             (f[63] - base[63] / 8.0).abs() <= base[63] * 1e-6,
@@ -337,11 +484,11 @@ mod tests {
     #[test]
     fn unsupported_types_and_fields_are_named() {
         assert_eq!(
-            raw("dynamic").scaling(4096),
+            raw("dynamic").scaling(4096, None, 16),
             Err(RopeError::UnsupportedType("dynamic".into()))
         );
         assert!(matches!(
-            raw("linear").scaling(4096),
+            raw("linear").scaling(4096, None, 16),
             Err(RopeError::Field {
                 field: "factor",
                 ..
@@ -352,13 +499,16 @@ mod tests {
             ..RawRope::default()
         };
         assert!(matches!(
-            partial.scaling(4096),
+            partial.scaling(4096, None, 16),
             Err(RopeError::Field {
                 field: "partial_rotary_factor",
                 ..
             })
         ));
-        assert_eq!(RawRope::default().scaling(4096), Ok(RopeScaling::Default));
+        assert_eq!(
+            RawRope::default().scaling(4096, None, 16),
+            Ok(RopeScaling::Default)
+        );
     }
 
     #[test]
@@ -368,9 +518,53 @@ mod tests {
             original_max_position_embeddings: Some(64.0),
             ..raw("yarn")
         };
-        let s = r.scaling(256).expect("yarn");
-        let (cos, sin) = tables(&s, 16, 10_000.0, 2);
+        let s = r.scaling(256, None, 16).expect("yarn");
+        let (cos, sin) = tables(&s, 16, 10_000.0, 2, FrequencySet::Short);
         let expected = 0.1 * 4f32.ln() + 1.0;
         assert!((cos[0] - expected).abs() < 1e-6 && sin[0] == 0.0);
+    }
+
+    #[test]
+    fn longrope_picks_its_set_by_length_and_scales_by_its_attention_factor() {
+        let r = RawRope {
+            short_factor: Some(vec![1.0, 2.0]),
+            long_factor: Some(vec![4.0, 8.0]),
+            original_max_position_embeddings: Some(32.0),
+            ..raw("longrope")
+        };
+        let s = r.scaling(128, None, 4).expect("longrope");
+        assert_eq!(s.sets(), &[FrequencySet::Short, FrequencySet::Long]);
+        assert_eq!(s.set_for(32), FrequencySet::Short);
+        assert_eq!(s.set_for(33), FrequencySet::Long);
+        let (short, a) = s.frequencies(4, 10_000.0, FrequencySet::Short);
+        let (long, _) = s.frequencies(4, 10_000.0, FrequencySet::Long);
+        // factor 128 / 32 = 4: sqrt(1 + ln 4 / ln 32).
+        let expected = (1.0 + 4f64.ln() / 32f64.ln()).sqrt() as f32;
+        assert_eq!(a, expected);
+        assert_eq!(short[0], 1.0);
+        assert_eq!(long[0], 0.25);
+        assert!((short[1] - 0.01 / 2.0).abs() < 1e-9 && (long[1] - 0.01 / 8.0).abs() < 1e-9);
+        // The top-level original length of transformers 4 configs is used
+        // when rope_scaling has none.
+        let old = RawRope {
+            original_max_position_embeddings: None,
+            ..r.clone()
+        };
+        assert!(old.scaling(128, Some(32.0), 4).is_ok());
+        assert!(matches!(
+            old.scaling(128, None, 4),
+            Err(RopeError::Field {
+                field: "original_max_position_embeddings",
+                ..
+            })
+        ));
+        // One factor per rotated pair.
+        assert!(matches!(
+            r.scaling(128, None, 8),
+            Err(RopeError::Field {
+                field: "short_factor",
+                ..
+            })
+        ));
     }
 }

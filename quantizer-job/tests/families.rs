@@ -19,25 +19,25 @@ use safetensors::SafeTensors;
 
 /// Fixtures the forward pass implements, with what they prove.
 const SUPPORTED: &[&str] = &[
-    "llama",        // default RoPE, untied lm_head
-    "llama3",       // rope_type llama3, tied embeddings
-    "llama-linear", // rope_type linear
-    "llama-yarn",   // rope_type yarn (attention factor on cos/sin)
-    "mistral",      // sliding_window 16 over 40 tokens
-    "qwen2",        // q/k/v bias, tied, sliding_window disabled
-    "qwen3",        // per-head q/k RMSNorm before RoPE, no bias, tied
+    "llama",         // default RoPE, untied lm_head
+    "llama3",        // rope_type llama3, tied embeddings
+    "llama-linear",  // rope_type linear
+    "llama-yarn",    // rope_type yarn (attention factor on cos/sin)
+    "mistral",       // sliding_window 16 over 40 tokens
+    "qwen2",         // q/k/v bias, tied, sliding_window disabled
+    "qwen3",         // per-head q/k RMSNorm before RoPE, no bias, tied
+    "granite",       // embedding / residual / attention multipliers, logits scaling
+    "phi3",          // fused qkv_proj and gate_up_proj
+    "phi3-longrope", // longrope past the original length (long factors)
+    "olmo2",         // norms after the sublayers, q/k RMSNorm over the whole projections
 ];
 
 /// Fixtures refused up front, with a part of the error that names the key
 /// (values read from the file are never quoted: a spec can name any file).
 const REFUSED: &[(&str, &str)] = &[
     ("llama-dynamic", "unsupported rope_type"),
-    ("phi3", "(architectures[0])"),
-    ("phi3-longrope", "(architectures[0])"),
     ("gemma2", "(architectures[0])"),
     ("gemma3", "(architectures[0])"),
-    ("olmo2", "(architectures[0])"),
-    ("granite", "(architectures[0])"),
     ("mixtral", "(architectures[0])"),
     ("qwen2-moe", "(architectures[0])"),
     ("qwen3-moe", "(architectures[0])"),
@@ -208,6 +208,49 @@ fn each_fixture_really_exercises_its_feature() {
     });
     let d = max_diff(&ours, &r.logits);
     assert!(d > 1e-2, "qwen3: no q/k norms is within {d} of its own");
+    // Granite with each of its four multipliers neutral (1, or the default
+    // 1/sqrt(head_dim) score scale) in turn.
+    let dir = fixtures().join("granite");
+    let r = reference(&dir);
+    type Tweak = fn(&mut quantizer_job::family::Scalars);
+    let tweaks: [(&str, Tweak); 4] = [
+        ("embedding_multiplier", |s| s.embedding_multiplier = 1.0),
+        ("residual_multiplier", |s| s.residual_multiplier = 1.0),
+        ("attention_multiplier", |s| s.attention_multiplier = None),
+        ("logits_scaling", |s| s.logits_scaling = 1.0),
+    ];
+    for (key, tweak) in tweaks {
+        let ours = logits_with(&dir, &r.ids, |c| tweak(&mut c.block.scalars));
+        let d = max_diff(&ours, &r.logits);
+        assert!(d > 1e-2, "granite without {key} is within {d} of its own");
+    }
+    // Phi-3.5's longrope over 40 tokens (original length 32) rotates with
+    // its long factors: with the short ones instead it is far off.
+    let dir = fixtures().join("phi3-longrope");
+    let r = reference(&dir);
+    let ours = logits_with(&dir, &r.ids, |c| match &mut c.rope_scaling {
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } => *long_factor = short_factor.clone(),
+        other => panic!("phi3-longrope reads as {other:?}"),
+    });
+    let d = max_diff(&ours, &r.logits);
+    assert!(
+        d > 1e-2,
+        "phi3-longrope with short factors is within {d} of its own"
+    );
+    // OLMo 2 without its q/k norms over the whole projections (the tensors
+    // are there, but ignored).
+    let dir = fixtures().join("olmo2");
+    let r = reference(&dir);
+    let ours = logits_with(&dir, &r.ids, |c| {
+        assert!(c.block.qk_norm);
+        c.block.qk_norm = false;
+    });
+    let d = max_diff(&ours, &r.logits);
+    assert!(d > 1e-2, "olmo2: no q/k norms is within {d} of its own");
     // Mistral's window (16) is shorter than its 40 tokens: inside the window
     // full attention agrees, past it it does not.
     let dir = fixtures().join("mistral");
@@ -231,7 +274,7 @@ fn cached_generation_equals_the_full_recompute() {
     // Decoding one token at a time with the KV cache must mask the keys that
     // left Mistral's window, and cache Qwen3's keys normed and rotated, as
     // the full recompute does.
-    for name in ["mistral", "qwen3"] {
+    for name in ["mistral", "qwen3", "olmo2"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
         let checkpoint = Checkpoint::open(&dir).expect("open");

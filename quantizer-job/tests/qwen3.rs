@@ -4,66 +4,33 @@
 //! quantize stage, the compressed-tensors writer and the artifact reader,
 //! on the CPU and (where a GPU is usable) on the GPU.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use common::family::{
+    Run, config_json, gpu_or_skip, logits, max_diff, quantize as quantize_fixture,
+    reference as fixture_reference, stored, tensor_names, volume as fixture_volume,
+};
 use quantizer_job::family::HeadNorm;
-use quantizer_job::gpu::{DeviceChoice, Gpu};
-use quantizer_job::layout::{Layout, Links};
+use quantizer_job::gpu::Gpu;
 use quantizer_job::llama_layers::LlamaLayers;
 use quantizer_job::quant::{CpuBackend, FloatDtype, WeightScheme};
 use quantizer_job::sequential::quantize_model;
 use quantizer_job::serve::LoadedModel;
-use quantizer_job::stages::{self, Stage, StageInput};
 use quantizer_job::{Checkpoint, CheckpointError, LlamaModel, ModelError};
-use quantops_api::spec_file::parse_quantized_model;
 use safetensors::SafeTensors;
 
-/// The fixture (see `families.rs`; `QUANTOPS_FAMILY_FIXTURES` overrides the
-/// directory on a machine that runs a binary built elsewhere).
+const NAME: &str = "qwen3";
+
 fn fixture() -> PathBuf {
-    std::env::var_os("QUANTOPS_FAMILY_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families"))
-        .join("qwen3")
+    common::family::fixture(NAME)
 }
 
-/// transformers' token ids and logits for the fixture.
 fn reference() -> (Vec<u32>, Vec<f32>) {
-    let bytes = std::fs::read(fixture().join("reference.safetensors")).expect("reference");
-    let st = SafeTensors::deserialize(&bytes).expect("parse reference");
-    let ids = st
-        .tensor("input_ids")
-        .expect("input_ids")
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
-        .collect();
-    let logits = st
-        .tensor("logits")
-        .expect("logits")
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
-    (ids, logits)
-}
-
-fn logits(model: &LlamaModel, ids: &[u32]) -> Vec<f32> {
-    let tokens = model.token_tensor(&[ids.to_vec()]).expect("tokens");
-    model
-        .forward(&tokens)
-        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
-        .expect("forward")
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
+    fixture_reference(NAME)
 }
 
 /// Copies the fixture into `dir`, writing its weights without `drop`.
@@ -110,58 +77,10 @@ fn missing_q_norm_is_refused_naming_the_tensor() {
     }
 }
 
-/// A word-level tokenizer over the fixture's 256 ids: the stages load one,
-/// and the fixture (like transformers' tiny test models) has none.
-fn write_tokenizer(dir: &Path) {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..256).map(|i| (format!("t{i}"), i.into())).collect();
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("tokenizer");
-}
-
-/// A model volume holding the fixture (with a tokenizer) and a calibration
-/// token file of 8 sequences of 40 ids.
 fn volume() -> tempfile::TempDir {
-    let root = tempfile::tempdir().expect("tempdir");
-    let model = root.path().join("qwen3");
-    std::fs::create_dir_all(&model).expect("model dir");
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture().join(file), model.join(file)).expect("copy");
-    }
-    write_tokenizer(&model);
-    let mut state = 0x2545_f491_u32;
-    let rows: Vec<Vec<u32>> = (0..8)
-        .map(|_| {
-            (0..40)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    state % 256
-                })
-                .collect()
-        })
-        .collect();
-    let calibration = serde_json::json!({ "input_ids": rows });
-    std::fs::write(
-        root.path().join("calibration.json"),
-        calibration.to_string(),
-    )
-    .expect("calibration");
-    root
+    fixture_volume(NAME)
 }
 
-/// Runs the quantize stage on the volume's fixture and returns the artifact.
 fn quantize(
     volume: &Path,
     method: &str,
@@ -170,35 +89,7 @@ fn quantize(
     gpu: Option<&Gpu>,
     out: &str,
 ) -> (PathBuf, quantops_api::QuantizationSpec) {
-    let yaml = format!(
-        r#"apiVersion: quantops.dev/v1alpha1
-kind: QuantizedModel
-metadata: {{ name: qwen3-test }}
-spec:
-  baseModel: {{ name: test/qwen3, path: qwen3 }}
-  version: v1
-  quantization: {{ method: {method}, bits: {bits}, groupSize: {group}, symmetric: false, ignore: [lm_head] }}
-  calibration: {{ path: calibration.json, samples: 8, sequenceLength: 40, seed: 1 }}
-  output: {{ path: {out} }}
-"#
-    );
-    let qm = parse_quantized_model(&yaml, method).expect("valid spec");
-    let layout = Layout::new(&qm.spec, volume, None, Links::Confined).expect("layout");
-    let input = StageInput {
-        spec: &qm.spec,
-        layout: &layout,
-        gpu,
-    };
-    stages::run(Stage::Quantize, &input).expect("quantize stage");
-    (layout.artifact_dir.clone(), qm.spec.quantization.clone())
-}
-
-/// The tensor `name` of a single-file artifact or checkpoint: dtype and bytes.
-fn stored(dir: &Path, name: &str) -> (safetensors::Dtype, Vec<u8>) {
-    let bytes = std::fs::read(dir.join("model.safetensors")).expect("weights");
-    let st = SafeTensors::deserialize(&bytes).expect("parse");
-    let t = st.tensor(name).expect("tensor");
-    (t.dtype(), t.data().to_vec())
+    quantize_fixture(volume, NAME, Run::new(method, bits, group), gpu, out)
 }
 
 /// (method, bits, group size, largest |logit − transformers'| allowed for the
@@ -221,10 +112,7 @@ fn quantize_all(gpu: Option<&Gpu>, out: &str) -> Vec<(String, Vec<f32>)> {
     for (method, bits, group, bound) in METHODS {
         let (artifact, _) = quantize(volume.path(), method, bits, group, gpu, out);
         // The q/k norms are no Linears: written unchanged, not quantized.
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(artifact.join("config.json")).expect("config"),
-        )
-        .expect("config json");
+        let config = config_json(&artifact);
         assert_eq!(config["architectures"][0], "Qwen3ForCausalLM");
         for layer in 0..2 {
             for norm in HeadNorm::ALL {
@@ -236,13 +124,7 @@ fn quantize_all(gpu: Option<&Gpu>, out: &str) -> Vec<(String, Vec<f32>)> {
                 );
             }
             let module = format!("model.layers.{layer}.self_attn.q_proj");
-            let bytes = std::fs::read(artifact.join("model.safetensors")).expect("weights");
-            let names: Vec<String> = SafeTensors::deserialize(&bytes)
-                .expect("parse")
-                .names()
-                .into_iter()
-                .map(String::from)
-                .collect();
+            let names = tensor_names(&artifact);
             assert!(
                 names.contains(&format!("{module}.weight_scale")),
                 "{method}: {module} is quantized"
@@ -302,15 +184,8 @@ fn every_method_round_trips_through_the_artifact_on_the_cpu() {
 /// the device) against the CPU's, method by method, through the same stage.
 #[test]
 fn gpu_quantize_stage_matches_the_cpu() {
-    let required = std::env::var_os("QUANTOPS_REQUIRE_GPU").is_some();
-    let gpu = match Gpu::for_choice(DeviceChoice::Auto) {
-        Ok(Some(gpu)) => gpu,
-        Ok(None) if !required => {
-            eprintln!("skipped: no usable GPU (set QUANTOPS_REQUIRE_GPU to make this a failure)");
-            return;
-        }
-        Ok(None) => panic!("QUANTOPS_REQUIRE_GPU is set but no GPU is usable"),
-        Err(e) => panic!("opening the GPU: {e}"),
+    let Some(gpu) = gpu_or_skip() else {
+        return;
     };
     let cpu = quantize_all(None, "cpu");
     let device = quantize_all(Some(&gpu), "gpu");

@@ -3,6 +3,7 @@
 
 pub mod compressed_tensors;
 mod error;
+pub mod fused;
 pub mod pack;
 pub mod reader;
 mod tensors;

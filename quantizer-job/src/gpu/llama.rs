@@ -43,13 +43,18 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::family::HeadNorm;
+use crate::family::{Fused, HeadNorm, NormPlacement};
 use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
 mod head_norm;
+mod norm_placement;
+mod rope_tables;
+mod scalars;
 
 use head_norm::DeviceHeadNorms;
+use rope_tables::DeviceRope;
+use scalars::ScalarKernels;
 
 /// The CUDA C source of the forward-pass kernels, compiled by NVRTC for the
 /// device at hand when a [`LlamaOps`] is built.
@@ -167,6 +172,13 @@ impl WeightSource for TensorMap {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor, LlamaGpuError> {
+        if !self.tensors.contains_key(name)
+            && let Some((fused, rows)) = self.config.fused_part(name)
+            && let Some(whole) = self.tensors.get(&fused)
+        {
+            // Phi-3's fused projections, read back from an artifact.
+            return Ok(whole.narrow(0, rows.start, rows.len())?.contiguous()?);
+        }
         self.tensors.get(name).cloned().ok_or_else(|| {
             ModelError::MissingTensor {
                 name: name.to_string(),
@@ -187,6 +199,15 @@ impl WeightSource for LlamaModel {
     fn tensor(&self, name: &str) -> Result<Tensor, LlamaGpuError> {
         if name == LM_HEAD || LinearId::parse(name).is_some() {
             return Ok(self.linear_weight(name)?.clone());
+        }
+        if let Some((layer, fused)) = name.strip_suffix(".weight").and_then(Fused::parse) {
+            // Phi-3's stored layout, from the split Linears the model holds.
+            let parts = fused
+                .parts()
+                .iter()
+                .map(|&kind| self.linear_weight(&LinearId { layer, kind }.weight_name()))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
         }
         match name {
             "model.embed_tokens.weight" => return Ok(self.embed_tokens().clone()),
@@ -214,6 +235,13 @@ impl WeightSource for LlamaModel {
             return Ok(match norm {
                 LayerNorm::Input => self.input_layernorm(layer)?,
                 LayerNorm::PostAttention => self.post_attention_layernorm(layer)?,
+                LayerNorm::PostFeedforward => {
+                    self.post_feedforward_layernorm(layer)?.ok_or_else(|| {
+                        ModelError::MissingTensor {
+                            name: name.to_string(),
+                        }
+                    })?
+                }
             }
             .clone());
         }
@@ -224,10 +252,11 @@ impl WeightSource for LlamaModel {
     }
 }
 
-/// The two norms of a decoder layer.
+/// The norms of a decoder layer.
 enum LayerNorm {
     Input,
     PostAttention,
+    PostFeedforward,
 }
 
 /// Parses `model.layers.{i}.input_layernorm.weight` and its post-attention twin.
@@ -237,6 +266,7 @@ fn layer_norm_name(name: &str) -> Option<(usize, LayerNorm)> {
     let norm = match norm {
         "input_layernorm.weight" => LayerNorm::Input,
         "post_attention_layernorm.weight" => LayerNorm::PostAttention,
+        "post_feedforward_layernorm.weight" => LayerNorm::PostFeedforward,
         _ => return None,
     };
     Some((index.parse().ok()?, norm))
@@ -628,17 +658,6 @@ fn has_bias(cfg: &LlamaConfig, kind: LinearKind) -> bool {
     }
 }
 
-/// RoPE tables `[positions, head_dim / 2]` (cos, sin): the ones the CPU
-/// rotates with ([`crate::rope::tables`]), so the device rotation equals it.
-fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
-    crate::rope::tables(
-        &cfg.rope_scaling,
-        cfg.head_dim,
-        cfg.rope_theta,
-        cfg.max_position_embeddings,
-    )
-}
-
 /// Uploads one tensor of a weight source as f32, checking its shape.
 fn upload(
     gpu: &Gpu,
@@ -692,8 +711,11 @@ impl Projection {
 /// (swapping Linear weights with [`DeviceLayer::set_linear`]) and drops.
 pub struct DeviceLayer {
     index: usize,
-    input_layernorm: CudaSlice<f32>,
+    /// `None` with the norms after the sublayers (OLMo 2).
+    input_layernorm: Option<CudaSlice<f32>>,
     post_attention_layernorm: CudaSlice<f32>,
+    /// With the norms after the sublayers only.
+    post_feedforward_layernorm: Option<CudaSlice<f32>>,
     /// Qwen3's q/k norms, when the family has them.
     head_norms: Option<DeviceHeadNorms>,
     /// The seven Linears, in [`LinearKind::ALL`]'s order.
@@ -733,10 +755,14 @@ impl DeviceLayer {
             )
         };
         let proj = |kind| Projection::load(gpu, source, LinearId { layer, kind });
+        let post = cfg.block.norms == NormPlacement::Post;
         Ok(Self {
             index: layer,
-            input_layernorm: norm("input_layernorm")?,
+            input_layernorm: (!post).then(|| norm("input_layernorm")).transpose()?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
+            post_feedforward_layernorm: post
+                .then(|| norm(NormPlacement::POST_FEEDFORWARD))
+                .transpose()?,
             head_norms: DeviceHeadNorms::load(gpu, source, layer)?,
             projections: LinearKind::ALL
                 .into_iter()
@@ -815,18 +841,26 @@ impl DeviceLayer {
         Ok(std::mem::replace(&mut slot.weight, weight))
     }
 
-    fn norm_slot(&mut self, kind: NormKind) -> &mut CudaSlice<f32> {
+    fn norm_slot(&mut self, kind: NormKind) -> Result<&mut CudaSlice<f32>, GpuError> {
+        let index = self.index;
         match kind {
-            NormKind::Input => &mut self.input_layernorm,
-            NormKind::PostAttention => &mut self.post_attention_layernorm,
+            NormKind::Input => self
+                .input_layernorm
+                .as_mut()
+                .ok_or_else(|| no_input_norm(index)),
+            NormKind::PostAttention => Ok(&mut self.post_attention_layernorm),
         }
     }
 
-    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into.
-    pub fn norm(&self, kind: NormKind) -> &CudaSlice<f32> {
+    /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into; an
+    /// error for `input_layernorm` of a family without one (OLMo 2).
+    pub fn norm(&self, kind: NormKind) -> Result<&CudaSlice<f32>, GpuError> {
         match kind {
-            NormKind::Input => &self.input_layernorm,
-            NormKind::PostAttention => &self.post_attention_layernorm,
+            NormKind::Input => self
+                .input_layernorm
+                .as_ref()
+                .ok_or_else(|| no_input_norm(self.index)),
+            NormKind::PostAttention => Ok(&self.post_attention_layernorm),
         }
     }
 
@@ -838,7 +872,7 @@ impl DeviceLayer {
         weight: CudaSlice<f32>,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let index = self.index;
-        let slot = self.norm_slot(kind);
+        let slot = self.norm_slot(kind)?;
         check_len(
             &format!("model.layers.{index} {kind:?} norm weight"),
             weight.len(),
@@ -846,6 +880,14 @@ impl DeviceLayer {
         )?;
         Ok(std::mem::replace(slot, weight))
     }
+}
+
+fn no_input_norm(layer: usize) -> GpuError {
+    shape_error(
+        format!("model.layers.{layer}.input_layernorm"),
+        "a norm before the attention",
+        "none (the family's norms follow the sublayers)",
+    )
 }
 
 /// The positions a forward pass covers: `batch` independent sequences of
@@ -891,8 +933,10 @@ pub struct LlamaOps<'g> {
     gpu: &'g Gpu,
     cfg: LlamaConfig,
     kernels: Kernels,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    /// Granite's multiply/divide kernels, when the family has scalars.
+    scalars: Option<ScalarKernels>,
+    /// The RoPE tables the CPU rotates with ([`crate::rope::tables`]).
+    rope: DeviceRope,
 }
 
 impl std::fmt::Debug for LlamaOps<'_> {
@@ -905,16 +949,12 @@ impl<'g> LlamaOps<'g> {
     /// Compiles the kernels for `gpu` and uploads the RoPE tables of `cfg`.
     pub fn new(gpu: &'g Gpu, cfg: &LlamaConfig) -> Result<Self, GpuError> {
         let kernels = Kernels::load(gpu)?;
-        let (cos, sin) = rope_tables(cfg);
-        let stream = gpu.stream();
         Ok(Self {
             gpu,
             cfg: cfg.clone(),
             kernels,
-            cos: stream
-                .clone_htod(&cos)
-                .during("uploading the RoPE cosines")?,
-            sin: stream.clone_htod(&sin).during("uploading the RoPE sines")?,
+            scalars: ScalarKernels::load(gpu, cfg)?,
+            rope: DeviceRope::upload(gpu, cfg)?,
         })
     }
 
@@ -1107,8 +1147,9 @@ impl<'g> LlamaOps<'g> {
             to_i32(span.seq, "sequence length")?,
             to_i32(span.offset, "position offset")?,
         ];
+        let (cos, sin) = self.rope.for_len(last)?;
         let mut launch = self.gpu.stream().launch_builder(&self.kernels.rope_inplace);
-        launch.arg(x).arg(&self.cos).arg(&self.sin);
+        launch.arg(x).arg(cos).arg(sin);
         for a in &args {
             launch.arg(a);
         }
@@ -1161,7 +1202,9 @@ impl<'g> LlamaOps<'g> {
     ) -> Result<(), GpuError> {
         let heads = self.heads();
         let kv_len = kv.len;
-        let plan = heads.scores_plan(t, kv_len);
+        let mut plan = heads.scores_plan(t, kv_len);
+        // Granite's attention_multiplier, else 1 / sqrt(head_dim) as planned.
+        plan.alpha = self.cfg.block.attention_scale(heads.head_dim) as f32;
         for r in 0..heads.rep() {
             let (_, b, c) = heads.scores_offsets(r, t, kv_len);
             let q_r = sub_view(q, b..q.len(), "queries")?;
@@ -1301,8 +1344,10 @@ impl<'g> LlamaOps<'g> {
         }
         check_len("hidden states", hidden.len(), rows * self.cfg.hidden_size)?;
         let mut h1 = self.attention_block(layer, hidden, span, cache, &mut capture)?;
+        self.scale_residual(&mut h1)?;
         self.add_inplace(&mut h1, hidden)?;
         let mut out = self.mlp_block(layer, &h1, rows, &mut capture)?;
+        self.scale_residual(&mut out)?;
         self.add_inplace(&mut out, &h1)?;
         Ok(out)
     }
@@ -1318,7 +1363,8 @@ impl<'g> LlamaOps<'g> {
     ) -> Result<CudaSlice<f32>, GpuError> {
         let heads = self.heads();
         let rows = span.rows();
-        let x = self.rms_norm(&hidden.as_view(), &layer.input_layernorm, rows)?;
+        let norms = layer.attention_norms();
+        let x = self.sublayer_input(hidden, norms, rows)?;
         emit(capture, CapturePoint::Attention, &x, rows)?;
         let mut q = self.linear(
             &x.as_view(),
@@ -1350,12 +1396,13 @@ impl<'g> LlamaOps<'g> {
             None => self.batch_attention(&q, &k, &v, &mut attn, span)?,
         }
         emit(capture, CapturePoint::Output, &attn, rows)?;
-        self.linear(
+        let out = self.linear(
             &attn.as_view(),
             rows,
             layer.projection(LinearKind::OProj),
             "o_proj",
-        )
+        )?;
+        self.sublayer_output(out, norms, rows)
     }
 
     /// Attention of each sequence of the batch over its own positions.
@@ -1437,7 +1484,8 @@ impl<'g> LlamaOps<'g> {
         rows: usize,
         capture: &mut Option<Capture<'_>>,
     ) -> Result<CudaSlice<f32>, GpuError> {
-        let x = self.rms_norm(&h1.as_view(), &layer.post_attention_layernorm, rows)?;
+        let norms = layer.mlp_norms();
+        let x = self.sublayer_input(h1, norms, rows)?;
         emit(capture, CapturePoint::Mlp, &x, rows)?;
         let mut gate = self.linear(
             &x.as_view(),
@@ -1455,12 +1503,13 @@ impl<'g> LlamaOps<'g> {
         self.silu_mul(&mut gate, &up)?;
         drop(up);
         emit(capture, CapturePoint::Down, &gate, rows)?;
-        self.linear(
+        let out = self.linear(
             &gate.as_view(),
             rows,
             layer.projection(LinearKind::DownProj),
             "down_proj",
-        )
+        )?;
+        self.sublayer_output(out, norms, rows)
     }
 
     fn new_cache(&self, capacity: usize) -> Result<KvCache, GpuError> {
@@ -1585,7 +1634,10 @@ fn layer_bytes(cfg: &LlamaConfig) -> usize {
         .sum();
     let norms = 2 * cfg.hidden_size
         + if cfg.block.qk_norm {
-            2 * cfg.head_dim
+            HeadNorm::ALL
+                .into_iter()
+                .map(|n| cfg.head_norm_width(n))
+                .sum()
         } else {
             0
         };
@@ -1696,7 +1748,9 @@ impl<'a> GpuLlama<'a> {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::TokenOutOfVocabulary { id, vocab }.into());
         }
-        Ok(self.ops.embed(&self.embed_tokens, tokens)?)
+        let mut x = self.ops.embed(&self.embed_tokens, tokens)?;
+        self.ops.scale_embeddings(&mut x)?;
+        Ok(x)
     }
 
     fn check_positions(&self, len: usize) -> Result<(), LlamaGpuError> {
@@ -1758,14 +1812,16 @@ impl<'a> GpuLlama<'a> {
         rows: usize,
     ) -> Result<CudaSlice<f32>, GpuError> {
         let cfg = self.config();
-        self.ops.matmul_t(
+        let mut logits = self.ops.matmul_t(
             x,
             rows,
             self.lm_head(),
             cfg.vocab_size,
             cfg.hidden_size,
             "lm_head",
-        )
+        )?;
+        self.ops.scale_logits(&mut logits)?;
+        Ok(logits)
     }
 
     /// Logits `[seq, vocab_size]` of one sequence, copied to the host: the

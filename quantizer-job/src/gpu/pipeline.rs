@@ -117,6 +117,7 @@ pub fn quantize_checkpoint_with(
     precision: Precision,
 ) -> anyhow::Result<PipelineOutput> {
     let cfg = checkpoint.config().clone();
+    crate::llama_layers::check_method(&cfg, recipe.method)?;
     let calibrated = recipe.method.needs_calibration();
     let sequence_length = calibration.first().map_or(0, Vec::len);
     let estimate = memory::estimate(
@@ -269,7 +270,7 @@ fn quantize_calibrated(
     };
     let seq = calibration.first().map_or(0, Vec::len);
     let ops = LlamaOps::new(gpu, cfg)?;
-    let mut hidden = embed_batches(gpu, checkpoint, cfg, calibration)?;
+    let mut hidden = embed_batches(&ops, checkpoint, calibration)?;
     let progress = Progress::new("quantize", cfg.num_hidden_layers);
     for layer in 0..cfg.num_hidden_layers {
         let started = std::time::Instant::now();
@@ -368,13 +369,14 @@ fn capture_hessians(
 
 /// The calibration sequences' embeddings, `[batch · seq, hidden]` per batch
 /// of [`GPU_CALIBRATION_BATCH`] sequences, gathered on the device from the
-/// embedding table.
+/// embedding table (and scaled by Granite's `embedding_multiplier`, as the
+/// forward's embeddings are).
 fn embed_batches(
-    gpu: &Gpu,
+    ops: &LlamaOps,
     checkpoint: &Checkpoint,
-    cfg: &LlamaConfig,
     calibration: &[Vec<u32>],
 ) -> anyhow::Result<Vec<(CudaSlice<f32>, usize)>> {
+    let (gpu, cfg) = (ops.gpu(), ops.config());
     let (table, shape) = upload(gpu, checkpoint, "model.embed_tokens.weight")?;
     let [vocab, width] = shape;
     anyhow::ensure!(
@@ -393,7 +395,9 @@ fn embed_batches(
         .chunks(GPU_CALIBRATION_BATCH)
         .map(|chunk| {
             let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
-            Ok((tensors::gather_rows(gpu, &table, width, &ids)?, chunk.len()))
+            let mut x = tensors::gather_rows(gpu, &table, width, &ids)?;
+            ops.scale_embeddings(&mut x)?;
+            Ok((x, chunk.len()))
         })
         .collect()
 }

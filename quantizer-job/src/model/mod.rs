@@ -17,7 +17,7 @@ pub use norm::{NormId, NormKind};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
-use crate::family::HeadNorm;
+use crate::family::{HeadNorm, NormPlacement, QkNormScope};
 use linear::Linear;
 use rope::Rope;
 
@@ -89,10 +89,16 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
-    input_layernorm: Tensor,
+    /// Before the attention; `None` with the norms after the sublayers
+    /// ([`NormPlacement::Post`], OLMo 2).
+    input_layernorm: Option<Tensor>,
+    /// Before the MLP, or (post placement) after the attention.
     post_attention_layernorm: Tensor,
-    /// The per-head RMSNorms of queries and keys `[head_dim]` each, when the
-    /// family has them ([`crate::family::Block::qk_norm`]).
+    /// After the MLP, with the post placement only.
+    post_feedforward_layernorm: Option<Tensor>,
+    /// The RMSNorms of queries and keys, when the family has them
+    /// ([`crate::family::Block::qk_norm`]): `[head_dim]` per head, or the
+    /// whole projection's width ([`QkNormScope`]).
     head_norms: Option<HeadNorms>,
     q_proj: Linear,
     k_proj: Linear,
@@ -103,7 +109,7 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
-/// Qwen3's `q_norm` and `k_norm` weights of one layer.
+/// The `q_norm` and `k_norm` weights of one layer (Qwen3, OLMo 2).
 #[derive(Debug, Clone)]
 struct HeadNorms {
     q: Tensor,
@@ -120,8 +126,9 @@ impl HeadNorms {
 }
 
 impl DecoderLayer {
-    /// Normalises each head of `x [b, heads, t, head_dim]` with the layer's
-    /// `norm` when the family has one (before RoPE, as transformers does).
+    /// Normalises the last dimension of `x` with the layer's `norm` when the
+    /// family has one (before RoPE, as transformers does): each head of `[b,
+    /// heads, t, head_dim]`, or a whole projection `[b·t, heads·head_dim]`.
     fn head_norm(&self, norm: HeadNorm, x: Tensor, eps: f64) -> candle_core::Result<Tensor> {
         match &self.head_norms {
             Some(norms) => rms_norm(&x, norms.get(norm), eps),
@@ -203,7 +210,30 @@ impl LlamaModel {
         let shapes: HashMap<String, Vec<usize>> = config.expected_tensors().into_iter().collect();
         let linear = |tensors: &mut HashMap<String, Tensor>, id: LinearId, bias: bool| {
             let name = id.weight_name();
-            let weight = take(tensors, &shapes, &name)?;
+            let weight = match config.fused_part(&name) {
+                // Phi-3's fused qkv_proj / gate_up_proj: this Linear's rows.
+                Some((fused, rows)) if !tensors.contains_key(&name) => {
+                    let whole = tensors
+                        .get(&fused)
+                        .ok_or_else(|| ModelError::MissingTensor {
+                            name: fused.clone(),
+                        })?;
+                    if let Some(expected) = shapes.get(&fused)
+                        && whole.dims() != expected.as_slice()
+                    {
+                        return Err(ModelError::ShapeMismatch {
+                            name: fused,
+                            expected: expected.clone(),
+                            found: whole.dims().to_vec(),
+                        });
+                    }
+                    whole
+                        .narrow(0, rows.start, rows.len())?
+                        .to_dtype(DType::F32)?
+                        .contiguous()?
+                }
+                _ => take(tensors, &shapes, &name)?,
+            };
             let bias = if bias {
                 let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
                 Some(take(tensors, &shapes, &bias_name)?)
@@ -225,8 +255,21 @@ impl LlamaModel {
             } else {
                 None
             };
+            let post = block.norms == NormPlacement::Post;
+            let norm = |tensors: &mut HashMap<String, Tensor>, leaf: &str| {
+                take(tensors, &shapes, &format!("{p}.{leaf}.weight"))
+            };
             layers.push(DecoderLayer {
                 head_norms,
+                input_layernorm: match post {
+                    false => Some(norm(&mut tensors, "input_layernorm")?),
+                    true => None,
+                },
+                post_attention_layernorm: norm(&mut tensors, "post_attention_layernorm")?,
+                post_feedforward_layernorm: match post {
+                    true => Some(norm(&mut tensors, NormPlacement::POST_FEEDFORWARD)?),
+                    false => None,
+                },
                 q_proj: linear(&mut tensors, id(LinearKind::QProj), block.qkv_bias)?,
                 k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
                 v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
@@ -234,16 +277,6 @@ impl LlamaModel {
                 gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
                 up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
                 down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
-                input_layernorm: take(
-                    &mut tensors,
-                    &shapes,
-                    &format!("{p}.input_layernorm.weight"),
-                )?,
-                post_attention_layernorm: take(
-                    &mut tensors,
-                    &shapes,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                )?,
             });
         }
         let embed_tokens = take(&mut tensors, &shapes, "model.embed_tokens.weight")?;
@@ -319,10 +352,14 @@ impl LlamaModel {
         {
             return Err(ModelError::TokenOutOfVocabulary { id, vocab });
         }
-        Ok(self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+        let x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.block.scalars.embedding() {
+            Some(m) => x.affine(f64::from(m), 0.0)?,
+            None => x,
+        })
     }
 
     /// Runs decoder layer `index` on hidden states `[b, t, h]` (positions
@@ -343,6 +380,11 @@ impl LlamaModel {
         let (b, t, h) = hidden.dims3()?;
         let x = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         let logits = x.reshape((b * t, h))?.matmul(&self.lm_head.t()?)?;
+        let logits = match self.config.block.scalars.logits_divisor() {
+            // Divided, not multiplied by the reciprocal, as transformers does.
+            Some(d) => logits.broadcast_div(&Tensor::new(d, &Device::Cpu)?)?,
+            None => logits,
+        };
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -413,24 +455,40 @@ impl LlamaModel {
         Ok(self.layers[id.layer].linear(id.kind).bias.as_ref())
     }
 
-    /// Layer `index`'s `input_layernorm` weight `[h]`.
+    /// Layer `index`'s `input_layernorm` weight `[h]`; an error for a
+    /// family whose norms follow the sublayers (OLMo 2 has none).
     pub fn input_layernorm(&self, index: usize) -> Result<&Tensor> {
-        Ok(&self.layer(index)?.input_layernorm)
+        self.layer(index)?
+            .input_layernorm
+            .as_ref()
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: format!("model.layers.{index}.input_layernorm.weight"),
+            })
+    }
+
+    /// Layer `index`'s `post_feedforward_layernorm` weight `[h]`, when the
+    /// family's norms follow the sublayers (OLMo 2).
+    pub fn post_feedforward_layernorm(&self, index: usize) -> Result<Option<&Tensor>> {
+        Ok(self.layer(index)?.post_feedforward_layernorm.as_ref())
     }
 
     /// Replaces layer `index`'s `input_layernorm` weight (AWQ folds its
     /// scales into it).
     pub fn set_input_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
         let name = format!("model.layers.{index}.input_layernorm.weight");
-        let slot = &mut self.layer_mut(index)?.input_layernorm;
+        let slot = self
+            .layer_mut(index)?
+            .input_layernorm
+            .as_mut()
+            .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
         let weight = weight.to_dtype(DType::F32)?;
         check_same_shape(&name, slot, &weight)?;
         *slot = weight;
         Ok(())
     }
 
-    /// Layer `index`'s `q_norm` or `k_norm` weight `[head_dim]`; `None` when
-    /// the family has no per-head norms.
+    /// Layer `index`'s `q_norm` or `k_norm` weight; `None` when the family
+    /// has no q/k norms.
     pub fn head_norm(&self, index: usize, norm: HeadNorm) -> Result<Option<&Tensor>> {
         Ok(self.layer(index)?.head_norms.as_ref().map(|n| n.get(norm)))
     }
@@ -503,8 +561,12 @@ impl LlamaModel {
             }
         };
 
-        // Attention block.
-        let x = rms_norm(hidden, &layer.input_layernorm, cfg.rms_norm_eps)?.reshape((b * t, h))?;
+        // Attention block (its input normed unless the norms follow it).
+        let x = match &layer.input_layernorm {
+            Some(w) => rms_norm(hidden, w, cfg.rms_norm_eps)?,
+            None => hidden.clone(),
+        }
+        .reshape((b * t, h))?;
         emit(LinearKind::QProj, &x);
         emit(LinearKind::KProj, &x);
         emit(LinearKind::VProj, &x);
@@ -512,14 +574,22 @@ impl LlamaModel {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
         let eps = cfg.rms_norm_eps;
-        let q = heads(layer.q_proj.forward(&x)?, nh)?;
+        // q/k norms over the whole projection (OLMo 2) or per head (Qwen3).
+        let per_head = cfg.block.qk_norm_scope == QkNormScope::Head;
+        let normed = |norm, y: Tensor, here: bool| match here {
+            true => layer.head_norm(norm, y, eps),
+            false => Ok(y),
+        };
+        let q = layer.q_proj.forward(&x)?;
+        let q = heads(normed(HeadNorm::Query, q, !per_head)?, nh)?;
         let q = self
             .rope
-            .apply(&layer.head_norm(HeadNorm::Query, q, eps)?, offset)?;
-        let k = heads(layer.k_proj.forward(&x)?, nkv)?;
+            .apply(&normed(HeadNorm::Query, q, per_head)?, offset)?;
+        let k = layer.k_proj.forward(&x)?;
+        let k = heads(normed(HeadNorm::Key, k, !per_head)?, nkv)?;
         let k = self
             .rope
-            .apply(&layer.head_norm(HeadNorm::Key, k, eps)?, offset)?;
+            .apply(&normed(HeadNorm::Key, k, per_head)?, offset)?;
         let v = heads(layer.v_proj.forward(&x)?, nkv)?;
         let (k, v) = match cache {
             Some((ck, cv)) => {
@@ -541,7 +611,7 @@ impl LlamaModel {
         // Grouped-query attention without materialising repeated K/V: the
         // `rep` query heads sharing one KV head are stacked along the rows.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.block.attention_scale(hd);
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, kv_len))?;
         let window = cfg.sliding_window.filter(|w| *w < kv_len);
         let scores = if t > 1 || window.is_some() {
@@ -556,17 +626,35 @@ impl LlamaModel {
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         emit(LinearKind::OProj, &attn);
-        let hidden = (hidden + layer.o_proj.forward(&attn)?.reshape((b, t, h))?)?;
+        let residual = cfg.block.scalars.residual();
+        let scaled = |y: Tensor| match residual {
+            Some(m) => y.affine(f64::from(m), 0.0),
+            None => Ok(y),
+        };
+        let post = cfg.block.norms == NormPlacement::Post;
+        let out = layer.o_proj.forward(&attn)?.reshape((b, t, h))?;
+        let out = match post {
+            true => rms_norm(&out, &layer.post_attention_layernorm, eps)?,
+            false => out,
+        };
+        let hidden = (hidden + scaled(out)?)?;
 
-        // MLP block.
-        let x = rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps)?
-            .reshape((b * t, h))?;
+        // MLP block (its input normed unless the norms follow it).
+        let x = match post {
+            true => hidden.clone(),
+            false => rms_norm(&hidden, &layer.post_attention_layernorm, eps)?,
+        }
+        .reshape((b * t, h))?;
         emit(LinearKind::GateProj, &x);
         emit(LinearKind::UpProj, &x);
         let gated = (layer.gate_proj.forward(&x)?.silu()? * layer.up_proj.forward(&x)?)?;
         emit(LinearKind::DownProj, &gated);
         let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
-        Ok((hidden + out)?)
+        let out = match &layer.post_feedforward_layernorm {
+            Some(w) => rms_norm(&out, w, eps)?,
+            None => out,
+        };
+        Ok((hidden + scaled(out)?)?)
     }
 }
 

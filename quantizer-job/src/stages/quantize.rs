@@ -6,7 +6,7 @@ use super::{StageInput, write_json};
 use crate::calibration;
 use crate::checkpoint::Checkpoint;
 use crate::format::{
-    CheckpointOptions, DenseInput, DenseTensor, quantization_config, write_checkpoint,
+    CheckpointOptions, DenseInput, DenseTensor, fused, quantization_config, write_checkpoint,
     write_model_config,
 };
 use crate::gpu;
@@ -82,6 +82,15 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let spec = input.spec;
     let recipe = &spec.quantization;
     let (checkpoint, facts) = open_base_checkpoint(input)?;
+    // AWQ on a family whose norms follow the sublayers (OLMo 2) is refused
+    // before any work: it could not be exact.
+    crate::llama_layers::check_method(checkpoint.config(), recipe.method)?;
+    // The quantizers see the split Linears of a fused family (Phi-3): its
+    // ignore entries are applied to them, and a partial one refused now.
+    let driver_recipe = QuantizationSpec {
+        ignore: fused::driver_ignore(checkpoint.config(), &recipe.ignore)?,
+        ..recipe.clone()
+    };
     let dtype = storage_dtype(&facts.dtype);
     let tokenizer = Tokenizer::from_dir(checkpoint.dir())?;
 
@@ -90,14 +99,21 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
 
     let scheme = WeightScheme::from_spec(recipe, dtype);
     let pipeline_started = Instant::now();
-    let (quantized, rewritten) = match input.gpu {
+    let (mut quantized, rewritten) = match input.gpu {
         Some(gpu) => {
-            let output =
-                gpu::pipeline::quantize_checkpoint(gpu, &checkpoint, recipe, scheme, samples)?;
+            let output = gpu::pipeline::quantize_checkpoint(
+                gpu,
+                &checkpoint,
+                &driver_recipe,
+                scheme,
+                samples,
+            )?;
             (output.quantized, folded_norms(output.folded_norms))
         }
-        None => quantize_on_host(&checkpoint, &CpuBackend, recipe, scheme, samples)?,
+        None => quantize_on_host(&checkpoint, &CpuBackend, &driver_recipe, scheme, samples)?,
     };
+    // Written under the checkpoint's own names (Phi-3's qkv_proj, gate_up_proj).
+    fused::fuse_quantized(checkpoint.config(), &mut quantized)?;
     let gpu = input.gpu;
 
     let pipeline_seconds = pipeline_started.elapsed().as_secs_f64();

@@ -149,4 +149,5 @@ pub fn model_copy() -> tempfile::TempDir {
     dir
 }
 
+pub mod family;
 pub mod serving;

@@ -1,18 +1,20 @@
-//! Qwen3's per-head RMSNorm of queries and keys on the device
+//! The RMSNorm of queries and keys on the device
 //! ([`crate::family::Block::qk_norm`]), the twin of the CPU's
-//! `DecoderLayer::head_norm`.
+//! `DecoderLayer::head_norm`: per head (Qwen3) or over the whole projection
+//! (OLMo 2, [`QkNormScope`]).
 //!
 //! The projections are row-major `[tokens, heads · head_dim]`, which is the
-//! same buffer as `[tokens · heads, head_dim]`: each head of each token is one
-//! row, so the forward's `rms_norm` kernel (one block per row, any width)
-//! normalises them with the `[head_dim]` weight, after the projection and
-//! before RoPE as transformers does. No new kernel, hence the same rounding
-//! as the hidden-state norms.
+//! same buffer as `[tokens · heads, head_dim]`: per head, each head of each
+//! token is one row; over the projection, each token is. Either way the
+//! forward's `rms_norm` kernel (one block per row, any width) normalises the
+//! rows with the matching weight, after the projection and before RoPE as
+//! transformers does. No new kernel, hence the same rounding as the
+//! hidden-state norms.
 
 use cudarc::driver::CudaSlice;
 
 use super::{Gpu, GpuError, LlamaGpuError, LlamaOps, WeightSource, upload};
-use crate::family::HeadNorm;
+use crate::family::{HeadNorm, QkNormScope};
 
 /// One layer's `q_norm` and `k_norm` weights `[head_dim]` on the device.
 pub(super) struct DeviceHeadNorms {
@@ -31,7 +33,14 @@ impl DeviceHeadNorms {
         if !cfg.block.qk_norm {
             return Ok(None);
         }
-        let norm = |n: HeadNorm| upload(gpu, source, &n.weight_name(layer), &[cfg.head_dim]);
+        let norm = |n: HeadNorm| {
+            upload(
+                gpu,
+                source,
+                &n.weight_name(layer),
+                &[cfg.head_norm_width(n)],
+            )
+        };
         Ok(Some(Self {
             q: norm(HeadNorm::Query)?,
             k: norm(HeadNorm::Key)?,
@@ -40,8 +49,8 @@ impl DeviceHeadNorms {
 }
 
 impl LlamaOps<'_> {
-    /// Normalises every head of `q [rows, heads · head_dim]` and `k [rows,
-    /// kv_heads · head_dim]`.
+    /// Normalises `q [rows, heads · head_dim]` and `k [rows, kv_heads ·
+    /// head_dim]`, per head or per token as the family's scope says.
     pub(super) fn head_norms(
         &self,
         norms: &DeviceHeadNorms,
@@ -51,8 +60,13 @@ impl LlamaOps<'_> {
     ) -> Result<(), GpuError> {
         let heads = self.heads();
         let d = heads.head_dim;
-        *q = self.rms_norm_rows(&q.as_view(), &norms.q, rows * heads.heads, d)?;
-        *k = self.rms_norm_rows(&k.as_view(), &norms.k, rows * heads.kv_heads, d)?;
+        // (rows, width) of the normed rows, for q then k.
+        let ((qr, qc), (kr, kc)) = match self.cfg.block.qk_norm_scope {
+            QkNormScope::Head => ((rows * heads.heads, d), (rows * heads.kv_heads, d)),
+            QkNormScope::Projection => ((rows, heads.q_width()), (rows, heads.kv_width())),
+        };
+        *q = self.rms_norm_rows(&q.as_view(), &norms.q, qr, qc)?;
+        *k = self.rms_norm_rows(&k.as_view(), &norms.k, kr, kc)?;
         Ok(())
     }
 }

@@ -64,7 +64,7 @@ pub(super) fn quantize_layers(
     let seq = calibration.first().map_or(0, Vec::len);
     let ops = LlamaOps::new(gpu, cfg)?;
     let awq = DeviceAwq::new(job.quantizer)?;
-    let mut hidden = embed_batches(gpu, checkpoint, cfg, calibration)?;
+    let mut hidden = embed_batches(&ops, checkpoint, calibration)?;
     let mut folded_norms = BTreeMap::new();
     let progress = Progress::new("quantize", cfg.num_hidden_layers);
     for layer in 0..cfg.num_hidden_layers {
@@ -85,7 +85,7 @@ pub(super) fn quantize_layers(
         for (name, kind) in folded {
             let values = gpu
                 .stream()
-                .clone_dtoh(weights.norm(kind))
+                .clone_dtoh(weights.norm(kind)?)
                 .during(format!("downloading the folded {name}"))?;
             folded_norms.insert(name, values);
         }
@@ -300,7 +300,7 @@ fn fold(
             let id = NormId::parse(name)
                 .filter(|id| id.layer == layer)
                 .with_context(|| format!("{name} is not an RMSNorm of decoder layer {layer}"))?;
-            let new = awq.fold_into_norm(weights.norm(id.kind), scales)?;
+            let new = awq.fold_into_norm(weights.norm(id.kind)?, scales)?;
             weights.set_norm(id.kind, new)?;
             let base = name.strip_suffix(".weight").unwrap_or(name);
             folded.insert(format!("{base}.weight"), id.kind);

@@ -1,0 +1,412 @@
+//! The families added after Qwen3 through everything the worker does to a
+//! model besides the forward (which `families.rs` checks against
+//! transformers): every method through the real quantize stage, the
+//! compressed-tensors writer and the artifact reader, on the CPU and (where
+//! a GPU is usable) on the GPU, checking the artifact's tensor names and
+//! config, and that it loads back and computes close to transformers.
+
+mod common;
+
+use common::family::{
+    Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, reference, stored,
+    tensor_names, try_quantize, volume,
+};
+use quantizer_job::gpu::Gpu;
+use quantizer_job::llama_layers::LlamaLayers;
+use quantizer_job::quant::{CpuBackend, FloatDtype, WeightScheme};
+use quantizer_job::sequential::quantize_model;
+use quantizer_job::serve::LoadedModel;
+use quantizer_job::{Checkpoint, LlamaModel};
+
+/// What a family's artifact must hold.
+struct Family {
+    /// The fixture.
+    name: &'static str,
+    /// `architectures[0]`, kept in the artifact's config.
+    architecture: &'static str,
+    /// Config keys the artifact's config.json must keep unchanged.
+    kept_keys: &'static [&'static str],
+    /// Modules of each layer (after `model.layers.{i}.`) that must be
+    /// quantized, under exactly these names.
+    quantized: &'static [&'static str],
+    /// Modules that must not appear in the artifact (quantized or not).
+    absent: &'static [&'static str],
+    /// Tensors of each layer (after `model.layers.{i}.`) that are no Linears
+    /// and must be written exactly as the checkpoint stores them.
+    unchanged: &'static [&'static str],
+    /// `weight_shape` `[out, in]` the packed integer schemes must store for
+    /// some of the quantized modules.
+    shapes: &'static [(&'static str, [i64; 2])],
+    /// (method, bits, group size, largest |logit − transformers'| allowed
+    /// for the artifact read back): 8 bits keep the logits close, 4 bits
+    /// are not bounded.
+    methods: &'static [(&'static str, u8, i32, f32)],
+}
+
+const GRANITE: Family = Family {
+    name: "granite",
+    architecture: "GraniteForCausalLM",
+    kept_keys: &[
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    ],
+    quantized: &[
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
+    absent: &[],
+    unchanged: &[],
+    shapes: &[],
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("awq", 8, 32, 0.15),
+        ("int8", 8, -1, 0.15),
+        ("fp8", 8, -1, 0.5),
+    ],
+};
+
+/// Phi-3's fused projections: quantized as split Linears, written under
+/// the checkpoint's fused names with the stacked rows' scales.
+const PHI3: Family = Family {
+    name: "phi3",
+    architecture: "Phi3ForCausalLM",
+    kept_keys: &["original_max_position_embeddings"],
+    quantized: &[
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "mlp.gate_up_proj",
+        "mlp.down_proj",
+    ],
+    absent: &[
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    ],
+    unchanged: &[],
+    // q (4 heads of 16) + k + v (2 heads each); gate + up (128 each).
+    shapes: &[
+        ("self_attn.qkv_proj", [128, 64]),
+        ("mlp.gate_up_proj", [256, 64]),
+    ],
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("awq", 8, 32, 0.15),
+        ("int8", 8, -1, 0.15),
+        ("fp8", 8, -1, 0.5),
+    ],
+};
+
+/// Phi-3.5's longrope (long factors past the original 32 positions) through
+/// the artifact.
+const PHI3_LONGROPE: Family = Family {
+    name: "phi3-longrope",
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("int8", 8, -1, 0.15),
+    ],
+    kept_keys: &["rope_parameters"],
+    ..PHI3
+};
+
+/// OLMo 2: norms after the sublayers and q/k norms over the whole
+/// projections, none of them quantized. AWQ is refused (see
+/// `olmo2_refuses_awq_before_any_work`).
+const OLMO2: Family = Family {
+    name: "olmo2",
+    architecture: "Olmo2ForCausalLM",
+    kept_keys: &["rope_parameters"],
+    quantized: GRANITE.quantized,
+    absent: &["input_layernorm"],
+    unchanged: &[
+        "post_attention_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+    ],
+    shapes: &[],
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("int8", 8, -1, 0.15),
+        ("fp8", 8, -1, 0.5),
+    ],
+};
+
+/// Quantizes fixture `family` with every method, checks each artifact and
+/// returns its logits by method.
+fn quantize_all(family: &Family, gpu: Option<&Gpu>, out: &str) -> Vec<(String, Vec<f32>)> {
+    let volume = volume(family.name);
+    let (ids, reference) = reference(family.name);
+    let base = config_json(&fixture(family.name));
+    let layers = base["num_hidden_layers"].as_u64().expect("layers") as usize;
+    let mut results = Vec::new();
+    for &(method, bits, group, bound) in family.methods {
+        let (artifact, _) = quantize(
+            volume.path(),
+            family.name,
+            Run::new(method, bits, group),
+            gpu,
+            out,
+        );
+        let config = config_json(&artifact);
+        assert_eq!(config["architectures"][0], family.architecture);
+        for key in family.kept_keys {
+            assert_eq!(config[key], base[key], "{method}: config.json keeps {key}");
+        }
+        let names = tensor_names(&artifact);
+        for layer in 0..layers {
+            for module in family.quantized {
+                let module = format!("model.layers.{layer}.{module}");
+                for suffix in ["weight_scale", "weight_packed"] {
+                    // FP8 keeps `weight`, the integer schemes (INT8 too) `weight_packed`.
+                    let suffix = match (suffix, method) {
+                        ("weight_packed", "fp8") => "weight",
+                        (s, _) => s,
+                    };
+                    let tensor = format!("{module}.{suffix}");
+                    assert!(names.contains(&tensor), "{method}: {tensor} written");
+                }
+            }
+            if !matches!(method, "fp8") {
+                for (module, expected) in family.shapes {
+                    let name = format!("model.layers.{layer}.{module}.weight_shape");
+                    let (_, bytes) = stored(&artifact, &name);
+                    let shape: Vec<i64> = bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect();
+                    assert_eq!(shape, expected, "{method}: {name}");
+                }
+            }
+            for tensor in family.unchanged {
+                let name = format!("model.layers.{layer}.{tensor}");
+                assert_eq!(
+                    stored(&artifact, &name),
+                    stored(&fixture(family.name), &name),
+                    "{method}: {name} unchanged"
+                );
+            }
+            for module in family.absent {
+                let prefix = format!("model.layers.{layer}.{module}.");
+                assert!(
+                    !names.iter().any(|n| n.starts_with(&prefix)),
+                    "{method}: nothing under {prefix}"
+                );
+            }
+        }
+        // Read back as the validate stage and the server do.
+        let loaded = LoadedModel::load(&artifact).expect("artifact loads");
+        assert!(loaded.quantized);
+        let ours = logits(&loaded.model, &ids);
+        let d = max_diff(&ours, &reference);
+        eprintln!(
+            "{} {method} w{bits} g{group} ({}): artifact max |logit - transformers| {d:.3e}",
+            family.name,
+            gpu.map_or("cpu", |g| g.name())
+        );
+        assert!(d < bound, "{} {method}: {d}", family.name);
+        let greedy = loaded
+            .model
+            .generate_greedy(&ids[..10], 8, None)
+            .expect("greedy");
+        assert_eq!(greedy.len(), 8);
+        results.push((method.to_string(), ours));
+    }
+    results
+}
+
+/// RTN exactly: the artifact read back computes what the in-memory driver
+/// left in the model.
+fn rtn_artifact_equals_in_memory(family: &Family, artifact_logits: &[f32]) {
+    let volume = volume(family.name);
+    let (_, recipe) = quantize(
+        volume.path(),
+        family.name,
+        Run::new("rtn", 4, 32),
+        None,
+        "again",
+    );
+    let checkpoint = Checkpoint::open(&fixture(family.name)).expect("fixture");
+    let mut model = LlamaModel::from_checkpoint(&checkpoint).expect("model");
+    let scheme = WeightScheme::from_spec(&recipe, FloatDtype::F16);
+    quantize_model(
+        &mut LlamaLayers { model: &mut model },
+        &CpuBackend,
+        &recipe,
+        scheme,
+        Vec::new(),
+    )
+    .expect("in-memory RTN");
+    let (ids, _) = reference(family.name);
+    let d = max_diff(artifact_logits, &logits(&model, &ids));
+    eprintln!(
+        "{} rtn: artifact vs in-memory max |diff| {d:.3e}",
+        family.name
+    );
+    assert!(d < 1e-5, "{}: {d}", family.name);
+}
+
+fn cpu_round_trip(family: &Family) {
+    let results = quantize_all(family, None, "quantized");
+    let (method, rtn) = &results[0];
+    assert_eq!(method, "rtn");
+    rtn_artifact_equals_in_memory(family, rtn);
+}
+
+/// The GPU pipeline against the CPU's, method by method, through the same stage.
+fn gpu_matches_cpu(family: &Family) {
+    let Some(gpu) = gpu_or_skip() else {
+        return;
+    };
+    let cpu = quantize_all(family, None, "cpu");
+    let device = quantize_all(family, Some(&gpu), "gpu");
+    let (_, reference) = reference(family.name);
+    for ((method, c), (_, g)) in cpu.iter().zip(&device) {
+        let between = max_diff(c, g);
+        let (ce, ge) = (max_diff(c, &reference), max_diff(g, &reference));
+        println!(
+            "{} {method}: GPU artifact vs CPU artifact max |diff| {between:.3e}; vs transformers: CPU {ce:.3e}, GPU {ge:.3e}",
+            family.name
+        );
+        // The GPU's TF32 calibration moves calibrated codes a little; a
+        // pipeline that lost a family feature would be as far off as the
+        // 4-bit rounding itself.
+        assert!(ge < 1.5 * ce + 0.05, "{method}: GPU {ge} vs CPU {ce}");
+    }
+}
+
+#[test]
+fn granite_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&GRANITE);
+}
+
+#[test]
+fn granite_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&GRANITE);
+}
+
+#[test]
+fn phi3_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&PHI3);
+}
+
+#[test]
+fn phi3_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&PHI3);
+}
+
+#[test]
+fn phi3_longrope_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&PHI3_LONGROPE);
+}
+
+#[test]
+fn phi3_longrope_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&PHI3_LONGROPE);
+}
+
+/// Ignoring a fused Linear keeps the checkpoint's tensor as it is; ignoring
+/// part of one is refused before any work, naming the fused Linear.
+#[test]
+fn phi3_ignores_a_fused_linear_whole_or_not_at_all() {
+    let volume = volume("phi3");
+    let mut run = Run::new("gptq", 4, 32);
+    run.ignore = &["qkv_proj"];
+    let (artifact, _) = quantize(volume.path(), "phi3", run, None, "whole");
+    let names = tensor_names(&artifact);
+    for layer in 0..2 {
+        let qkv = format!("model.layers.{layer}.self_attn.qkv_proj");
+        assert_eq!(
+            stored(&artifact, &format!("{qkv}.weight")),
+            stored(&fixture("phi3"), &format!("{qkv}.weight")),
+            "{qkv} stays dense and unchanged"
+        );
+        assert!(!names.contains(&format!("{qkv}.weight_scale")));
+        let gate_up = format!("model.layers.{layer}.mlp.gate_up_proj.weight_scale");
+        assert!(names.contains(&gate_up), "{gate_up}");
+    }
+    let config = config_json(&artifact);
+    let ignore = &config["quantization_config"]["ignore"];
+    assert!(
+        ignore
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == "qkv_proj")),
+        "the artifact's ignore list names the fused Linear: {ignore}"
+    );
+    let loaded = LoadedModel::load(&artifact).expect("loads");
+    let (ids, reference) = reference("phi3");
+    let d = max_diff(&logits(&loaded.model, &ids), &reference);
+    assert!(d.is_finite(), "{d}");
+
+    run.ignore = &["model.layers.1.self_attn.k_proj"];
+    let err = try_quantize(volume.path(), "phi3", run, None, "partial").expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("model.layers.1.self_attn.qkv_proj") && text.contains("ignore"),
+        "{text}"
+    );
+}
+
+#[test]
+fn olmo2_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&OLMO2);
+}
+
+#[test]
+fn olmo2_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&OLMO2);
+}
+
+/// AWQ would fold its scales into norms OLMo 2 does not have before q/k/v
+/// and gate/up: refused by the stage before any work, naming the
+/// architecture and the method, on either backend.
+#[test]
+fn olmo2_refuses_awq_before_any_work() {
+    let volume = volume("olmo2");
+    let files = || -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![volume.path().to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()) {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let before = files();
+    let gpu = gpu_or_skip();
+    for device in [None, gpu.as_ref()] {
+        let err = try_quantize(
+            volume.path(),
+            "olmo2",
+            Run::new("awq", 4, 32),
+            device,
+            "awq",
+        )
+        .expect_err("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("Olmo2ForCausalLM") && text.contains("awq"),
+            "{text}"
+        );
+        assert_eq!(files(), before, "nothing written");
+    }
+}
