@@ -5,6 +5,7 @@
 //! command line over these; tests start the controller in-process with
 //! [`controller::run`].
 
+pub mod api_requests;
 pub mod conditions;
 pub mod config;
 pub mod controller;
@@ -16,6 +17,7 @@ pub mod leader;
 pub mod local;
 pub mod local_serving;
 pub mod metrics;
+pub mod model_watch;
 pub mod outputs;
 pub mod pipeline;
 pub mod promotion;
