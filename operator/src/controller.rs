@@ -15,6 +15,7 @@ use crate::config::OperatorConfig;
 use crate::job::{self, RenderError};
 use crate::k8s::{self, KubeContext, KubeError, StatusWrite};
 pub use crate::k8s::{FIELD_MANAGER, JobState, job_state, termination_message};
+use crate::lanes::Lanes;
 use crate::metrics::Metrics;
 use crate::model_watch::ModelWatch;
 use crate::outputs;
@@ -872,9 +873,10 @@ pub async fn run(
 
 /// Runs one QuantizedModel controller per watched namespace (one for the
 /// cluster when unscoped) until `shutdown` resolves. Each has its own work
-/// queue and caches, so it needs rights only in its namespace; one
-/// semaphore shared by all of them keeps `max_concurrent_reconciles` a
-/// bound on the operator as a whole, and any namespace may use all of it.
+/// queue and caches, so it needs rights only in its namespace; the permit
+/// lanes shared by all of them ([`Lanes`]: new models, models under way,
+/// `max_concurrent_reconciles` each) bound the operator as a whole, and any
+/// namespace may use all of them.
 async fn run_models(
     client: Client,
     config: OperatorConfig,
@@ -882,8 +884,7 @@ async fn run_models(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
-    let concurrency = config.max_concurrent_reconciles;
-    let permits = Arc::new(tokio::sync::Semaphore::new(usize::from(concurrency)));
+    let lanes = Lanes::new(config.max_concurrent_reconciles);
     let mut stores = Vec::new();
     let mut runs = Vec::new();
     for namespace in config.watch.targets() {
@@ -900,7 +901,7 @@ async fn run_models(
             client.clone(),
             config.clone(),
             metrics.clone(),
-            permits.clone(),
+            lanes.clone(),
             shutdown.clone(),
         ));
     }
@@ -917,7 +918,7 @@ async fn run_models_in(
     client: Client,
     config: OperatorConfig,
     metrics: Metrics,
-    permits: Arc<tokio::sync::Semaphore>,
+    lanes: Lanes,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ModelWatch {
@@ -934,10 +935,12 @@ async fn run_models_in(
         pod_watch.abort();
         return;
     }
-    let concurrency = config.max_concurrent_reconciles;
+    // The lanes bound what runs; the controller itself takes every due
+    // model at once, so that a new one reaches its lane without queueing
+    // behind models waiting for theirs.
     let controller = Controller::for_stream(model_triggers, models.clone())
         .owns_stream(job_triggers)
-        .with_config(controller::Config::default().concurrency(concurrency));
+        .with_config(controller::Config::default().concurrency(0));
     let caches = Caches {
         jobs: jobs.clone(),
         pods,
@@ -946,11 +949,10 @@ async fn run_models_in(
     let instance = std::env::var("POD_NAME").ok();
     let ctx = Arc::new(Context::new(client, config, metrics, caches, instance));
     let limited = move |qm: Arc<QuantizedModel>, ctx: Arc<Context>| {
-        let permits = permits.clone();
+        let lanes = lanes.clone();
         let jobs = jobs.clone();
         async move {
-            // Never closed, so this waits for a permit rather than failing.
-            let _permit = permits.acquire_owned().await;
+            let _permit = lanes.enter(&qm).await;
             // The Job cache fills as the controller polls its triggers; a
             // reconciliation decides from it, so it waits for the first list.
             if jobs.wait_until_ready().await.is_err() {

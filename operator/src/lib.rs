@@ -13,6 +13,7 @@ pub mod crds;
 pub mod gitops;
 pub mod job;
 pub mod k8s;
+pub mod lanes;
 pub mod leader;
 pub mod local;
 pub mod local_serving;

@@ -271,6 +271,10 @@ async fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&result)?,
     )?;
     drop(operator);
-    env.cleanup().await?;
+    // Deleting thousands of objects can outlast the harness's wait; the
+    // figures are written already, so that is worth a line, not a failure.
+    if let Err(error) = env.cleanup().await {
+        eprintln!("the benchmark's namespace is still being deleted: {error}");
+    }
     Ok(())
 }
