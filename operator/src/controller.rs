@@ -15,7 +15,9 @@ use crate::config::OperatorConfig;
 use crate::job::{self, RenderError};
 use crate::k8s::{self, KubeContext, KubeError, StatusWrite};
 pub use crate::k8s::{FIELD_MANAGER, JobState, job_state, termination_message};
+use crate::lanes::Lanes;
 use crate::metrics::Metrics;
+use crate::model_watch::ModelWatch;
 use crate::outputs;
 use crate::pipeline::{self, JobSeen, Next, Observation, Phase, Stage, StageRun, Step};
 use futures::StreamExt;
@@ -23,11 +25,9 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::LogParams;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use quantops_api::{QuantizedModel, QuantizedModelStatus, StageSummary};
 use std::collections::HashMap;
@@ -46,6 +46,8 @@ pub enum Error {
     Render(#[from] RenderError),
     #[error("QuantizedModel {0} has no namespace")]
     NoNamespace(String),
+    #[error("the cache of {0} never filled")]
+    CacheNotReady(&'static str),
 }
 
 impl Error {
@@ -55,6 +57,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Render(_) => "render",
             Error::NoNamespace(_) => "namespace",
+            Error::CacheNotReady(_) => "cache",
         }
     }
 }
@@ -425,6 +428,33 @@ fn job_seen(job: Option<&Job>) -> JobSeen {
     }
 }
 
+/// A stage's Job: from the cache, else (when status records the stage as
+/// started, so the Job should exist and the cache may lag behind) from the
+/// API server. A stage never started has no Job to read: its Job's name
+/// carries the spec hash, and status records a start before the create.
+async fn stage_job(
+    ctx: &Context,
+    apis: &Apis,
+    status: &QuantizedModelStatus,
+    stage: Stage,
+    hash: &str,
+    job_name: &str,
+) -> Result<Option<Arc<Job>>, Error> {
+    let key = ObjectRef::new(job_name).within(&apis.namespace);
+    if let Some(job) = ctx.caches.jobs.get(&key) {
+        return Ok(Some(job));
+    }
+    if pipeline::record(status, stage, hash).is_none() {
+        return Ok(None);
+    }
+    let read = apis
+        .jobs
+        .get_opt(job_name)
+        .await
+        .during(|| format!("reading Job {job_name}"))?;
+    Ok(read.map(Arc::new))
+}
+
 /// Walks the stages in order: stages recorded as done for the current spec
 /// are passed without looking at their Jobs; the first other one is acted on.
 async fn drive(
@@ -444,12 +474,8 @@ async fn drive(
         let (step, existing) = match pipeline::settled(status, stage, &hash) {
             Some(step) => (step, None),
             None => {
-                let existing = apis
-                    .jobs
-                    .get_opt(&job_name)
-                    .await
-                    .during(|| format!("reading Job {job_name}"))?;
-                let seen = job_seen(existing.as_ref());
+                let existing = stage_job(ctx, apis, status, stage, &hash, &job_name).await?;
+                let seen = job_seen(existing.as_deref());
                 let step = pipeline::step(status, stage, &hash, &seen, &policy, obs.now);
                 (step, existing)
             }
@@ -847,9 +873,10 @@ pub async fn run(
 
 /// Runs one QuantizedModel controller per watched namespace (one for the
 /// cluster when unscoped) until `shutdown` resolves. Each has its own work
-/// queue and caches, so it needs rights only in its namespace; one
-/// semaphore shared by all of them keeps `max_concurrent_reconciles` a
-/// bound on the operator as a whole, and any namespace may use all of it.
+/// queue and caches, so it needs rights only in its namespace; the permit
+/// lanes shared by all of them ([`Lanes`]: new models, models under way,
+/// `max_concurrent_reconciles` each) bound the operator as a whole, and any
+/// namespace may use all of them.
 async fn run_models(
     client: Client,
     config: OperatorConfig,
@@ -857,29 +884,24 @@ async fn run_models(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
-    let concurrency = config.max_concurrent_reconciles;
-    let permits = Arc::new(tokio::sync::Semaphore::new(usize::from(concurrency)));
+    let lanes = Lanes::new(config.max_concurrent_reconciles);
     let mut stores = Vec::new();
     let mut runs = Vec::new();
     for namespace in config.watch.targets() {
         let ns = namespace.as_deref();
-        let controller = Controller::new(
-            crate::scope::api::<QuantizedModel>(&client, ns),
-            watcher::Config::default(),
-        )
-        .owns(
-            crate::scope::api::<Job>(&client, ns),
-            watcher::Config::default().labels(MANAGED_BY_QUANTOPS),
-        )
-        .with_config(controller::Config::default().concurrency(concurrency));
-        stores.push(controller.store());
+        let watch = ModelWatch::new(
+            crate::scope::api(&client, ns),
+            crate::scope::api(&client, ns),
+            crate::scope::api(&client, ns),
+        );
+        stores.push(watch.models.clone());
         runs.push(run_models_in(
-            controller,
+            watch,
             namespace,
             client.clone(),
             config.clone(),
             metrics.clone(),
-            permits.clone(),
+            lanes.clone(),
             shutdown.clone(),
         ));
     }
@@ -888,52 +910,54 @@ async fn run_models(
     phases.abort();
 }
 
-/// Runs `controller` (the QuantizedModels of `namespace`, or of every
-/// namespace) with caches of the Jobs and pods there.
+/// Runs the controller of one scope (the QuantizedModels of `namespace`, or
+/// of every namespace) over its watches ([`ModelWatch`]).
 async fn run_models_in(
-    controller: Controller<QuantizedModel>,
+    watch: ModelWatch,
     namespace: Option<String>,
     client: Client,
     config: OperatorConfig,
     metrics: Metrics,
-    permits: Arc<tokio::sync::Semaphore>,
+    lanes: Lanes,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ns = namespace.as_deref();
-    let ours = watcher::Config::default().labels(MANAGED_BY_QUANTOPS);
-    let (job_cache, job_writer) = reflector::store::<Job>();
-    let (pod_cache, pod_writer) = reflector::store::<Pod>();
-    let job_watch = tokio::spawn(drain(reflector(
-        job_writer,
-        watcher(crate::scope::api::<Job>(&client, ns), ours.clone()),
-    )));
-    let pod_watch = tokio::spawn(drain(reflector(
-        pod_writer,
-        watcher(crate::scope::api::<Pod>(&client, ns), ours),
-    )));
-    for (what, cache) in [
-        ("Jobs", job_cache.wait_until_ready().await),
-        ("pods", pod_cache.wait_until_ready().await),
-    ] {
-        if let Err(error) = cache {
-            tracing::error!(%error, what, namespace = ns.unwrap_or("*"), "the cache never filled; stopping");
-            job_watch.abort();
-            pod_watch.abort();
-            return;
-        }
+    let ModelWatch {
+        models,
+        jobs,
+        pods,
+        model_triggers,
+        job_triggers,
+        pod_watch,
+    } = watch;
+    let pod_watch = tokio::spawn(pod_watch.for_each(|()| async {}));
+    if let Err(error) = pods.wait_until_ready().await {
+        tracing::error!(%error, namespace = namespace.as_deref().unwrap_or("*"), "the pod cache never filled; stopping");
+        pod_watch.abort();
+        return;
     }
+    // The lanes bound what runs; the controller itself takes every due
+    // model at once, so that a new one reaches its lane without queueing
+    // behind models waiting for theirs.
+    let controller = Controller::for_stream(model_triggers, models.clone())
+        .owns_stream(job_triggers)
+        .with_config(controller::Config::default().concurrency(0));
     let caches = Caches {
-        jobs: job_cache,
-        pods: pod_cache,
-        models: controller.store(),
+        jobs: jobs.clone(),
+        pods,
+        models,
     };
     let instance = std::env::var("POD_NAME").ok();
     let ctx = Arc::new(Context::new(client, config, metrics, caches, instance));
     let limited = move |qm: Arc<QuantizedModel>, ctx: Arc<Context>| {
-        let permits = permits.clone();
+        let lanes = lanes.clone();
+        let jobs = jobs.clone();
         async move {
-            // Never closed, so this waits for a permit rather than failing.
-            let _permit = permits.acquire_owned().await;
+            let _permit = lanes.enter(&qm).await;
+            // The Job cache fills as the controller polls its triggers; a
+            // reconciliation decides from it, so it waits for the first list.
+            if jobs.wait_until_ready().await.is_err() {
+                return Err(Error::CacheNotReady("Jobs"));
+            }
             reconcile(qm, ctx).await
         }
     };
@@ -947,26 +971,7 @@ async fn run_models_in(
             }
         })
         .await;
-    job_watch.abort();
     pod_watch.abort();
-}
-
-/// The label selector of everything the operator creates.
-const MANAGED_BY_QUANTOPS: &str = "app.kubernetes.io/managed-by=quantops";
-
-/// Keeps a reflector's watch running (its errors are retried with backoff).
-async fn drain<K, S>(stream: S)
-where
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
-{
-    stream
-        .default_backoff()
-        .for_each(|event| async move {
-            if let Err(error) = event {
-                tracing::debug!(%error, "watch error; retrying");
-            }
-        })
-        .await;
 }
 
 /// Keeps the objects-per-phase gauge current from the controllers' caches.

@@ -5,6 +5,7 @@
 //! command line over these; tests start the controller in-process with
 //! [`controller::run`].
 
+pub mod api_requests;
 pub mod conditions;
 pub mod config;
 pub mod controller;
@@ -12,10 +13,12 @@ pub mod crds;
 pub mod gitops;
 pub mod job;
 pub mod k8s;
+pub mod lanes;
 pub mod leader;
 pub mod local;
 pub mod local_serving;
 pub mod metrics;
+pub mod model_watch;
 pub mod outputs;
 pub mod pipeline;
 pub mod promotion;

@@ -290,9 +290,17 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             .then(|| std::time::Duration::from_secs(args.unschedulable_timeout)),
         ..OperatorConfig::default()
     };
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
-        .context("cannot build a Kubernetes client from the kubeconfig or service account")?;
+        .context("cannot read the kubeconfig or the service account's credentials")?;
+    // Every request goes through the counting layer, so that
+    // `quantops_api_requests_total` is what this replica really sent.
+    let client = kube::client::ClientBuilder::try_from(kube_config)
+        .context("cannot build a Kubernetes client from the kubeconfig or service account")?
+        .with_layer(&quantops_operator::api_requests::counting_layer(
+            metrics.api_requests.clone(),
+        ))
+        .build();
     client
         .apiserver_version()
         .await

@@ -33,6 +33,9 @@ pub struct Metrics {
     /// Seconds since a promotion that is not (yet) serving was created or
     /// stopped serving, by phase: what `QuantopsPromotionStuck` watches.
     pub promotion_unpromoted_seconds: GaugeVec,
+    /// Requests to the API server, by verb and resource
+    /// ([`crate::api_requests`]).
+    pub api_requests: IntCounterVec,
 }
 
 /// The labels of the quality metrics.
@@ -101,6 +104,13 @@ impl Metrics {
             ),
             &["phase"],
         )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "api_requests_total",
+                "Requests this replica sent to the Kubernetes API server, by verb and resource",
+            ),
+            &crate::api_requests::LABELS,
+        )?;
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
         let quality_score = GaugeVec::new(
             Opts::new(
@@ -146,6 +156,7 @@ impl Metrics {
         registry.register(Box::new(promotions.clone()))?;
         registry.register(Box::new(objects_by_phase.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(api_requests.clone()))?;
         registry.register(Box::new(quality_score.clone()))?;
         registry.register(Box::new(quality_threshold.clone()))?;
         registry.register(Box::new(quality_regressions.clone()))?;
@@ -167,6 +178,7 @@ impl Metrics {
             quality_regressions,
             promotions_by_phase,
             promotion_unpromoted_seconds,
+            api_requests,
         })
     }
 

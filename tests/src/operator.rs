@@ -433,6 +433,24 @@ impl Operator {
         }))
     }
 
+    /// Every series of a metric family: its labels (`{verb="get",...}`, or
+    /// empty) and value.
+    pub async fn metric_series(&self, family: &str) -> Result<Vec<(String, f64)>> {
+        let text = self.get("/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                let labels = key.strip_prefix(family)?;
+                if !(labels.is_empty() || labels.starts_with('{')) {
+                    return None;
+                }
+                Some((labels.to_string(), value.parse().ok()?))
+            })
+            .collect())
+    }
+
     /// The operator's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

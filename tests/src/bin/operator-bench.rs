@@ -56,6 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn model(name: &str) -> anyhow::Result<QuantizedModel> {
+    // Each model its own artifact directory: two in one are an OutputConflict.
     // No GPU and no memory request: the test node's 8 GPUs would otherwise
     // limit how many simulated stages run at once, which is not what is measured.
     serde_json::from_value(serde_json::json!({
@@ -67,7 +68,7 @@ fn model(name: &str) -> anyhow::Result<QuantizedModel> {
             "version": "v1",
             "quantization": { "method": "rtn", "bits": 4, "groupSize": 128 },
             "validation": { "evalText": { "path": "text/eval.txt" } },
-            "output": { "path": "out" },
+            "output": { "path": format!("out/{name}") },
             "resources": { "gpus": 0 }
         }
     }))
@@ -80,6 +81,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The operator's `quantops_api_requests_total`, by `verb/resource`.
+async fn api_requests(operator: &Operator) -> anyhow::Result<HashMap<String, f64>> {
+    let series = operator
+        .metric_series("quantops_api_requests_total")
+        .await
+        .context("reading the operator's API request counts")?;
+    Ok(series
+        .into_iter()
+        .map(|(labels, count)| {
+            let label = |name: &str| {
+                labels
+                    .split(&format!("{name}=\""))
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            (format!("{} {}", label("verb"), label("resource")), count)
+        })
+        .collect())
 }
 
 /// VmRSS and VmHWM of a process, in MiB.
@@ -109,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let pid = operator.pid().context("the operator has no pid")?;
     let (rss_idle, _) = memory_mib(pid).unwrap_or((f64::NAN, f64::NAN));
+    let requests_idle = api_requests(&operator).await?;
 
     // First sighting of a Job per model, through a watch like any client's.
     let first_job: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -198,6 +222,21 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .unwrap_or(0.0);
     let (rss_end, hwm) = memory_mib(pid).unwrap_or((f64::NAN, f64::NAN));
+    // What the models cost in API requests: the counts at the end less those
+    // of the idle operator (its initial lists, watches and lease renewals).
+    let requests_end = api_requests(&operator).await?;
+    let mut per_model = serde_json::Map::new();
+    let mut total = 0.0;
+    for (series, count) in &requests_end {
+        let spent = count - requests_idle.get(series).copied().unwrap_or(0.0);
+        total += spent;
+        if spent > 0.0 {
+            per_model.insert(
+                series.clone(),
+                serde_json::json!(spent / args.models as f64),
+            );
+        }
+    }
     let elapsed = ready_at.unwrap_or_else(|| started.elapsed().as_secs_f64());
     let result = serde_json::json!({
         "models": args.models,
@@ -211,6 +250,9 @@ async fn main() -> anyhow::Result<()> {
         "all_ready_s": ready_at,
         "reconciles": reconciles,
         "reconciles_per_s": reconciles / elapsed,
+        "reconciles_per_model": reconciles / args.models as f64,
+        "api_requests_per_model": total / args.models as f64,
+        "api_requests_per_model_by_series": per_model,
         "rss_idle_mib": rss_idle,
         "rss_peak_sampled_mib": peak_rss,
         "rss_end_mib": rss_end,
@@ -229,6 +271,10 @@ async fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&result)?,
     )?;
     drop(operator);
-    env.cleanup().await?;
+    // Deleting thousands of objects can outlast the harness's wait; the
+    // figures are written already, so that is worth a line, not a failure.
+    if let Err(error) = env.cleanup().await {
+        eprintln!("the benchmark's namespace is still being deleted: {error}");
+    }
     Ok(())
 }
