@@ -929,7 +929,7 @@ async fn run_models_in(
         job_triggers,
         pod_watch,
     } = watch;
-    let pod_watch = tokio::spawn(pod_watch.for_each(|()| async {}));
+    let pod_watch = tokio::spawn(pod_watch);
     if let Err(error) = pods.wait_until_ready().await {
         tracing::error!(%error, namespace = namespace.as_deref().unwrap_or("*"), "the pod cache never filled; stopping");
         pod_watch.abort();
@@ -941,21 +941,16 @@ async fn run_models_in(
     let controller = Controller::for_stream(model_triggers, models.clone())
         .owns_stream(job_triggers)
         .with_config(controller::Config::default().concurrency(0));
-    let caches = Caches {
-        jobs: jobs.clone(),
-        pods,
-        models,
-    };
+    let caches = Caches { jobs, pods, models };
     let instance = std::env::var("POD_NAME").ok();
     let ctx = Arc::new(Context::new(client, config, metrics, caches, instance));
     let limited = move |qm: Arc<QuantizedModel>, ctx: Arc<Context>| {
         let lanes = lanes.clone();
-        let jobs = jobs.clone();
         async move {
             let _permit = lanes.enter(&qm).await;
             // The Job cache fills as the controller polls its triggers; a
             // reconciliation decides from it, so it waits for the first list.
-            if jobs.wait_until_ready().await.is_err() {
+            if ctx.caches.jobs.wait_until_ready().await.is_err() {
                 return Err(Error::CacheNotReady("Jobs"));
             }
             reconcile(qm, ctx).await

@@ -14,8 +14,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kube::runtime::reflector::{self, Store};
@@ -42,7 +43,7 @@ pub struct ModelWatch {
     pub model_triggers: Triggers<QuantizedModel>,
     pub job_triggers: Triggers<Job>,
     /// The pod watch, which wakes nothing: run it until the scope stops.
-    pub pod_watch: BoxStream<'static, ()>,
+    pub pod_watch: BoxFuture<'static, ()>,
 }
 
 impl ModelWatch {
@@ -71,11 +72,10 @@ impl ModelWatch {
             model_triggers: changes(model_events, model_trigger).boxed(),
             job_triggers: changes(job_events, job_trigger).boxed(),
             pod_watch: pod_events
-                .filter_map(|event| async move {
+                .for_each(|event| async move {
                     if let Err(error) = event {
                         tracing::debug!(%error, "pod watch error; retrying");
                     }
-                    None
                 })
                 .boxed(),
         }

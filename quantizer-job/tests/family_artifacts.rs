@@ -8,15 +8,11 @@
 mod common;
 
 use common::family::{
-    Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, reference, stored,
-    tensor_names, try_quantize, volume,
+    Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, quantized_in_memory,
+    reference, stored, tensor_names, try_quantize, volume,
 };
 use quantizer_job::gpu::Gpu;
-use quantizer_job::llama_layers::LlamaLayers;
-use quantizer_job::quant::{CpuBackend, FloatDtype, WeightScheme};
-use quantizer_job::sequential::quantize_model;
 use quantizer_job::serve::LoadedModel;
-use quantizer_job::{Checkpoint, LlamaModel};
 
 /// What a family's artifact must hold.
 struct Family {
@@ -238,17 +234,7 @@ fn rtn_artifact_equals_in_memory(family: &Family, artifact_logits: &[f32]) {
         None,
         "again",
     );
-    let checkpoint = Checkpoint::open(&fixture(family.name)).expect("fixture");
-    let mut model = LlamaModel::from_checkpoint(&checkpoint).expect("model");
-    let scheme = WeightScheme::from_spec(&recipe, FloatDtype::F16);
-    quantize_model(
-        &mut LlamaLayers { model: &mut model },
-        &CpuBackend,
-        &recipe,
-        scheme,
-        Vec::new(),
-    )
-    .expect("in-memory RTN");
+    let model = quantized_in_memory(family.name, &recipe);
     let (ids, _) = reference(family.name);
     let d = max_diff(artifact_logits, &logits(&model, &ids));
     eprintln!(

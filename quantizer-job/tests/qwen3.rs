@@ -12,13 +12,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use common::family::{
     Run, config_json, gpu_or_skip, logits, max_diff, quantize as quantize_fixture,
-    reference as fixture_reference, stored, tensor_names, volume as fixture_volume,
+    quantized_in_memory, reference as fixture_reference, stored, tensor_names,
+    volume as fixture_volume,
 };
 use quantizer_job::family::HeadNorm;
 use quantizer_job::gpu::Gpu;
-use quantizer_job::llama_layers::LlamaLayers;
-use quantizer_job::quant::{CpuBackend, FloatDtype, WeightScheme};
-use quantizer_job::sequential::quantize_model;
 use quantizer_job::serve::LoadedModel;
 use quantizer_job::{Checkpoint, CheckpointError, LlamaModel, ModelError};
 use safetensors::SafeTensors;
@@ -162,17 +160,7 @@ fn every_method_round_trips_through_the_artifact_on_the_cpu() {
     // left in the model.
     let volume = volume();
     let (_, recipe) = quantize(volume.path(), "rtn", 4, 32, None, "again");
-    let checkpoint = Checkpoint::open(&fixture()).expect("fixture");
-    let mut model = LlamaModel::from_checkpoint(&checkpoint).expect("model");
-    let scheme = WeightScheme::from_spec(&recipe, FloatDtype::F16);
-    quantize_model(
-        &mut LlamaLayers { model: &mut model },
-        &CpuBackend,
-        &recipe,
-        scheme,
-        Vec::new(),
-    )
-    .expect("in-memory RTN");
+    let model = quantized_in_memory(NAME, &recipe);
     let (ids, _) = reference();
     let in_memory = logits(&model, &ids);
     let d = max_diff(&results[0].1, &in_memory);

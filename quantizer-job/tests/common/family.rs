@@ -5,10 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use quantizer_job::LlamaModel;
 use quantizer_job::gpu::{DeviceChoice, Gpu};
 use quantizer_job::layout::{Layout, Links};
+use quantizer_job::llama_layers::LlamaLayers;
+use quantizer_job::quant::{CpuBackend, FloatDtype, WeightScheme};
+use quantizer_job::sequential::quantize_model;
 use quantizer_job::stages::{self, Stage, StageInput};
+use quantizer_job::{Checkpoint, LlamaModel};
 use quantops_api::spec_file::parse_quantized_model;
 use safetensors::SafeTensors;
 
@@ -190,6 +193,24 @@ pub fn quantize(
     out: &str,
 ) -> (PathBuf, quantops_api::QuantizationSpec) {
     try_quantize(volume, name, run, gpu, out).expect("quantize stage")
+}
+
+/// The fixture `name` quantized in memory by the sequential driver on the
+/// CPU with `recipe`: what an artifact of that recipe must compute when read
+/// back.
+pub fn quantized_in_memory(name: &str, recipe: &quantops_api::QuantizationSpec) -> LlamaModel {
+    let checkpoint = Checkpoint::open(&fixture(name)).expect("fixture");
+    let mut model = LlamaModel::from_checkpoint(&checkpoint).expect("model");
+    let scheme = WeightScheme::from_spec(recipe, FloatDtype::F16);
+    quantize_model(
+        &mut LlamaLayers { model: &mut model },
+        &CpuBackend,
+        recipe,
+        scheme,
+        Vec::new(),
+    )
+    .expect("in-memory quantization");
+    model
 }
 
 /// The tensor `name` of a single-file artifact or checkpoint: dtype and bytes.
