@@ -18,6 +18,7 @@ pub use crate::k8s::{FIELD_MANAGER, JobState, job_state, termination_message};
 use crate::lanes::Lanes;
 use crate::metrics::Metrics;
 use crate::model_watch::ModelWatch;
+use crate::output_claim::{self, Claim};
 use crate::outputs;
 use crate::pipeline::{self, JobSeen, Next, Observation, Phase, Stage, StageRun, Step};
 use futures::StreamExt;
@@ -140,12 +141,7 @@ fn cached_pods(caches: &Caches, namespace: &str, job_name: &str) -> Vec<Pod> {
         .state()
         .into_iter()
         .filter(|pod| pod.namespace().as_deref() == Some(namespace))
-        .filter(|pod| {
-            pod.labels()
-                .get("batch.kubernetes.io/job-name")
-                .map(String::as_str)
-                == Some(job_name)
-        })
+        .filter(|pod| pod.labels().get(k8s::JOB_NAME_LABEL).map(String::as_str) == Some(job_name))
         .map(|pod| (*pod).clone())
         .collect()
 }
@@ -310,6 +306,10 @@ const STALE_RETRY: Duration = Duration::from_secs(1);
 /// How often a model waiting for another one's artifact directory looks
 /// again (the other's deletion is not an event of this model).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
+
+/// How soon a model tries its artifact directory's claim again after a
+/// stale one was removed or a claim vanished while it was read.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
 
 /// One reconciliation of a QuantizedModel.
 pub async fn reconcile(qm: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -536,6 +536,57 @@ struct Place<'a> {
     obs: &'a Observation,
 }
 
+/// Records that another model writes this model's artifact directory, with
+/// an event when that is news, and checks again later.
+async fn conflict(
+    qm: &QuantizedModel,
+    ctx: &Context,
+    store: &mut StatusStore<'_>,
+    status: &mut QuantizedModelStatus,
+    message: String,
+    obs: &Observation,
+) -> Result<Action, Error> {
+    let before = store.reason(pipeline::READY);
+    pipeline::record_conflict(status, &message, obs);
+    if store.commit(status).await? && before.as_deref() != Some(pipeline::OUTPUT_CONFLICT) {
+        ctx.event(qm, EventType::Warning, "OutputConflict", message)
+            .await;
+    }
+    Ok(Action::requeue(CONFLICT_RECHECK))
+}
+
+/// Whether the model claimed its artifact directory already: a stage of the
+/// current spec's output was recorded, which happens only after the claim
+/// (the baseline's hash covers `spec.output`).
+fn holds_claim(qm: &QuantizedModel, status: &QuantizedModelStatus) -> bool {
+    let hash = pipeline::stage_hash(&qm.spec, Stage::Baseline);
+    status
+        .stages
+        .get(Stage::Baseline.name())
+        .is_some_and(|record| record.hash == hash)
+}
+
+/// Whether the claim's holder no longer writes `dir`. The cache may not
+/// have a model that was created a moment ago, so a holder missing from it
+/// is looked up before its claim is called stale.
+async fn claim_is_stale(
+    apis: &Apis,
+    cached: &[Arc<QuantizedModel>],
+    dir: &str,
+    holder: &str,
+    holder_uid: &str,
+) -> Result<bool, Error> {
+    if !output_claim::is_stale(holder_uid, dir, cached.iter().map(Arc::as_ref)) {
+        return Ok(false);
+    }
+    let current = apis
+        .models
+        .get_opt(holder)
+        .await
+        .during(|| format!("reading QuantizedModel {holder}, which claims {dir}"))?;
+    Ok(output_claim::is_stale(holder_uid, dir, current.as_ref()))
+}
+
 /// Starts a stage (or creates its Job again when it went missing): checks
 /// that no other model writes the same artifact directory, renders the Job,
 /// records the stage `Running`, and only once that is stored creates the
@@ -557,14 +608,27 @@ async fn start(
     } = *at;
     let models = ctx.caches.models.state();
     if let Some(owner) = outputs::taken_by(qm, models.iter().map(Arc::as_ref)) {
-        let message = outputs::conflict_message(qm, owner);
-        let before = store.reason(pipeline::READY);
-        pipeline::record_conflict(status, &message, obs);
-        if store.commit(status).await? && before.as_deref() != Some(pipeline::OUTPUT_CONFLICT) {
-            ctx.event(qm, EventType::Warning, "OutputConflict", message)
-                .await;
+        let message = outputs::conflict_message(
+            qm,
+            &owner.namespace().unwrap_or_default(),
+            &owner.name_any(),
+        );
+        return conflict(qm, ctx, store, status, message, obs).await;
+    }
+    if !holds_claim(qm, status) {
+        let dir = outputs::artifact_dir(&qm.spec);
+        match output_claim::claim(&apis.config_maps, qm, &dir).await? {
+            Claim::Held => {}
+            Claim::Retry => return Ok(Action::requeue(CLAIM_RETRY)),
+            Claim::TakenBy { model, uid } => {
+                if claim_is_stale(apis, &models, &dir, &model, &uid).await? {
+                    output_claim::release_stale(&apis.config_maps, &dir, &uid).await?;
+                    return Ok(Action::requeue(CLAIM_RETRY));
+                }
+                let message = outputs::conflict_message(qm, &apis.namespace, &model);
+                return conflict(qm, ctx, store, status, message, obs).await;
+            }
         }
-        return Ok(Action::requeue(CONFLICT_RECHECK));
     }
     let rendered = job::render_config_map(qm, stage).and_then(|config_map| {
         job::render_job(qm, stage, &ctx.config.jobs).map(|job| (config_map, job))

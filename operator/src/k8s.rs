@@ -20,6 +20,9 @@ pub const FIELD_MANAGER: &str = "quantops";
 /// its termination message is the worker's result.
 pub const WORKER_CONTAINER: &str = "quantizer";
 
+/// The label the Job controller puts on each pod of a Job, naming the Job.
+pub const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+
 /// A failed API call, with what the operator was doing.
 #[derive(Debug, thiserror::Error)]
 #[error("{action}: {source}")]
@@ -284,7 +287,7 @@ pub async fn read_termination_message(
         return Ok(Some(message));
     }
     let listed = pods
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .list(&ListParams::default().labels(&format!("{JOB_NAME_LABEL}={job_name}")))
         .await
         .during(|| format!("listing the pods of Job {job_name}"))?;
     Ok(termination_message(&listed.items))

@@ -19,6 +19,7 @@ pub mod local;
 pub mod local_serving;
 pub mod metrics;
 pub mod model_watch;
+pub mod output_claim;
 pub mod outputs;
 pub mod pipeline;
 pub mod promotion;

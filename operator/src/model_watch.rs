@@ -18,13 +18,15 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStatus, Pod, PodStatus, PodTemplateSpec,
+};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use quantops_api::QuantizedModel;
 
-use crate::k8s::{JobState, job_state};
+use crate::k8s::{JOB_NAME_LABEL, JobState, job_state};
 
 /// The label selector of everything the operator creates.
 pub const MANAGED_BY_QUANTOPS: &str = "app.kubernetes.io/managed-by=quantops";
@@ -168,9 +170,11 @@ fn uid_of<K: Resource>(object: &K) -> String {
     })
 }
 
-/// Managed fields are the API server's bookkeeping, never read here.
+/// Managed fields are the API server's bookkeeping, and no annotation of a
+/// model is read (`kubectl apply` leaves a copy of the whole spec in one).
 fn trim_model(qm: &mut QuantizedModel) {
     qm.metadata.managed_fields = None;
+    qm.metadata.annotations = None;
 }
 
 /// A cached Job keeps its metadata (labels, owner, deletion) and status;
@@ -183,12 +187,50 @@ fn trim_job(job: &mut Job) {
     }
 }
 
-/// A cached pod keeps its metadata and status (scheduling conditions, the
-/// container's termination message); its spec is never read.
+/// A cached pod keeps only what [`crate::k8s`] reads from it: its identity,
+/// deletion and Job label, the `PodScheduled` condition and the worker
+/// container's termination. A thousand models leave three thousand finished
+/// pods in the cache, so the rest of the status (addresses, images, other
+/// conditions) was most of the operator's memory.
 fn trim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
+    let metadata = &mut pod.metadata;
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+    metadata.owner_references = None;
+    metadata.generate_name = None;
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.retain(|key, _| key == JOB_NAME_LABEL);
+    }
     pod.spec = None;
+    let Some(status) = pod.status.take() else {
+        return;
+    };
+    let conditions = status.conditions.map(|conditions| {
+        conditions
+            .into_iter()
+            .filter(|c| c.type_ == "PodScheduled")
+            .collect()
+    });
+    let container_statuses = status.container_statuses.map(|containers| {
+        containers
+            .into_iter()
+            .filter(|c| c.name == crate::k8s::WORKER_CONTAINER)
+            .map(|c| ContainerStatus {
+                name: c.name,
+                state: c.state.map(|state| ContainerState {
+                    terminated: state.terminated,
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            })
+            .collect()
+    });
+    pod.status = Some(PodStatus {
+        phase: status.phase,
+        conditions,
+        container_statuses,
+        ..PodStatus::default()
+    });
 }
 
 #[cfg(test)]
@@ -294,20 +336,70 @@ mod tests {
 
     #[test]
     fn cached_objects_keep_what_the_controller_reads() {
-        let mut pod = Pod {
+        use k8s_openapi::api::core::v1::{ContainerStateTerminated, PodCondition};
+        let condition = |type_: &str, status: &str, reason: &str| PodCondition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: Some(reason.to_string()),
+            message: Some(format!("{type_} {reason}")),
+            ..PodCondition::default()
+        };
+        let container = |name: &str, message: &str| ContainerStatus {
+            name: name.to_string(),
+            image: "worker:1".to_string(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    message: Some(message.to_string()),
+                    ..ContainerStateTerminated::default()
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        };
+        let pod = Pod {
             metadata: ObjectMeta {
+                name: Some("p".to_string()),
                 labels: Some(
-                    [("batch.kubernetes.io/job-name".to_string(), "j".to_string())].into(),
+                    [
+                        (JOB_NAME_LABEL.to_string(), "j".to_string()),
+                        ("controller-uid".to_string(), "u".to_string()),
+                    ]
+                    .into(),
                 ),
                 ..ObjectMeta::default()
             },
             spec: Some(Default::default()),
-            status: Some(Default::default()),
+            status: Some(PodStatus {
+                conditions: Some(vec![
+                    condition("Ready", "False", "PodCompleted"),
+                    condition("PodScheduled", "False", "Unschedulable"),
+                ]),
+                container_statuses: Some(vec![
+                    container("sidecar", "not the worker"),
+                    container(crate::k8s::WORKER_CONTAINER, "{}"),
+                ]),
+                host_ip: Some("10.0.0.1".to_string()),
+                ..PodStatus::default()
+            }),
         };
-        trim_pod(&mut pod);
-        assert!(pod.spec.is_none());
-        assert!(pod.status.is_some());
-        assert_eq!(pod.labels().len(), 1);
+        let mut trimmed = pod.clone();
+        trim_pod(&mut trimmed);
+        assert!(trimmed.spec.is_none());
+        assert_eq!(trimmed.labels().len(), 1, "only the Job's name is kept");
+        let pods = |p: &Pod| std::slice::from_ref(p).to_vec();
+        assert_eq!(
+            crate::k8s::unschedulable(&pods(&trimmed)),
+            crate::k8s::unschedulable(&pods(&pod))
+        );
+        assert_eq!(
+            crate::k8s::termination_message(&pods(&trimmed)).as_deref(),
+            Some("{}")
+        );
+        let status = trimmed.status.unwrap_or_default();
+        assert_eq!(status.conditions.map(|c| c.len()), Some(1));
+        assert_eq!(status.container_statuses.map(|c| c.len()), Some(1));
+        assert_eq!(status.host_ip, None);
+
         let mut finished = job("a", true, 0);
         trim_job(&mut finished);
         assert_eq!(job_state(&finished), JobState::Succeeded);

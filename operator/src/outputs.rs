@@ -1,9 +1,11 @@
 //! Which QuantizedModel may write an artifact directory. The model volume
 //! is one claim per namespace, so two models of a namespace with the same
 //! `spec.output.path` and variant would write into one directory at once
-//! (one's `report.json` carrying the other's gates). The older model (by
-//! creation time, then by name) keeps the directory; the other waits, with
-//! a condition naming it, until it is deleted or moved.
+//! (one's `report.json` carrying the other's gates). A model that already
+//! ran a stage keeps the directory, then the older model (by creation time,
+//! then by name); the other waits, with a condition naming it, until it is
+//! deleted or moved. This decides from the cache; [`crate::output_claim`]
+//! makes it exact where the cache lags.
 
 use kube::ResourceExt;
 use quantops_api::{QuantizedModel, QuantizedModelSpec};
@@ -31,17 +33,20 @@ pub fn artifact_dir(spec: &QuantizedModelSpec) -> String {
 }
 
 /// The model that keeps `dir` when `model` asks for it too: another one of
-/// the same namespace, not being deleted, writing the same directory and
-/// created earlier (or at the same second with a smaller name).
+/// the same namespace, not being deleted, writing the same directory, that
+/// has run a stage while `model` has not, or else was created earlier (or
+/// at the same second with a smaller name). A model that started keeps its
+/// directory, so that a newcomer can never stop it half-way.
 pub fn taken_by<'a>(
     model: &QuantizedModel,
     others: impl IntoIterator<Item = &'a QuantizedModel>,
 ) -> Option<&'a QuantizedModel> {
     let dir = artifact_dir(&model.spec);
     let precedence = |qm: &QuantizedModel| {
+        let started = qm.status.as_ref().is_some_and(|s| !s.stages.is_empty());
         // A model without a creation time (not stored yet) comes last.
         let created = qm.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        (created.is_none(), created, qm.name_any())
+        (!started, created.is_none(), created, qm.name_any())
     };
     let mine = precedence(model);
     others
@@ -54,13 +59,12 @@ pub fn taken_by<'a>(
         .min_by_key(|other| precedence(other))
 }
 
-/// The `Ready=False, reason OutputConflict` message.
-pub fn conflict_message(model: &QuantizedModel, owner: &QuantizedModel) -> String {
+/// The `Ready=False, reason OutputConflict` message, naming the model
+/// (`namespace`/`owner`) that writes the directory.
+pub fn conflict_message(model: &QuantizedModel, namespace: &str, owner: &str) -> String {
     format!(
-        "spec.output: artifact directory {} is already used by QuantizedModel {}/{}",
-        artifact_dir(&model.spec),
-        owner.namespace().unwrap_or_default(),
-        owner.name_any()
+        "spec.output: artifact directory {} is already used by QuantizedModel {namespace}/{owner}",
+        artifact_dir(&model.spec)
     )
 }
 
@@ -96,7 +100,7 @@ mod tests {
         let owner = taken_by(&newer, &all).map(|o| o.name_any());
         assert_eq!(owner.as_deref(), Some("other"));
         assert_eq!(
-            conflict_message(&newer, &older),
+            conflict_message(&newer, "experiment", &older.name_any()),
             "spec.output: artifact directory quantized/tiny-llama/v1.2-int4-gptq-g128-asym is already used by QuantizedModel experiment/other"
         );
         assert!(taken_by(&older, &all).is_none(), "the older one runs");
@@ -110,6 +114,32 @@ mod tests {
             Some("a")
         );
         assert!(taken_by(&a, &both).is_none());
+    }
+
+    #[test]
+    fn a_model_that_started_keeps_the_directory_from_an_older_one() {
+        let older = model("experiment", "a", 10, "quantized");
+        let mut started = model("experiment", "b", 20, "quantized");
+        let mut status = quantops_api::QuantizedModelStatus::default();
+        status.stages.insert(
+            "baseline".to_string(),
+            quantops_api::quantized_model::StageRecord {
+                hash: "h".to_string(),
+                job: "j".to_string(),
+                job_uid: None,
+                state: quantops_api::quantized_model::StageState::Running,
+            },
+        );
+        started.status = Some(status);
+        let all = [older.clone(), started.clone()];
+        assert!(
+            taken_by(&started, &all).is_none(),
+            "the started one runs on"
+        );
+        assert_eq!(
+            taken_by(&older, &all).map(|o| o.name_any()).as_deref(),
+            Some("b")
+        );
     }
 
     #[test]

@@ -1014,3 +1014,73 @@ async fn a_second_model_writing_the_same_directory_waits_for_the_first() {
     .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
     env.cleanup().await.expect("delete the test namespace");
 }
+
+/// Models created at one instant, each reconciled before the others'
+/// starts reach the operator's cache: the claim on the API server lets
+/// exactly one of them write the directory.
+#[tokio::test]
+async fn models_created_at_once_for_one_directory_start_only_one() {
+    init_tracing();
+    let mut env = TestEnv::new("op-collide-once")
+        .await
+        .expect("test namespace");
+    install_chart(&env, &[]).await.expect("install the chart");
+    env.host_path_pvc("quantops-models")
+        .await
+        .expect("model volume");
+    let operator = Operator::start(
+        &env,
+        OperatorOptions::new("quantops-0", &sim_worker_image(2)),
+    )
+    .await
+    .expect("start the operator");
+    let qms = env.api::<QuantizedModel>();
+    let names: Vec<String> = (0..6).map(|i| format!("sim-at-once-{i}")).collect();
+    let models: Vec<QuantizedModel> = names.iter().map(|n| small_model(n, 3.0)).collect();
+    futures::future::join_all(models.iter().map(|qm| create(&env, qm))).await;
+
+    let settled = |qm: Option<&QuantizedModel>| {
+        qm.is_some_and(|qm| {
+            let started = qm.status.as_ref().is_some_and(|s| !s.stages.is_empty());
+            started || condition_is("Ready", "OutputConflict")(Some(qm))
+        })
+    };
+    let mut started = Vec::new();
+    for name in &names {
+        let qm = wait_for(&qms, name, settled, Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()))
+            .expect("the model exists");
+        if qm.status.as_ref().is_some_and(|s| !s.stages.is_empty()) {
+            started.push(name.clone());
+        }
+    }
+    assert_eq!(started.len(), 1, "exactly one starts, got {started:?}");
+    let winner = &started[0];
+    for name in names.iter().filter(|n| *n != winner) {
+        let qm = qms.get(name).await.expect("read the model");
+        let ready = condition(&qm, "Ready").expect("Ready");
+        assert_eq!(
+            ready.message,
+            format!(
+                "spec.output: artifact directory out/tiny-llama/v1-int4-rtn-g128-asym is already used by QuantizedModel {}/{winner}",
+                env.namespace
+            )
+        );
+        assert!(jobs_of(&env, name).await.is_empty(), "{name} ran nothing");
+    }
+    let claims: kube::Api<ConfigMap> = env.api();
+    let claim = claims
+        .list(&ListParams::default().labels("quantops.dev/output-claim=true"))
+        .await
+        .expect("list the claims");
+    assert_eq!(claim.items.len(), 1, "one directory, one claim");
+    assert_eq!(
+        claim.items[0].data.as_ref().and_then(|d| d.get("model")),
+        Some(winner)
+    );
+    wait_for(&qms, winner, is_phase("Ready"), Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log_text()));
+    env.cleanup().await.expect("delete the test namespace");
+}

@@ -68,10 +68,12 @@ apply of a new object needs create besides patch).
 - apiGroups: ["batch"]
   resources: ["cronjobs"]
   verbs: ["create", "patch", "delete"]
-# The spec ConfigMap of each Job, applied (collected with the model).
+# The spec ConfigMap of each Job, applied (collected with the model), and
+# the claim of each artifact directory: created, read when another model
+# holds it, deleted when its model no longer writes there.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "get", "delete"]
 # The Jobs' pods: cached through a watch, listed for a termination message,
 # and the running worker's log for status.progress.
 - apiGroups: [""]
