@@ -30,14 +30,14 @@ const SUPPORTED: &[&str] = &[
     "phi3",          // fused qkv_proj and gate_up_proj
     "phi3-longrope", // longrope past the original length (long factors)
     "olmo2",         // norms after the sublayers, q/k RMSNorm over the whole projections
+    "gemma2",        // 1 + w norms, GeGLU, sandwich norms, embedding scale, soft-caps, local/global
+    "gemma3",        // Gemma 2's block with per-head q/k norms, local RoPE base, linear global RoPE
 ];
 
 /// Fixtures refused up front, with a part of the error that names the key
 /// (values read from the file are never quoted: a spec can name any file).
 const REFUSED: &[(&str, &str)] = &[
     ("llama-dynamic", "unsupported rope_type"),
-    ("gemma2", "(architectures[0])"),
-    ("gemma3", "(architectures[0])"),
     ("mixtral", "(architectures[0])"),
     ("qwen2-moe", "(architectures[0])"),
     ("qwen3-moe", "(architectures[0])"),
