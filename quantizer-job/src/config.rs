@@ -2,7 +2,8 @@
 //!
 //! Only decoder-only Llama-family architectures are supported: the forward
 //! passes implement exactly one layer layout, with the switches of
-//! [`crate::family::Block`] (biases, Qwen3's q/k norms) filled in here, so
+//! [`crate::family::Block`] (biases, Qwen3's q/k norms, Gemma's in
+//! `config/gemma.rs`) filled in here, so
 //! anything else is refused up front with an error naming the architecture
 //! or key instead of failing later on a missing tensor.
 
@@ -222,10 +223,10 @@ impl OneOrMany {
 #[serde(untagged)]
 enum RopeParameters {
     PerLayerType {
-        full_attention: RawRope,
-        sliding_attention: RawRope,
+        full_attention: Box<RawRope>,
+        sliding_attention: Box<RawRope>,
     },
-    Single(RawRope),
+    Single(Box<RawRope>),
 }
 
 /// A key that may be present with `null` (`Some(None)`), unlike an absent
@@ -281,18 +282,39 @@ struct RawConfig {
     use_bidirectional_attention: Option<bool>,
 }
 
-/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
-/// default (1.0) and required finite and positive: a zero or negative
-/// multiplier is no model anyone trained, and `logits_scaling` divides.
-fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
-    let check = |field: &'static str, value: Option<f64>| match value {
+impl ConfigError {
+    fn unsupported(path: &Path, key: &'static str, found: String, supported: &'static str) -> Self {
+        ConfigError::UnsupportedFeature {
+            path: path.to_path_buf(),
+            key,
+            found,
+            supported,
+        }
+    }
+}
+
+/// `value` when absent or finite and positive, else an error naming
+/// `field`: the multipliers, caps and scalars that scale or divide.
+fn positive(
+    path: &Path,
+    field: &'static str,
+    value: Option<f64>,
+) -> Result<Option<f64>, ConfigError> {
+    match value {
         Some(v) if !(v.is_finite() && v > 0.0) => Err(ConfigError::InvalidField {
             path: path.to_path_buf(),
             field,
             reason: "must be a finite positive number".into(),
         }),
         _ => Ok(value),
-    };
+    }
+}
+
+/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
+/// default (1.0) and required finite and positive: a zero or negative
+/// multiplier is no model anyone trained, and `logits_scaling` divides.
+fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
+    let check = |field: &'static str, value: Option<f64>| positive(path, field, value);
     Ok(Scalars {
         embedding_multiplier: check("embedding_multiplier", raw.embedding_multiplier)?
             .unwrap_or(1.0),
@@ -357,10 +379,10 @@ impl LlamaConfig {
                 _,
             ) => (
                 "rope_parameters",
-                full_attention.clone(),
-                Some(sliding_attention.clone()),
+                RawRope::clone(full_attention),
+                Some(RawRope::clone(sliding_attention)),
             ),
-            (Some(RopeParameters::Single(r)), _) => ("rope_parameters", r.clone(), None),
+            (Some(RopeParameters::Single(r)), _) => ("rope_parameters", RawRope::clone(r), None),
             (None, Some(r)) => ("rope_scaling", r.clone(), None),
             (None, None) => ("rope_parameters", RawRope::default(), None),
         };
@@ -371,12 +393,7 @@ impl LlamaConfig {
         };
         let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(default_theta);
         let unsupported = |key: &'static str, found: String, supported: &'static str| {
-            ConfigError::UnsupportedFeature {
-                path: path.to_path_buf(),
-                key,
-                found,
-                supported,
-            }
+            ConfigError::unsupported(path, key, found, supported)
         };
         // Configs written for transformers 4 (Phi-4-mini among them) keep
         // it at the top level; transformers 5 moves it into rope_parameters,
@@ -799,5 +816,100 @@ mod tests {
         )
         .expect_err("rope_parameters");
         assert!(err.to_string().contains("partial_rotary_factor"), "{err}");
+    }
+
+    #[test]
+    fn gemma_reads_transformers_defaults() {
+        let c = parse(serde_json::json!({}), "Gemma2ForCausalLM").expect("gemma2");
+        let b = c.block;
+        assert_eq!(b.norms, NormPlacement::Sandwich);
+        assert!(b.norm_unit_offset && !b.qk_norm);
+        assert_eq!(b.activation, crate::family::Activation::GeluTanh);
+        assert_eq!(b.softcap.attention, Some(50.0));
+        assert_eq!(b.softcap.final_logits, Some(30.0));
+        assert_eq!(b.scalars.embedding_multiplier, 8.0);
+        assert_eq!(b.attention_scale(c.head_dim), 1.0 / 16.0);
+        assert_eq!((c.head_dim, c.tie_word_embeddings), (256, true));
+        assert_eq!((c.window(0), c.window(1)), (Some(4096), None));
+        assert!(c.local_rope.is_none());
+        // An explicit null turns a soft-cap off.
+        let c = parse(
+            serde_json::json!({"attn_logit_softcapping": null}),
+            "Gemma2ForCausalLM",
+        )
+        .expect("gemma2");
+        assert_eq!(c.block.softcap.attention, None);
+        // Gemma 3 as transformers 4 wrote it: rope_local_base_freq, one
+        // global layer in sliding_window_pattern.
+        let c = parse(
+            serde_json::json!({
+                "sliding_window_pattern": 3, "rope_local_base_freq": 20000.0,
+                "rope_theta": 500000.0, "num_hidden_layers": 3,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            }),
+            "Gemma3ForCausalLM",
+        )
+        .expect("gemma3");
+        assert!(c.block.qk_norm && c.block.softcap.attention.is_none());
+        assert_eq!(c.rope_of(0), (20000.0, &RopeScaling::Default));
+        assert_eq!(
+            c.rope_of(2),
+            (500000.0, &RopeScaling::Linear { factor: 8.0 })
+        );
+        assert_eq!(c.window(2), None);
+    }
+
+    #[test]
+    fn gemma_refuses_what_it_does_not_implement_naming_the_key() {
+        let cases = [
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"hidden_activation": "gelu"}),
+                "hidden_activation",
+            ),
+            (
+                "Gemma3ForCausalLM",
+                serde_json::json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"layer_types": ["sliding_attention", "chunked_attention"]}),
+                "layer_types",
+            ),
+            (
+                "LlamaForCausalLM",
+                serde_json::json!({"rope_parameters": {
+                    "full_attention": {"rope_type": "default"},
+                    "sliding_attention": {"rope_type": "default"},
+                }}),
+                "rope_parameters",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"final_logit_softcapping": 0.0}),
+                "final_logit_softcapping",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"layer_types": ["full_attention"]}),
+                "layer_types",
+            ),
+        ];
+        for (arch, extra, key) in cases {
+            let err = parse(extra, arch).expect_err(key);
+            assert!(
+                matches!(&err, ConfigError::UnsupportedFeature { key: k, .. }
+                    | ConfigError::InvalidField { field: k, .. } if *k == key),
+                "{key}: {err:?}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // Gemma's own activation key, not the silu check of the others.
+        parse(
+            serde_json::json!({"hidden_act": "gelu_pytorch_tanh"}),
+            "Gemma2ForCausalLM",
+        )
+        .expect("gemma2 with hidden_act");
     }
 }

@@ -1,10 +1,12 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3 and OLMo 2 share one
-//! decoder block (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP);
-//! they differ in a few switches and scalars — where the norms sit
-//! ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]) — and in
-//! how the checkpoint stores the Linears ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
+//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3, OLMo 2, Gemma 2 and Gemma 3
+//! share one decoder block (RMSNorm, grouped-query attention with RoPE, a
+//! gated MLP); they differ in a few switches and scalars — where the norms
+//! sit ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]),
+//! Gemma's `1 + weight` norms, GeGLU ([`Activation`]) and soft-caps
+//! ([`Softcap`]) — in how the checkpoint stores the Linears ([`Fused`]), and
+//! (Gemma) in which layers are local ([`LayerType`], [`LocalRope`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -417,6 +419,11 @@ mod tests {
             assert_eq!(LayerNorm::parse(&norm.weight_name(5)), Some((5, norm)));
         }
         assert_eq!(LayerNorm::parse("model.layers.5.input_layernorm"), None);
+        assert_eq!(LayerNorm::parse("model.norm.weight"), None);
+        assert_eq!(
+            LayerNorm::parse("model.layers.x.input_layernorm.weight"),
+            None
+        );
         assert_eq!(NormPlacement::Pre.norms().len(), 2);
         assert_eq!(NormPlacement::Post.norms().len(), 2);
         assert_eq!(NormPlacement::Sandwich.norms(), LayerNorm::ALL.to_vec());

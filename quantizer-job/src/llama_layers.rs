@@ -298,4 +298,22 @@ mod tests {
                 .any(|g| matches!(g.fold, Some(ScaleSink::Norm(_))))
         );
     }
+
+    #[test]
+    fn awq_is_refused_for_one_plus_weight_norms_and_nothing_folds_into_them() {
+        for arch in ["Gemma2ForCausalLM", "Gemma3ForCausalLM"] {
+            let cfg = config(arch, 2);
+            let err = check_method(&cfg, Method::Awq).expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains(arch) && text.contains("1 + weight"), "{text}");
+            assert_eq!(check_method(&cfg, Method::Gptq), Ok(()));
+            for group in llama_input_groups(&cfg, 1) {
+                assert!(
+                    !matches!(group.fold, Some(ScaleSink::Norm(_))),
+                    "{:?} folds into a norm",
+                    group.linears
+                );
+            }
+        }
+    }
 }

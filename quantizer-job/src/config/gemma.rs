@@ -12,9 +12,7 @@
 use std::path::Path;
 
 use super::{Architecture, ConfigError, RawConfig};
-use crate::family::{
-    Activation, Block, LayerType, NormPlacement, QkNormScope, Scalars, Softcap,
-};
+use crate::family::{Activation, Block, LayerType, NormPlacement, QkNormScope, Scalars, Softcap};
 
 /// The per-layer part of a Gemma config that is not a [`Block`] switch.
 pub(super) struct GemmaLayers {
@@ -36,21 +34,9 @@ pub(super) fn gemma(
 ) -> Result<GemmaLayers, ConfigError> {
     let gemma3 = architecture == Architecture::Gemma3;
     let unsupported = |key: &'static str, found: String, supported: &'static str| {
-        ConfigError::UnsupportedFeature {
-            path: path.to_path_buf(),
-            key,
-            found,
-            supported,
-        }
+        ConfigError::unsupported(path, key, found, supported)
     };
-    let positive = |field: &'static str, value: Option<f64>| match value {
-        Some(v) if !(v.is_finite() && v > 0.0) => Err(ConfigError::InvalidField {
-            path: path.to_path_buf(),
-            field,
-            reason: "must be a finite positive number".into(),
-        }),
-        _ => Ok(value),
-    };
+    let positive = |field: &'static str, value: Option<f64>| super::positive(path, field, value);
     // transformers' Gemma reads hidden_activation only (hidden_act, which
     // older configs also carry, is ignored there too).
     let activation = raw.hidden_activation.as_deref().unwrap_or(GELU_TANH);
@@ -83,7 +69,8 @@ pub(super) fn gemma(
             raw.final_logit_softcapping.unwrap_or(logits_default),
         )?,
     };
-    let query_scalar = positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?.unwrap_or(256.0);
+    let query_scalar =
+        positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?.unwrap_or(256.0);
     let layer_types = match &raw.layer_types {
         Some(names) => {
             let types = names

@@ -896,6 +896,17 @@ struct KeysValues<'v> {
     window: Option<usize>,
 }
 
+/// One layer's projected (normed, rotated) queries, keys and values
+/// `[rows, width]`, and the sliding window its attention sees
+/// ([`LlamaConfig::window`]).
+#[derive(Clone, Copy)]
+struct Projections<'p> {
+    q: &'p CudaSlice<f32>,
+    k: &'p CudaSlice<f32>,
+    v: &'p CudaSlice<f32>,
+    window: Option<usize>,
+}
+
 /// The key/value cache of greedy decoding: one [`LayerCache`] per layer.
 struct KvCache {
     layers: Vec<LayerCache>,
@@ -1247,17 +1258,6 @@ impl<'g> LlamaOps<'g> {
         Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), GpuError> {
-        check_len("MLP up projection", up.len(), gate.len())?;
-        let n = gate.len() as i64;
-        let launch_cfg = per_element(gate.len());
-        let mut launch = self.gpu.stream().launch_builder(&self.kernels.silu_mul);
-        launch.arg(gate).arg(up).arg(&n);
-        // SAFETY: gate and up both hold n values (checked above).
-        unsafe { launch.launch(launch_cfg) }.during("launching silu_mul")?;
-        Ok(())
-    }
-
     /// `x += y` (a residual connection).
     fn add_inplace(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<(), GpuError> {
         check_len("residual", y.len(), x.len())?;
@@ -1397,10 +1397,15 @@ impl<'g> LlamaOps<'g> {
         self.rope(&mut q, heads.heads, span, local)?;
         self.rope(&mut k, heads.kv_heads, span, local)?;
         let mut attn = self.alloc(rows * heads.q_width(), "attention output")?;
-        let window = self.cfg.window(layer.index);
+        let qkv = Projections {
+            q: &q,
+            k: &k,
+            v: &v,
+            window: self.cfg.window(layer.index),
+        };
         match cache {
-            Some(cache) => self.cached_attention(&q, &k, &v, cache, &mut attn, span, window)?,
-            None => self.batch_attention(&q, &k, &v, &mut attn, span, window)?,
+            Some(cache) => self.cached_attention(qkv, cache, &mut attn, span)?,
+            None => self.batch_attention(qkv, &mut attn, span)?,
         }
         emit(capture, CapturePoint::Output, &attn, rows)?;
         let out = self.linear(
@@ -1415,13 +1420,11 @@ impl<'g> LlamaOps<'g> {
     /// Attention of each sequence of the batch over its own positions.
     fn batch_attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        qkv: Projections<'_>,
         attn: &mut CudaSlice<f32>,
         span: Span,
-        window: Option<usize>,
     ) -> Result<(), GpuError> {
+        let Projections { q, k, v, window } = qkv;
         let heads = self.heads();
         let t = span.seq;
         let (qw, kvw) = (t * heads.q_width(), t * heads.kv_width());
@@ -1444,14 +1447,12 @@ impl<'g> LlamaOps<'g> {
     /// every cached position (one sequence).
     fn cached_attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        qkv: Projections<'_>,
         cache: &mut LayerCache,
         attn: &mut CudaSlice<f32>,
         span: Span,
-        window: Option<usize>,
     ) -> Result<(), GpuError> {
+        let Projections { q, k, v, window } = qkv;
         let kvw = self.heads().kv_width();
         if span.batch != 1 {
             return Err(shape_error("cached decoding", "one sequence", span.batch));
@@ -2261,20 +2262,6 @@ mod tests {
         assert!(plan.check(11, 20, 15, "short A").is_err());
         assert!(plan.check(12, 19, 15, "short B").is_err());
         assert!(plan.check(12, 20, 14, "short C").is_err());
-    }
-
-    #[test]
-    fn layer_norm_names_parse() {
-        assert!(matches!(
-            layer_norm_name("model.layers.3.input_layernorm.weight"),
-            Some((3, LayerNorm::Input))
-        ));
-        assert!(matches!(
-            layer_norm_name("model.layers.12.post_attention_layernorm.weight"),
-            Some((12, LayerNorm::PostAttention))
-        ));
-        assert!(layer_norm_name("model.norm.weight").is_none());
-        assert!(layer_norm_name("model.layers.x.input_layernorm.weight").is_none());
     }
 
     #[test]

@@ -73,35 +73,47 @@ impl GemmaKernels {
 
 /// The kernels, or the error of a config that needs them without them
 /// (cannot happen: [`GemmaKernels::load`] reads the same config).
-fn kernels<'k>(kernels: &'k Option<GemmaKernels>, what: &str) -> Result<&'k GemmaKernels, GpuError> {
+fn kernels<'k>(
+    kernels: &'k Option<GemmaKernels>,
+    what: &str,
+) -> Result<&'k GemmaKernels, GpuError> {
     kernels.as_ref().ok_or_else(|| {
         super::shape_error(what, "the Gemma kernels", "not compiled for this config")
     })
 }
 
 impl LlamaOps<'_> {
-    /// `gate = act(gate) · up`, with the family's activation.
+    /// `gate = act(gate) · up`, with the family's activation: the shared
+    /// `silu_mul` kernel (SwiGLU) or `gelu_tanh_mul` (GeGLU).
     pub(super) fn gated(
         &self,
         gate: &mut CudaSlice<f32>,
         up: &CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if self.cfg.block.activation == Activation::Silu {
-            return self.silu_mul(gate, up);
-        }
         check_len("MLP up projection", up.len(), gate.len())?;
-        let k = kernels(&self.gemma, "gelu_tanh_mul")?;
+        let (function, name) = match self.cfg.block.activation {
+            Activation::Silu => (&self.kernels.silu_mul, "silu_mul"),
+            Activation::GeluTanh => (
+                &kernels(&self.gemma, "gelu_tanh_mul")?.gelu_tanh_mul,
+                "gelu_tanh_mul",
+            ),
+        };
         let n = gate.len() as i64;
         let launch_cfg = per_element(gate.len());
-        let mut launch = self.gpu.stream().launch_builder(&k.gelu_tanh_mul);
+        let mut launch = self.gpu.stream().launch_builder(function);
         launch.arg(gate).arg(up).arg(&n);
         // SAFETY: gate and up both hold n values (checked above).
-        unsafe { launch.launch(launch_cfg) }.during("launching gelu_tanh_mul")?;
+        unsafe { launch.launch(launch_cfg) }.during(format!("launching {name}"))?;
         Ok(())
     }
 
     /// `x = cap · tanh(x / cap)` in place when `cap` is set.
-    fn softcap(&self, x: &mut CudaSlice<f32>, cap: Option<f32>, what: &str) -> Result<(), GpuError> {
+    fn softcap(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cap: Option<f32>,
+        what: &str,
+    ) -> Result<(), GpuError> {
         let Some(cap) = cap else {
             return Ok(());
         };
@@ -111,7 +123,8 @@ impl LlamaOps<'_> {
         let mut launch = self.gpu.stream().launch_builder(&k.softcap);
         launch.arg(x).arg(&cap).arg(&n);
         // SAFETY: the kernel touches x[0..n] only, and x holds n values.
-        unsafe { launch.launch(launch_cfg) }.during(format!("launching softcap_inplace ({what})"))?;
+        unsafe { launch.launch(launch_cfg) }
+            .during(format!("launching softcap_inplace ({what})"))?;
         Ok(())
     }
 
