@@ -104,12 +104,14 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let m = |kind| module(layer, kind);
     let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
     // Only a plain norm right before the Linears can absorb their input
-    // scales: Gemma's (sandwich, `1 + weight`) cannot, and neither can a
-    // missing one (OLMo 2).
+    // scales: Gemma's (`1 + weight`) cannot, and neither can a missing one
+    // (OLMo 2). The folds (`NormId`) reach `input_layernorm` and
+    // `post_attention_layernorm` only, so a sandwich's
+    // `pre_feedforward_layernorm` gets no fold either.
     let foldable = !cfg.block.norm_unit_offset;
     let norm = |before: Option<LayerNorm>| {
         before
-            .filter(|_| foldable)
+            .filter(|n| foldable && matches!(n, LayerNorm::Input | LayerNorm::PostAttention))
             .map(|n| ScaleSink::Norm(format!("model.layers.{layer}.{}", n.leaf())))
     };
     let placement = cfg.block.norms;

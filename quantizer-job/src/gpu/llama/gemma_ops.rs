@@ -140,3 +140,22 @@ impl LlamaOps<'_> {
         self.softcap(logits, cap, "logits")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Gemma kernels compile where NVRTC is loadable (the GPU machine);
+    /// `llama::tests::kernels_compile_with_nvrtc` says how to require it.
+    #[test]
+    fn gemma_kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen NVRTC under the names cudarc uses.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: NVRTC is not on the loader path");
+            return;
+        }
+        if let Err(e) = crate::gpu::compile("llama_gemma", GEMMA_KERNELS, "sm_90") {
+            panic!("{e}");
+        }
+    }
+}
