@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use std::ops::Range;
 
+use crate::family::moe::{Moe, MoeFamily};
 use crate::family::{Block, Fused, HeadNorm, NormPlacement, QkNormScope, Scalars};
 use crate::model::{LinearId, LinearKind};
 use crate::rope::{RawRope, RopeError, RopeScaling};
@@ -37,6 +38,15 @@ pub enum Architecture {
     /// whole projections: [`crate::family::NormPlacement::Post`],
     /// [`crate::family::QkNormScope::Projection`]).
     Olmo2,
+    /// `MixtralForCausalLM` (Mistral attention, [`crate::family::moe`] MLP).
+    Mixtral,
+    /// `Qwen2MoeForCausalLM` (Qwen2 attention, experts plus a shared expert).
+    Qwen2Moe,
+    /// `Qwen3MoeForCausalLM` (Qwen3 attention, experts).
+    Qwen3Moe,
+    /// `OlmoeForCausalLM` (pre-norms, q/k RMSNorm over the whole
+    /// projections, experts).
+    Olmoe,
 }
 
 impl Architecture {
@@ -50,6 +60,10 @@ impl Architecture {
             Architecture::Granite => "GraniteForCausalLM",
             Architecture::Phi3 => "Phi3ForCausalLM",
             Architecture::Olmo2 => "Olmo2ForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Olmoe => "OlmoeForCausalLM",
         }
     }
 
@@ -62,6 +76,10 @@ impl Architecture {
             Self::Granite,
             Self::Phi3,
             Self::Olmo2,
+            Self::Mixtral,
+            Self::Qwen2Moe,
+            Self::Qwen3Moe,
+            Self::Olmoe,
         ]
         .into_iter()
         .find(|a| a.hf_name() == name)
@@ -91,7 +109,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -132,6 +150,31 @@ pub enum ConfigError {
         /// What was expected.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// [`ConfigError::Parse`] for a serde error, naming no text of the file.
+    pub(crate) fn parse(path: &Path, e: &serde_json::Error) -> Self {
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: crate::content_free::json(e),
+        }
+    }
+
+    /// [`ConfigError::UnsupportedFeature`].
+    pub(crate) fn unsupported(
+        path: &Path,
+        key: &'static str,
+        found: String,
+        supported: &'static str,
+    ) -> Self {
+        ConfigError::UnsupportedFeature {
+            path: path.to_path_buf(),
+            key,
+            found,
+            supported,
+        }
+    }
 }
 
 /// The hyper-parameters of a Llama-family decoder, with defaults resolved.
@@ -215,6 +258,8 @@ struct RawConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    /// Qwen2-MoE's switch for the q/k/v biases.
+    qkv_bias: Option<bool>,
     hidden_act: Option<String>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
@@ -264,10 +309,8 @@ impl LlamaConfig {
     /// Parses and validates the text of a `config.json`; `path` only names
     /// the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            reason: crate::content_free::json(&e),
-        })?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError::parse(path, &e))?;
         let invalid = |field: &'static str, reason: String| ConfigError::InvalidField {
             path: path.to_path_buf(),
             field,
@@ -297,12 +340,7 @@ impl LlamaConfig {
         };
         let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
         let unsupported = |key: &'static str, found: String, supported: &'static str| {
-            ConfigError::UnsupportedFeature {
-                path: path.to_path_buf(),
-                key,
-                found,
-                supported,
-            }
+            ConfigError::unsupported(path, key, found, supported)
         };
         // Configs written for transformers 4 (Phi-4-mini among them) keep
         // it at the top level; transformers 5 moves it into rope_parameters,
@@ -344,14 +382,19 @@ impl LlamaConfig {
         }
         let sliding_window = match architecture {
             // transformers' Phi-3 masks with the window whenever one is set.
-            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral => {
+                raw.sliding_window
+            }
             // Qwen2 and Qwen3 write a window they do not use unless
             // use_sliding_window (refused above).
             Architecture::Llama
             | Architecture::Qwen2
             | Architecture::Qwen3
             | Architecture::Granite
-            | Architecture::Olmo2 => None,
+            | Architecture::Olmo2
+            | Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe
+            | Architecture::Olmoe => None,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -430,6 +473,31 @@ impl LlamaConfig {
                 norms: NormPlacement::Post,
                 ..Block::default()
             },
+            Architecture::Mixtral => Block {
+                moe: Some(Moe::from_config(text, path, MoeFamily::Mixtral)?),
+                ..Block::default()
+            },
+            // Qwen2MoeConfig's qkv_bias defaults to true.
+            Architecture::Qwen2Moe => Block {
+                qkv_bias: raw.qkv_bias.unwrap_or(true),
+                moe: Some(Moe::from_config(text, path, MoeFamily::Qwen2Moe)?),
+                ..Block::default()
+            },
+            Architecture::Qwen3Moe => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: true,
+                moe: Some(Moe::from_config(text, path, MoeFamily::Qwen3Moe)?),
+                ..Block::default()
+            },
+            // transformers' OLMoE has no o_proj bias, whatever attention_bias says.
+            Architecture::Olmoe => Block {
+                qkv_bias: attention_bias,
+                qk_norm: true,
+                qk_norm_scope: QkNormScope::Projection,
+                moe: Some(Moe::from_config(text, path, MoeFamily::Olmoe)?),
+                ..Block::default()
+            },
         };
         Ok(LlamaConfig {
             architecture,
@@ -440,9 +508,13 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            // The architectures' config defaults: Phi3Config and Olmo2Config 1e-5.
+            // The architectures' config defaults: Phi3Config, Olmo2Config,
+            // MixtralConfig and OlmoeConfig 1e-5.
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(match architecture {
-                Architecture::Phi3 | Architecture::Olmo2 => 1e-5,
+                Architecture::Phi3
+                | Architecture::Olmo2
+                | Architecture::Mixtral
+                | Architecture::Olmoe => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -499,14 +571,18 @@ impl LlamaConfig {
             if self.block.o_bias {
                 out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
             }
-            if self.block.fused_projections {
+            if let Some(moe) = &self.block.moe {
+                out.extend(moe.expected_tensors(i, h));
+            } else if self.block.fused_projections {
                 let gate_up = Fused::GateUp.module_name(i);
                 out.push((format!("{gate_up}.weight"), vec![2 * m, h]));
             } else {
                 out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
                 out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
             }
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+            if self.block.moe.is_none() {
+                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+            }
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !self.tie_word_embeddings {

@@ -11,6 +11,8 @@
 //! and the AWQ fold table ([`crate::llama_layers`]). A family is therefore
 //! described in one place and cannot be half-supported on one backend.
 
+pub mod moe;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::LinearKind;
@@ -41,6 +43,10 @@ pub struct Block {
     /// as one `mlp.gate_up_proj` (Phi-3, [`Fused`]).
     #[serde(default)]
     pub fused_projections: bool,
+    /// The MLP is a router plus experts ([`moe::Moe`]: Mixtral, Qwen2-MoE,
+    /// Qwen3-MoE, OLMoE) instead of one dense SwiGLU.
+    #[serde(default)]
+    pub moe: Option<moe::Moe>,
 }
 
 /// Where a decoder block's RMSNorms sit.

@@ -396,3 +396,31 @@ fn olmo2_refuses_awq_before_any_work() {
         assert_eq!(files(), before, "nothing written");
     }
 }
+
+/// Mixtures of experts are not quantized yet: the quantize stage refuses
+/// them before any work, for every method and on either path, naming the
+/// feature, rather than writing an artifact with experts (or the router)
+/// silently left in full precision.
+#[test]
+fn moe_quantization_is_refused_up_front_naming_the_feature() {
+    for name in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"] {
+        let volume = volume(name);
+        let gpu = gpu_or_skip();
+        for device in [None, gpu.as_ref()] {
+            for method in ["rtn", "gptq"] {
+                let err =
+                    try_quantize(volume.path(), name, Run::new(method, 4, 32), device, method)
+                        .expect_err("refused");
+                let text = format!("{err:#}");
+                assert!(
+                    text.contains("mixture of experts") && text.contains("num_experts"),
+                    "{name} {method}: {text}"
+                );
+            }
+        }
+        assert!(
+            !volume.path().join("rtn").exists() && !volume.path().join("gptq").exists(),
+            "{name}: nothing written"
+        );
+    }
+}

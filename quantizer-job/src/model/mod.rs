@@ -4,6 +4,7 @@
 
 mod generate;
 mod linear;
+mod moe;
 mod norm;
 mod rope;
 
@@ -19,6 +20,7 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::family::{HeadNorm, NormPlacement, QkNormScope};
 use linear::Linear;
+use moe::{MoeMlp, SwiGlu};
 use rope::Rope;
 
 /// The name of the output projection in [`LlamaModel::linear_names`].
@@ -104,9 +106,15 @@ struct DecoderLayer {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    mlp: Mlp,
+}
+
+/// A decoder layer's MLP: one SwiGLU, or a router plus experts
+/// ([`crate::family::Block::moe`]).
+#[derive(Debug, Clone)]
+enum Mlp {
+    Dense(SwiGlu),
+    Moe(MoeMlp),
 }
 
 /// The `q_norm` and `k_norm` weights of one layer (Qwen3, OLMo 2).
@@ -136,28 +144,32 @@ impl DecoderLayer {
         }
     }
 
-    fn linear(&self, kind: LinearKind) -> &Linear {
-        match kind {
-            LinearKind::QProj => &self.q_proj,
-            LinearKind::KProj => &self.k_proj,
-            LinearKind::VProj => &self.v_proj,
-            LinearKind::OProj => &self.o_proj,
-            LinearKind::GateProj => &self.gate_proj,
-            LinearKind::UpProj => &self.up_proj,
-            LinearKind::DownProj => &self.down_proj,
-        }
+    /// The Linear `kind`; `None` for the dense MLP's Linears of a layer
+    /// whose MLP is a mixture of experts.
+    fn linear(&self, kind: LinearKind) -> Option<&Linear> {
+        Some(match (kind, &self.mlp) {
+            (LinearKind::QProj, _) => &self.q_proj,
+            (LinearKind::KProj, _) => &self.k_proj,
+            (LinearKind::VProj, _) => &self.v_proj,
+            (LinearKind::OProj, _) => &self.o_proj,
+            (_, Mlp::Moe(_)) => return None,
+            (LinearKind::GateProj, Mlp::Dense(m)) => &m.gate,
+            (LinearKind::UpProj, Mlp::Dense(m)) => &m.up,
+            (LinearKind::DownProj, Mlp::Dense(m)) => &m.down,
+        })
     }
 
-    fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
-        match kind {
-            LinearKind::QProj => &mut self.q_proj,
-            LinearKind::KProj => &mut self.k_proj,
-            LinearKind::VProj => &mut self.v_proj,
-            LinearKind::OProj => &mut self.o_proj,
-            LinearKind::GateProj => &mut self.gate_proj,
-            LinearKind::UpProj => &mut self.up_proj,
-            LinearKind::DownProj => &mut self.down_proj,
-        }
+    fn linear_mut(&mut self, kind: LinearKind) -> Option<&mut Linear> {
+        Some(match (kind, &mut self.mlp) {
+            (LinearKind::QProj, _) => &mut self.q_proj,
+            (LinearKind::KProj, _) => &mut self.k_proj,
+            (LinearKind::VProj, _) => &mut self.v_proj,
+            (LinearKind::OProj, _) => &mut self.o_proj,
+            (_, Mlp::Moe(_)) => return None,
+            (LinearKind::GateProj, Mlp::Dense(m)) => &mut m.gate,
+            (LinearKind::UpProj, Mlp::Dense(m)) => &mut m.up,
+            (LinearKind::DownProj, Mlp::Dense(m)) => &mut m.down,
+        })
     }
 }
 
@@ -259,6 +271,16 @@ impl LlamaModel {
             let norm = |tensors: &mut HashMap<String, Tensor>, leaf: &str| {
                 take(tensors, &shapes, &format!("{p}.{leaf}.weight"))
             };
+            let mlp = match block.moe {
+                Some(spec) => Mlp::Moe(MoeMlp::load(spec, layer, &mut |name| {
+                    take(&mut tensors, &shapes, name)
+                })?),
+                None => Mlp::Dense(SwiGlu {
+                    gate: linear(&mut tensors, id(LinearKind::GateProj), false)?,
+                    up: linear(&mut tensors, id(LinearKind::UpProj), false)?,
+                    down: linear(&mut tensors, id(LinearKind::DownProj), false)?,
+                }),
+            };
             layers.push(DecoderLayer {
                 head_norms,
                 input_layernorm: match post {
@@ -274,9 +296,7 @@ impl LlamaModel {
                 k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
                 v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
                 o_proj: linear(&mut tensors, id(LinearKind::OProj), block.o_bias)?,
-                gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
-                up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
-                down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
+                mlp,
             });
         }
         let embed_tokens = take(&mut tensors, &shapes, "model.embed_tokens.weight")?;
@@ -400,10 +420,14 @@ impl LlamaModel {
     /// Every Linear weight name, layer by layer in forward order, then
     /// `lm_head.weight`.
     pub fn linear_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = (0..self.layers.len())
-            .flat_map(|layer| {
+        let mut names: Vec<String> = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(layer, l)| {
                 LinearKind::ALL
                     .into_iter()
+                    .filter(|kind| l.linear(*kind).is_some())
                     .map(move |kind| LinearId { layer, kind }.weight_name())
             })
             .collect();
@@ -416,8 +440,7 @@ impl LlamaModel {
         if name == LM_HEAD {
             return Ok(&self.lm_head);
         }
-        let id = self.linear_id(name)?;
-        Ok(&self.layers[id.layer].linear(id.kind).weight)
+        Ok(&self.linear(name)?.weight)
     }
 
     /// Replaces a Linear's weight (e.g. by its dequantized version); the
@@ -428,7 +451,12 @@ impl LlamaModel {
             &mut self.lm_head
         } else {
             let id = self.linear_id(name)?;
-            &mut self.layers[id.layer].linear_mut(id.kind).weight
+            &mut self.layers[id.layer]
+                .linear_mut(id.kind)
+                .ok_or_else(|| ModelError::UnknownLinear {
+                    name: name.to_string(),
+                })?
+                .weight
         };
         check_same_shape(name, slot, &weight)?;
         *slot = weight;
@@ -451,8 +479,7 @@ impl LlamaModel {
         if name == LM_HEAD {
             return Ok(None);
         }
-        let id = self.linear_id(name)?;
-        Ok(self.layers[id.layer].linear(id.kind).bias.as_ref())
+        Ok(self.linear(name)?.bias.as_ref())
     }
 
     /// Layer `index`'s `input_layernorm` weight `[h]`; an error for a
@@ -520,6 +547,16 @@ impl LlamaModel {
         self.layers
             .get_mut(index)
             .ok_or(ModelError::LayerOutOfRange { index, layers })
+    }
+
+    /// The Linear named as in [`Self::linear_names`] (not `lm_head`).
+    fn linear(&self, name: &str) -> Result<&Linear> {
+        let id = self.linear_id(name)?;
+        self.layers[id.layer]
+            .linear(id.kind)
+            .ok_or_else(|| ModelError::UnknownLinear {
+                name: name.to_string(),
+            })
     }
 
     fn linear_id(&self, name: &str) -> Result<LinearId> {
@@ -645,11 +682,17 @@ impl LlamaModel {
             false => rms_norm(&hidden, &layer.post_attention_layernorm, eps)?,
         }
         .reshape((b * t, h))?;
-        emit(LinearKind::GateProj, &x);
-        emit(LinearKind::UpProj, &x);
-        let gated = (layer.gate_proj.forward(&x)?.silu()? * layer.up_proj.forward(&x)?)?;
-        emit(LinearKind::DownProj, &gated);
-        let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
+        let out = match &layer.mlp {
+            Mlp::Dense(mlp) => {
+                emit(LinearKind::GateProj, &x);
+                emit(LinearKind::UpProj, &x);
+                let gated = mlp.gated(&x)?;
+                emit(LinearKind::DownProj, &gated);
+                mlp.down.forward(&gated)?
+            }
+            Mlp::Moe(mlp) => mlp.forward(&x)?,
+        }
+        .reshape((b, t, h))?;
         let out = match &layer.post_feedforward_layernorm {
             Some(w) => rms_norm(&out, w, eps)?,
             None => out,

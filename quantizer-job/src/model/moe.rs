@@ -1,0 +1,127 @@
+//! The CPU forward of a mixture-of-experts MLP ([`crate::family::moe`]):
+//! softmax router, top-k routing, each expert run on the tokens routed to
+//! it and scattered back weighted, as transformers' eager experts loop does,
+//! plus Qwen2-MoE's sigmoid-gated shared expert.
+
+use candle_core::{Device, Tensor};
+
+use super::linear::Linear;
+use super::{Result, softmax_last};
+use crate::family::moe::{ExpertLinear, Moe};
+
+/// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`: one expert, the shared
+/// expert, or a dense block's MLP.
+#[derive(Debug, Clone)]
+pub(crate) struct SwiGlu {
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+impl SwiGlu {
+    /// The input of the down projection for `[n, h]` activations.
+    pub(crate) fn gated(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.gate.forward(x)?.silu()? * self.up.forward(x)?
+    }
+
+    /// The MLP's output for `[n, h]` activations.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down.forward(&self.gated(x)?)
+    }
+
+    /// Loads the three Linears (no biases) through `module`'s names.
+    fn load(
+        take: &mut dyn FnMut(&str) -> Result<Tensor>,
+        module: impl Fn(ExpertLinear) -> String,
+    ) -> Result<Self> {
+        let mut linear = |l| {
+            Ok::<_, super::ModelError>(Linear {
+                weight: take(&format!("{}.weight", module(l)))?,
+                bias: None,
+            })
+        };
+        Ok(SwiGlu {
+            gate: linear(ExpertLinear::Gate)?,
+            up: linear(ExpertLinear::Up)?,
+            down: linear(ExpertLinear::Down)?,
+        })
+    }
+}
+
+/// One decoder layer's router, experts and shared expert, in f32.
+#[derive(Debug, Clone)]
+pub(crate) struct MoeMlp {
+    spec: Moe,
+    /// `[num_experts, h]`.
+    router: Tensor,
+    experts: Vec<SwiGlu>,
+    /// The shared expert and its gate `[1, h]` (Qwen2-MoE).
+    shared: Option<(SwiGlu, Tensor)>,
+}
+
+impl MoeMlp {
+    /// Takes layer `layer`'s MLP tensors through `take` (which checks shapes).
+    pub(crate) fn load(
+        spec: Moe,
+        layer: usize,
+        take: &mut dyn FnMut(&str) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let router = take(&format!("{}.weight", spec.router_module(layer)))?;
+        let experts = (0..spec.num_experts)
+            .map(|e| SwiGlu::load(take, |l| spec.expert_module(layer, e, l)))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match spec.shared_expert_intermediate_size {
+            Some(_) => {
+                let mlp = SwiGlu::load(take, |l| spec.shared_expert_module(layer, l))?;
+                let gate = take(&format!("{}.weight", spec.shared_expert_gate_module(layer)))?;
+                Some((mlp, gate))
+            }
+            None => None,
+        };
+        Ok(MoeMlp {
+            spec,
+            router,
+            experts,
+            shared,
+        })
+    }
+
+    /// Which experts each of the `[n, h]` tokens goes to, with its weights:
+    /// per expert, the token rows and their routing weights.
+    pub(crate) fn routing(&self, x: &Tensor) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
+        let probs = softmax_last(&x.matmul(&self.router.t()?)?)?.to_vec2::<f32>()?;
+        let mut routed = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (token, row) in probs.iter().enumerate() {
+            for (expert, weight) in self.spec.route(row) {
+                if let Some((tokens, weights)) = routed.get_mut(expert) {
+                    tokens.push(token as u32);
+                    weights.push(weight);
+                }
+            }
+        }
+        Ok(routed)
+    }
+
+    /// The MLP's output for `[n, h]` activations.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = x.zeros_like()?;
+        for (expert, (tokens, weights)) in self.experts.iter().zip(self.routing(x)?) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let m = tokens.len();
+            let index = Tensor::from_vec(tokens, m, &Device::Cpu)?;
+            let weights = Tensor::from_vec(weights, (m, 1), &Device::Cpu)?;
+            let y = expert
+                .forward(&x.index_select(&index, 0)?)?
+                .broadcast_mul(&weights)?;
+            out = out.index_add(&index, &y, 0)?;
+        }
+        if let Some((shared, gate)) = &self.shared {
+            let z = x.matmul(&gate.t()?)?;
+            let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
+            out = (out + shared.forward(x)?.broadcast_mul(&sigmoid)?)?;
+        }
+        Ok(out)
+    }
+}
