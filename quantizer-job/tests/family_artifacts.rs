@@ -9,7 +9,7 @@ mod common;
 
 use common::family::{
     Run, config_json, fixture, gpu_or_skip, logits, max_diff, quantize, quantized_in_memory,
-    reference, stored, tensor_names, try_quantize, volume,
+    reference, stored, tensor_names, try_quantize, try_stage, volume,
 };
 use quantizer_job::gpu::Gpu;
 use quantizer_job::serve::LoadedModel;
@@ -423,4 +423,24 @@ fn moe_quantization_is_refused_up_front_naming_the_feature() {
             "{name}: nothing written"
         );
     }
+}
+
+/// `all` refuses a MoE model before its baseline stage evaluates anything:
+/// the quantize stage could not use that baseline.
+#[test]
+fn moe_all_stage_is_refused_before_the_baseline() {
+    let volume = volume("olmoe");
+    let stage = quantizer_job::stages::Stage::All;
+    let err = try_stage(
+        stage,
+        volume.path(),
+        "olmoe",
+        Run::new("gptq", 4, 32),
+        None,
+        "all",
+    )
+    .expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("mixture of experts"), "{text}");
+    assert!(!volume.path().join("all").exists(), "nothing written");
 }
