@@ -12,6 +12,7 @@
 //! described in one place and cannot be half-supported on one backend.
 
 pub mod moe;
+pub mod moe_linears;
 
 use serde::{Deserialize, Serialize};
 

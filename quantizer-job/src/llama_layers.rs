@@ -4,6 +4,7 @@
 
 use crate::config::LlamaConfig;
 use crate::family::NormPlacement;
+use crate::family::moe::ExpertLinear;
 use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
 use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
@@ -46,27 +47,31 @@ pub enum FamilyMethodError {
         /// `architectures[0]`.
         architecture: &'static str,
     },
-    /// The sequential driver does not quantize experts yet: refused rather
-    /// than leaving them (and the router) silently in full precision.
+    /// The calibrated methods would need each expert's statistics from the
+    /// tokens routed to it, which the driver does not gather yet: refused
+    /// rather than calibrating the experts on nothing.
     #[error(
-        "spec.quantization: {architecture} is a mixture of experts (config.json num_experts / num_local_experts), and quantizing experts is not implemented yet: per-expert calibration (each expert's GPTQ Hessian or AWQ statistics from the tokens routed to it) and the experts' compressed-tensors output are still to come; the baseline stage evaluates this model on the CPU path"
+        "spec.quantization.method: {method} is not supported for {architecture}: it is a mixture of experts (config.json num_experts / num_local_experts), and per-expert calibration (each expert's GPTQ Hessian or AWQ statistics from the tokens routed to it) is not implemented yet; the data-free methods quantize every expert: supported for {architecture}: rtn, int8, fp8"
     )]
     MixtureOfExperts {
         /// `architectures[0]`.
         architecture: &'static str,
+        /// The recipe's method (`gptq`, `awq`).
+        method: &'static str,
     },
 }
 
 /// Refuses, before any work, a method the family's block cannot run
 /// exactly: AWQ with the norms after the sublayers (OLMo 2,
 /// [`NormPlacement::Post`]), where its input scales have nowhere to go.
-/// Every other method needs no fold and runs on every dense family; a
-/// mixture of experts is refused for every method (its experts are not
-/// quantized yet).
+/// Every other method needs no fold and runs on every dense family. A
+/// mixture of experts takes the data-free methods only (RTN, INT8, FP8
+/// quantize each expert from its weights alone).
 pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMethodError> {
-    if cfg.block.moe.is_some() {
+    if cfg.block.moe.is_some() && method.needs_calibration() {
         return Err(FamilyMethodError::MixtureOfExperts {
             architecture: cfg.architecture.hf_name(),
+            method: method.as_str(),
         });
     }
     if method == Method::Awq && cfg.block.norms == NormPlacement::Post {
@@ -97,6 +102,11 @@ pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMetho
 /// norm before them: their groups get no fold (AWQ is refused for such a
 /// family by [`check_method`]; the groups still tell GPTQ which Linears
 /// share a Hessian).
+///
+/// A mixture of experts replaces the MLP's groups by each expert's
+/// (routed, then shared): `gate,up` and `down`, without folds (only the
+/// data-free methods run on experts, see [`check_method`]). The router and
+/// the shared expert's gate are in no group, so they stay in full precision.
 pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let v_out = cfg.num_key_value_heads * cfg.head_dim;
     let o_in = cfg.num_attention_heads * cfg.head_dim;
@@ -104,7 +114,7 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
     let pre = cfg.block.norms == NormPlacement::Pre;
     let norm = |leaf: &str| pre.then(|| ScaleSink::Norm(format!("model.layers.{layer}.{leaf}")));
-    vec![
+    let attention = [
         InputGroup {
             linears: vec![m(LinearKind::OProj)],
             fold: o_fold,
@@ -117,6 +127,34 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
             ],
             fold: norm("input_layernorm"),
         },
+    ];
+    let Some(moe) = &cfg.block.moe else {
+        return attention
+            .into_iter()
+            .chain(dense_mlp_groups(layer, norm))
+            .collect();
+    };
+    let expert = |slot, linears: &[ExpertLinear]| InputGroup {
+        linears: linears
+            .iter()
+            .map(|l| moe.slot_module(layer, slot, *l))
+            .collect(),
+        fold: None,
+    };
+    let experts = moe.slots().into_iter().flat_map(|slot| {
+        [
+            expert(slot, &[ExpertLinear::Gate, ExpertLinear::Up]),
+            expert(slot, &[ExpertLinear::Down]),
+        ]
+    });
+    attention.into_iter().chain(experts).collect()
+}
+
+/// A dense MLP's groups: `down` (folding into `up`), then `gate,up`
+/// (folding into `norm("post_attention_layernorm")`).
+fn dense_mlp_groups(layer: usize, norm: impl Fn(&str) -> Option<ScaleSink>) -> [InputGroup; 2] {
+    let m = |kind| module(layer, kind);
+    [
         InputGroup {
             linears: vec![m(LinearKind::DownProj)],
             fold: Some(ScaleSink::Linear(m(LinearKind::UpProj))),

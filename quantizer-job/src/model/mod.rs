@@ -450,13 +450,7 @@ impl LlamaModel {
         let slot = if name == LM_HEAD {
             &mut self.lm_head
         } else {
-            let id = self.linear_id(name)?;
-            &mut self.layers[id.layer]
-                .linear_mut(id.kind)
-                .ok_or_else(|| ModelError::UnknownLinear {
-                    name: name.to_string(),
-                })?
-                .weight
+            &mut self.linear_mut(name)?.weight
         };
         check_same_shape(name, slot, &weight)?;
         *slot = weight;
@@ -550,13 +544,39 @@ impl LlamaModel {
     }
 
     /// The Linear named as in [`Self::linear_names`] (not `lm_head`).
+    /// A decoder layer's Linear by weight name: attention and dense MLP
+    /// Linears through [`LinearId`], a MoE layer's expert Linears
+    /// (`…experts.N.w1.weight`, `…shared_expert.up_proj.weight`) through
+    /// the family's names.
     fn linear(&self, name: &str) -> Result<&Linear> {
+        let unknown = || ModelError::UnknownLinear {
+            name: name.to_string(),
+        };
+        if let Some((layer, module)) = expert_module(name) {
+            return match self.layers.get(layer).map(|l| &l.mlp) {
+                Some(Mlp::Moe(mlp)) => mlp.linear(layer, module).ok_or_else(unknown),
+                _ => Err(unknown()),
+            };
+        }
+        let id = self.linear_id(name)?;
+        self.layers[id.layer].linear(id.kind).ok_or_else(unknown)
+    }
+
+    /// [`Self::linear`], to replace its weight.
+    fn linear_mut(&mut self, name: &str) -> Result<&mut Linear> {
+        let unknown = || ModelError::UnknownLinear {
+            name: name.to_string(),
+        };
+        if let Some((layer, module)) = expert_module(name) {
+            return match self.layers.get_mut(layer).map(|l| &mut l.mlp) {
+                Some(Mlp::Moe(mlp)) => mlp.linear_mut(layer, module).ok_or_else(unknown),
+                _ => Err(unknown()),
+            };
+        }
         let id = self.linear_id(name)?;
         self.layers[id.layer]
-            .linear(id.kind)
-            .ok_or_else(|| ModelError::UnknownLinear {
-                name: name.to_string(),
-            })
+            .linear_mut(id.kind)
+            .ok_or_else(unknown)
     }
 
     fn linear_id(&self, name: &str) -> Result<LinearId> {
@@ -699,6 +719,17 @@ impl LlamaModel {
         };
         Ok((hidden + scaled(out)?)?)
     }
+}
+
+/// The layer and module of an expert Linear's weight name
+/// (`model.layers.{layer}.{module}.weight` with `experts.` or
+/// `shared_expert.` in the module); `None` for every other name.
+fn expert_module(name: &str) -> Option<(usize, &str)> {
+    let module = name.strip_suffix(".weight")?;
+    let rest = module.strip_prefix("model.layers.")?;
+    let (layer, _) = rest.split_once('.')?;
+    let is_expert = rest.contains(".experts.") || rest.contains(".shared_expert.");
+    is_expert.then_some((layer.parse().ok()?, module))
 }
 
 fn check_same_shape(name: &str, current: &Tensor, new: &Tensor) -> Result<()> {

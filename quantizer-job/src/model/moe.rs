@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use super::linear::Linear;
 use super::{Result, softmax_last};
 use crate::family::moe::{ExpertLinear, Moe};
+use crate::family::moe_linears::ExpertSlot;
 
 /// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`: one expert, the shared
 /// expert, or a dense block's MLP.
@@ -27,6 +28,22 @@ impl SwiGlu {
     /// The MLP's output for `[n, h]` activations.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.down.forward(&self.gated(x)?)
+    }
+
+    fn linear(&self, linear: ExpertLinear) -> &Linear {
+        match linear {
+            ExpertLinear::Gate => &self.gate,
+            ExpertLinear::Up => &self.up,
+            ExpertLinear::Down => &self.down,
+        }
+    }
+
+    fn linear_mut(&mut self, linear: ExpertLinear) -> &mut Linear {
+        match linear {
+            ExpertLinear::Gate => &mut self.gate,
+            ExpertLinear::Up => &mut self.up,
+            ExpertLinear::Down => &mut self.down,
+        }
     }
 
     /// Loads the three Linears (no biases) through `module`'s names.
@@ -84,6 +101,28 @@ impl MoeMlp {
             experts,
             shared,
         })
+    }
+
+    /// The expert Linear named `module` (of layer `layer`), for the
+    /// quantization driver; `None` for the router, the shared gate and
+    /// names of other layers, which stay as loaded.
+    pub(crate) fn linear(&self, layer: usize, module: &str) -> Option<&Linear> {
+        let (slot, linear) = self.spec.parse_module(layer, module)?;
+        let mlp = match slot {
+            ExpertSlot::Routed(expert) => self.experts.get(expert)?,
+            ExpertSlot::Shared => &self.shared.as_ref()?.0,
+        };
+        Some(mlp.linear(linear))
+    }
+
+    /// [`Self::linear`], to replace its weight.
+    pub(crate) fn linear_mut(&mut self, layer: usize, module: &str) -> Option<&mut Linear> {
+        let (slot, linear) = self.spec.parse_module(layer, module)?;
+        let mlp = match slot {
+            ExpertSlot::Routed(expert) => self.experts.get_mut(expert)?,
+            ExpertSlot::Shared => &mut self.shared.as_mut()?.0,
+        };
+        Some(mlp.linear_mut(linear))
     }
 
     /// Which experts each of the `[n, h]` tokens goes to, with its weights:
