@@ -2,7 +2,8 @@
 //!
 //! Only decoder-only Llama-family architectures are supported: the forward
 //! passes implement exactly one layer layout, with the switches of
-//! [`crate::family::Block`] (biases, Qwen3's q/k norms) filled in here, so
+//! [`crate::family::Block`] (biases, Qwen3's q/k norms, Gemma's in
+//! `config/gemma.rs`) filled in here, so
 //! anything else is refused up front with an error naming the architecture
 //! or key instead of failing later on a missing tensor.
 
@@ -13,9 +14,13 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 use crate::family::moe::{Moe, MoeFamily};
-use crate::family::{Block, Fused, HeadNorm, NormPlacement, QkNormScope, Scalars};
+use crate::family::{
+    Block, Fused, HeadNorm, LayerType, LocalRope, NormPlacement, QkNormScope, Scalars,
+};
 use crate::model::{LinearId, LinearKind};
 use crate::rope::{RawRope, RopeError, RopeScaling};
+
+mod gemma;
 
 /// The Llama-family architectures the CPU forward pass implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +52,13 @@ pub enum Architecture {
     /// `OlmoeForCausalLM` (pre-norms, q/k RMSNorm over the whole
     /// projections, experts).
     Olmoe,
+    /// `Gemma2ForCausalLM` (`1 + weight` norms, GeGLU, sandwich norms,
+    /// scaled embeddings, soft-capping, alternating local/global layers:
+    /// `config/gemma.rs`).
+    Gemma2,
+    /// `Gemma3ForCausalLM`, text only (Gemma 2's block with per-head q/k
+    /// norms and a local RoPE of its own, [`crate::family::LocalRope`]).
+    Gemma3,
 }
 
 impl Architecture {
@@ -64,6 +76,8 @@ impl Architecture {
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Olmoe => "OlmoeForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -80,6 +94,8 @@ impl Architecture {
             Self::Qwen2Moe,
             Self::Qwen3Moe,
             Self::Olmoe,
+            Self::Gemma2,
+            Self::Gemma3,
         ]
         .into_iter()
         .find(|a| a.hf_name() == name)
@@ -109,7 +125,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -208,6 +224,14 @@ pub struct LlamaConfig {
     /// attention.
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Each layer's attention when the layers differ (Gemma's alternating
+    /// local/global layers, see [`Self::window`]); empty when every layer
+    /// attends alike.
+    #[serde(default)]
+    pub layer_types: Vec<LayerType>,
+    /// The local layers' RoPE when it is not the global one (Gemma 3).
+    #[serde(default)]
+    pub local_rope: Option<LocalRope>,
     /// Longest sequence the RoPE tables are built for.
     pub max_position_embeddings: usize,
     /// Whether `lm_head` shares the embedding matrix.
@@ -236,6 +260,28 @@ impl OneOrMany {
     }
 }
 
+/// `rope_parameters` as transformers 5 writes it: one set for every layer,
+/// or (Gemma 3) one per layer type.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+enum RopeParameters {
+    PerLayerType {
+        full_attention: Box<RawRope>,
+        sliding_attention: Box<RawRope>,
+    },
+    Single(Box<RawRope>),
+}
+
+/// A key that may be present with `null` (`Some(None)`), unlike an absent
+/// one (`None`): Gemma 2 defaults its soft-caps when absent only.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct RawConfig {
     #[serde(default)]
@@ -249,7 +295,7 @@ struct RawConfig {
     vocab_size: usize,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RawRope>,
+    rope_parameters: Option<RopeParameters>,
     rope_scaling: Option<RawRope>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
@@ -269,20 +315,40 @@ struct RawConfig {
     logits_scaling: Option<f64>,
     original_max_position_embeddings: Option<f64>,
     partial_rotary_factor: Option<f64>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    #[serde(default, deserialize_with = "present")]
+    attn_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    final_logit_softcapping: Option<Option<f64>>,
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
 }
 
-/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
-/// default (1.0) and required finite and positive: a zero or negative
-/// multiplier is no model anyone trained, and `logits_scaling` divides.
-fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
-    let check = |field: &'static str, value: Option<f64>| match value {
+/// `value` when absent or finite and positive, else an error naming
+/// `field`: the multipliers, caps and scalars that scale or divide.
+fn positive(
+    path: &Path,
+    field: &'static str,
+    value: Option<f64>,
+) -> Result<Option<f64>, ConfigError> {
+    match value {
         Some(v) if !(v.is_finite() && v > 0.0) => Err(ConfigError::InvalidField {
             path: path.to_path_buf(),
             field,
             reason: "must be a finite positive number".into(),
         }),
         _ => Ok(value),
-    };
+    }
+}
+
+/// Granite's multipliers, each defaulting to transformers' `GraniteConfig`
+/// default (1.0) and required finite and positive: a zero or negative
+/// multiplier is no model anyone trained, and `logits_scaling` divides.
+fn granite_scalars(raw: &RawConfig, path: &Path) -> Result<Scalars, ConfigError> {
+    let check = |field: &'static str, value: Option<f64>| positive(path, field, value);
     Ok(Scalars {
         embedding_multiplier: check("embedding_multiplier", raw.embedding_multiplier)?
             .unwrap_or(1.0),
@@ -327,18 +393,37 @@ impl LlamaConfig {
                 found: arch_name.clone(),
             }
         })?;
+        let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        // Gemma's activation is hidden_activation (config/gemma.rs).
         if let Some(act) = &raw.hidden_act
             && act != "silu"
+            && !gemma
         {
             return Err(invalid("hidden_act", "expected \"silu\"".to_string()));
         }
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
-        let (rope_key, rope) = match (&raw.rope_parameters, &raw.rope_scaling) {
-            (Some(r), _) => ("rope_parameters", r.clone()),
-            (None, Some(r)) => ("rope_scaling", r.clone()),
-            (None, None) => ("rope_parameters", RawRope::default()),
+        let (rope_key, rope, local_rope) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (
+                Some(RopeParameters::PerLayerType {
+                    full_attention,
+                    sliding_attention,
+                }),
+                _,
+            ) => (
+                "rope_parameters",
+                RawRope::clone(full_attention),
+                Some(RawRope::clone(sliding_attention)),
+            ),
+            (Some(RopeParameters::Single(r)), _) => ("rope_parameters", RawRope::clone(r), None),
+            (None, Some(r)) => ("rope_scaling", r.clone(), None),
+            (None, None) => ("rope_parameters", RawRope::default(), None),
         };
-        let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
+        // Gemma3TextConfig's default global base is 1e6.
+        let default_theta = match architecture {
+            Architecture::Gemma3 => 1_000_000.0,
+            _ => 10_000.0,
+        };
+        let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(default_theta);
         let unsupported = |key: &'static str, found: String, supported: &'static str| {
             ConfigError::unsupported(path, key, found, supported)
         };
@@ -372,7 +457,7 @@ impl LlamaConfig {
             .layer_types
             .iter()
             .flatten()
-            .find(|kind| *kind != "full_attention")
+            .find(|kind| *kind != "full_attention" && !gemma)
         {
             return Err(unsupported(
                 "layer_types",
@@ -395,6 +480,9 @@ impl LlamaConfig {
             | Architecture::Qwen2Moe
             | Architecture::Qwen3Moe
             | Architecture::Olmoe => None,
+            // The local layers' window (config/gemma.rs says which); 4096
+            // is both Gemma configs' default.
+            Architecture::Gemma2 | Architecture::Gemma3 => Some(raw.sliding_window.unwrap_or(4096)),
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be positive".into()));
@@ -413,9 +501,10 @@ impl LlamaConfig {
                 ),
             ));
         }
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = raw.head_dim.unwrap_or(match gemma {
+            true => gemma::DEFAULT_HEAD_DIM,
+            false => raw.hidden_size / raw.num_attention_heads,
+        });
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
@@ -435,6 +524,33 @@ impl LlamaConfig {
                 key: rope_key,
                 source,
             })?;
+        let local_rope = match (architecture, local_rope) {
+            (Architecture::Gemma3, Some(local)) => Some(LocalRope {
+                theta: local.rope_theta.unwrap_or(10_000.0),
+                scaling: local
+                    .scaling(max_position_embeddings, None, head_dim)
+                    .map_err(|source| ConfigError::Rope {
+                        path: path.to_path_buf(),
+                        key: "rope_parameters.sliding_attention",
+                        source,
+                    })?,
+            }),
+            // Configs written for transformers 4: rope_local_base_freq,
+            // default RoPE.
+            (Architecture::Gemma3, None) => Some(LocalRope {
+                theta: raw.rope_local_base_freq.unwrap_or(10_000.0),
+                scaling: RopeScaling::Default,
+            }),
+            (_, None) => None,
+            (_, Some(_)) => {
+                return Err(unsupported(
+                    "rope_parameters",
+                    "per layer type".into(),
+                    "one set of RoPE parameters for every layer (per layer type for Gemma3ForCausalLM only)",
+                ));
+            }
+        };
+        let mut layer_types = Vec::new();
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let block = match architecture {
             // transformers' Qwen2 hard-codes its biases, whatever attention_bias says.
@@ -498,6 +614,11 @@ impl LlamaConfig {
                 moe: Some(Moe::from_config(text, path, MoeFamily::Olmoe)?),
                 ..Block::default()
             },
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                let layers = gemma::gemma(&raw, path, architecture)?;
+                layer_types = layers.layer_types;
+                layers.block
+            }
         };
         Ok(LlamaConfig {
             architecture,
@@ -520,8 +641,11 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             sliding_window,
+            layer_types,
+            local_rope,
             max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // Gemma's configs tie by default.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             block,
             bos_token_id: raw.bos_token_id.as_ref().and_then(OneOrMany::first),
             eos_token_id: raw.eos_token_id.as_ref().and_then(OneOrMany::first),
@@ -541,13 +665,8 @@ impl LlamaConfig {
         )];
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            if self.block.norms == NormPlacement::Pre {
-                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            }
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            if self.block.norms == NormPlacement::Post {
-                let leaf = NormPlacement::POST_FEEDFORWARD;
-                out.push((format!("{p}.{leaf}.weight"), vec![h]));
+            for norm in self.block.norms.norms() {
+                out.push((norm.weight_name(i), vec![h]));
             }
             if self.block.fused_projections {
                 let qkv = Fused::Qkv.module_name(i);
@@ -589,6 +708,30 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
+    }
+
+    /// The sliding window of layer `layer`'s attention: `sliding_window`
+    /// in every layer unless [`Self::layer_types`] makes it global.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(LayerType::Full) => None,
+            Some(LayerType::Sliding) | None => self.sliding_window,
+        }
+    }
+
+    /// The base frequency and scaling layer `layer` rotates with: the
+    /// local RoPE in a sliding layer of a family that has one, else the
+    /// global `rope_theta` and `rope_scaling`.
+    pub fn rope_of(&self, layer: usize) -> (f64, &RopeScaling) {
+        match (&self.local_rope, self.uses_local_rope(layer)) {
+            (Some(local), true) => (local.theta, &local.scaling),
+            _ => (self.rope_theta, &self.rope_scaling),
+        }
+    }
+
+    /// Whether layer `layer` rotates with [`Self::local_rope`].
+    pub fn uses_local_rope(&self, layer: usize) -> bool {
+        self.local_rope.is_some() && self.layer_types.get(layer) == Some(&LayerType::Sliding)
     }
 
     /// The width of a q/k norm's weight: `head_dim` per head (Qwen3), or
@@ -743,5 +886,100 @@ mod tests {
         )
         .expect_err("rope_parameters");
         assert!(err.to_string().contains("partial_rotary_factor"), "{err}");
+    }
+
+    #[test]
+    fn gemma_reads_transformers_defaults() {
+        let c = parse(serde_json::json!({}), "Gemma2ForCausalLM").expect("gemma2");
+        let b = c.block;
+        assert_eq!(b.norms, NormPlacement::Sandwich);
+        assert!(b.norm_unit_offset && !b.qk_norm);
+        assert_eq!(b.activation, crate::family::Activation::GeluTanh);
+        assert_eq!(b.softcap.attention, Some(50.0));
+        assert_eq!(b.softcap.final_logits, Some(30.0));
+        assert_eq!(b.scalars.embedding_multiplier, 8.0);
+        assert_eq!(b.attention_scale(c.head_dim), 1.0 / 16.0);
+        assert_eq!((c.head_dim, c.tie_word_embeddings), (256, true));
+        assert_eq!((c.window(0), c.window(1)), (Some(4096), None));
+        assert!(c.local_rope.is_none());
+        // An explicit null turns a soft-cap off.
+        let c = parse(
+            serde_json::json!({"attn_logit_softcapping": null}),
+            "Gemma2ForCausalLM",
+        )
+        .expect("gemma2");
+        assert_eq!(c.block.softcap.attention, None);
+        // Gemma 3 as transformers 4 wrote it: rope_local_base_freq, one
+        // global layer in sliding_window_pattern.
+        let c = parse(
+            serde_json::json!({
+                "sliding_window_pattern": 3, "rope_local_base_freq": 20000.0,
+                "rope_theta": 500000.0, "num_hidden_layers": 3,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            }),
+            "Gemma3ForCausalLM",
+        )
+        .expect("gemma3");
+        assert!(c.block.qk_norm && c.block.softcap.attention.is_none());
+        assert_eq!(c.rope_of(0), (20000.0, &RopeScaling::Default));
+        assert_eq!(
+            c.rope_of(2),
+            (500000.0, &RopeScaling::Linear { factor: 8.0 })
+        );
+        assert_eq!(c.window(2), None);
+    }
+
+    #[test]
+    fn gemma_refuses_what_it_does_not_implement_naming_the_key() {
+        let cases = [
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"hidden_activation": "gelu"}),
+                "hidden_activation",
+            ),
+            (
+                "Gemma3ForCausalLM",
+                serde_json::json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"layer_types": ["sliding_attention", "chunked_attention"]}),
+                "layer_types",
+            ),
+            (
+                "LlamaForCausalLM",
+                serde_json::json!({"rope_parameters": {
+                    "full_attention": {"rope_type": "default"},
+                    "sliding_attention": {"rope_type": "default"},
+                }}),
+                "rope_parameters",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"final_logit_softcapping": 0.0}),
+                "final_logit_softcapping",
+            ),
+            (
+                "Gemma2ForCausalLM",
+                serde_json::json!({"layer_types": ["full_attention"]}),
+                "layer_types",
+            ),
+        ];
+        for (arch, extra, key) in cases {
+            let err = parse(extra, arch).expect_err(key);
+            assert!(
+                matches!(&err, ConfigError::UnsupportedFeature { key: k, .. }
+                    | ConfigError::InvalidField { field: k, .. } if *k == key),
+                "{key}: {err:?}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // Gemma's own activation key, not the silu check of the others.
+        parse(
+            serde_json::json!({"hidden_act": "gelu_pytorch_tanh"}),
+            "Gemma2ForCausalLM",
+        )
+        .expect("gemma2 with hidden_act");
     }
 }

@@ -1,10 +1,14 @@
 //! What sets one family of the Llama block layout apart from another.
 //!
-//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3 and OLMo 2 share one
-//! decoder block (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP);
-//! they differ in a few switches and scalars — where the norms sit
-//! ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]) — and in
-//! how the checkpoint stores the Linears ([`Fused`]). [`crate::config`] reads them from `config.json` once into a
+//! Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3, OLMo 2, Gemma 2 and Gemma 3
+//! share one decoder block (RMSNorm, grouped-query attention with RoPE, a
+//! gated MLP); they differ in a few switches and scalars — where the norms
+//! sit ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]),
+//! Gemma's `1 + weight` norms, GeGLU ([`Activation`]) and soft-caps
+//! ([`Softcap`]) — in how the checkpoint stores the Linears ([`Fused`]), and
+//! (Gemma) in which layers are local ([`LayerType`], [`LocalRope`]). Mixtral,
+//! Qwen2-MoE, Qwen3-MoE and OLMoE replace the MLP by a router plus experts
+//! ([`moe::Moe`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
@@ -17,6 +21,10 @@ pub mod moe_linears;
 use serde::{Deserialize, Serialize};
 
 use crate::model::LinearKind;
+
+mod attention;
+
+pub use attention::{LayerType, LocalRope};
 
 /// The switches of the shared decoder block.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -45,9 +53,54 @@ pub struct Block {
     #[serde(default)]
     pub fused_projections: bool,
     /// The MLP is a router plus experts ([`moe::Moe`]: Mixtral, Qwen2-MoE,
-    /// Qwen3-MoE, OLMoE) instead of one dense SwiGLU.
+    /// Qwen3-MoE, OLMoE) instead of one dense gated MLP.
     #[serde(default)]
     pub moe: Option<moe::Moe>,
+    /// Every RMSNorm (the layers', the final one, the q/k norms) scales by
+    /// `1 + weight` instead of `weight` (Gemma stores the weight minus one).
+    /// The model keeps the stored weights, so what is written back is what
+    /// the checkpoint holds; the forwards add the one.
+    #[serde(default)]
+    pub norm_unit_offset: bool,
+    /// The MLP's gate activation.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Gemma 2's `tanh` soft-capping of attention scores and logits.
+    #[serde(default)]
+    pub softcap: Softcap,
+}
+
+/// The activation of the gate branch of the gated MLP, `down(act(gate) · up)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Activation {
+    /// SwiGLU, `hidden_act: silu` (Llama and most families).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU, `hidden_activation:
+    /// gelu_pytorch_tanh` (Gemma): `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
+    GeluTanh,
+}
+
+/// `cap · tanh(x / cap)`, as Gemma 2 bounds its attention scores (after
+/// the score scale, before the mask) and its final logits.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Softcap {
+    /// `attn_logit_softcapping`.
+    pub attention: Option<f64>,
+    /// `final_logit_softcapping`.
+    pub final_logits: Option<f64>,
+}
+
+impl Softcap {
+    /// `attn_logit_softcapping` in f32, as PyTorch applies a Python float.
+    pub fn attention_cap(&self) -> Option<f32> {
+        self.attention.map(|c| c as f32)
+    }
+
+    /// `final_logit_softcapping` in f32.
+    pub fn logits_cap(&self) -> Option<f32> {
+        self.final_logits.map(|c| c as f32)
+    }
 }
 
 /// Where a decoder block's RMSNorms sit.
@@ -64,11 +117,103 @@ pub enum NormPlacement {
     /// before each is added to the residual. There is no `input_layernorm`,
     /// so no norm for AWQ to fold the scales of q/k/v or gate/up into.
     Post,
+    /// Before and after each sublayer (Gemma 2 and 3): `input_layernorm`
+    /// and `post_attention_layernorm` around the attention,
+    /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` around
+    /// the MLP.
+    Sandwich,
+}
+
+/// One of the RMSNorms of a decoder layer, by its checkpoint leaf name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerNorm {
+    /// `input_layernorm`.
+    Input,
+    /// `post_attention_layernorm`.
+    PostAttention,
+    /// `pre_feedforward_layernorm`.
+    PreFeedforward,
+    /// `post_feedforward_layernorm`.
+    PostFeedforward,
+}
+
+impl LayerNorm {
+    /// All four, in forward order.
+    pub const ALL: [LayerNorm; 4] = [
+        LayerNorm::Input,
+        LayerNorm::PostAttention,
+        LayerNorm::PreFeedforward,
+        LayerNorm::PostFeedforward,
+    ];
+
+    /// The module's leaf name in a checkpoint.
+    pub fn leaf(self) -> &'static str {
+        match self {
+            LayerNorm::Input => "input_layernorm",
+            LayerNorm::PostAttention => "post_attention_layernorm",
+            LayerNorm::PreFeedforward => "pre_feedforward_layernorm",
+            LayerNorm::PostFeedforward => "post_feedforward_layernorm",
+        }
+    }
+
+    /// `model.layers.{layer}.{leaf}.weight`.
+    pub fn weight_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.weight", self.leaf())
+    }
+
+    /// Parses a name written by [`Self::weight_name`].
+    pub fn parse(name: &str) -> Option<(usize, LayerNorm)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (index, leaf) = rest.split_once('.')?;
+        let leaf = leaf.strip_suffix(".weight")?;
+        let norm = Self::ALL.into_iter().find(|n| n.leaf() == leaf)?;
+        Some((index.parse().ok()?, norm))
+    }
+}
+
+/// The norms around one sublayer (attention or MLP): the one its Linears
+/// read the output of, and the one its output goes through before the
+/// residual add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SublayerNorms {
+    /// Normalises the sublayer's input.
+    pub before: Option<LayerNorm>,
+    /// Normalises the sublayer's output.
+    pub after: Option<LayerNorm>,
 }
 
 impl NormPlacement {
-    /// The checkpoint leaf name of the norm after the MLP (post placement).
-    pub const POST_FEEDFORWARD: &'static str = "post_feedforward_layernorm";
+    /// The norms a layer of this placement has, in forward order.
+    pub fn norms(self) -> Vec<LayerNorm> {
+        let (a, m) = (self.attention(), self.mlp());
+        [a.before, a.after, m.before, m.after]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The norms around the attention.
+    pub fn attention(self) -> SublayerNorms {
+        let (before, after) = match self {
+            NormPlacement::Pre => (Some(LayerNorm::Input), None),
+            NormPlacement::Post => (None, Some(LayerNorm::PostAttention)),
+            NormPlacement::Sandwich => (Some(LayerNorm::Input), Some(LayerNorm::PostAttention)),
+        };
+        SublayerNorms { before, after }
+    }
+
+    /// The norms around the MLP.
+    pub fn mlp(self) -> SublayerNorms {
+        let (before, after) = match self {
+            NormPlacement::Pre => (Some(LayerNorm::PostAttention), None),
+            NormPlacement::Post => (None, Some(LayerNorm::PostFeedforward)),
+            NormPlacement::Sandwich => (
+                Some(LayerNorm::PreFeedforward),
+                Some(LayerNorm::PostFeedforward),
+            ),
+        };
+        SublayerNorms { before, after }
+    }
 }
 
 /// What [`Block::qk_norm`] normalises over.
@@ -83,8 +228,18 @@ pub enum QkNormScope {
 }
 
 impl Block {
+    /// What every RMSNorm adds to its weight before scaling: 1 for Gemma's
+    /// `1 + weight` norms ([`Block::norm_unit_offset`]), else 0.
+    pub fn norm_offset(&self) -> f32 {
+        match self.norm_unit_offset {
+            true => 1.0,
+            false => 0.0,
+        }
+    }
+
     /// The factor the attention scores `q·k` are multiplied by: Granite's
-    /// `attention_multiplier`, else `1 / sqrt(head_dim)`.
+    /// `attention_multiplier` (Gemma's `query_pre_attn_scalar ** -0.5` is
+    /// read into the same field), else `1 / sqrt(head_dim)`.
     pub fn attention_scale(&self, head_dim: usize) -> f64 {
         self.scalars
             .attention_multiplier
@@ -265,6 +420,22 @@ mod tests {
         assert_eq!(Fused::of(LinearKind::OProj), None);
         assert_eq!(Fused::of(LinearKind::DownProj), None);
         assert_eq!(Fused::parse("model.layers.3.self_attn.q_proj"), None);
+    }
+
+    #[test]
+    fn layer_norm_names_round_trip_and_placements_list_each_once() {
+        for norm in LayerNorm::ALL {
+            assert_eq!(LayerNorm::parse(&norm.weight_name(5)), Some((5, norm)));
+        }
+        assert_eq!(LayerNorm::parse("model.layers.5.input_layernorm"), None);
+        assert_eq!(LayerNorm::parse("model.norm.weight"), None);
+        assert_eq!(
+            LayerNorm::parse("model.layers.x.input_layernorm.weight"),
+            None
+        );
+        assert_eq!(NormPlacement::Pre.norms().len(), 2);
+        assert_eq!(NormPlacement::Post.norms().len(), 2);
+        assert_eq!(NormPlacement::Sandwich.norms(), LayerNorm::ALL.to_vec());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! model's candle tensors and the algorithms' plain matrices.
 
 use crate::config::LlamaConfig;
-use crate::family::NormPlacement;
 use crate::family::moe::ExpertLinear;
+use crate::family::{LayerNorm, NormPlacement};
 use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
 use crate::sequential::{CaptureSink, InputGroup, LayeredModel};
@@ -59,25 +59,42 @@ pub enum FamilyMethodError {
         /// The recipe's method (`gptq`, `awq`).
         method: &'static str,
     },
+    /// AWQ's folds divide a norm's weight, but a `1 + weight` norm (Gemma)
+    /// would need the stored weight rewritten as `(1 + w) / s - 1`, which
+    /// neither fold implements.
+    #[error(
+        "spec.quantization.method: awq is not supported for {architecture}: its RMSNorms scale by 1 + weight, and AWQ's scale folds into input_layernorm and pre_feedforward_layernorm are implemented for plain weights only, so the folded model would not be the quantized one; supported for {architecture}: gptq, rtn, int8, fp8"
+    )]
+    AwqIntoOffsetNorms {
+        /// `architectures[0]`.
+        architecture: &'static str,
+    },
 }
 
 /// Refuses, before any work, a method the family's block cannot run
 /// exactly: AWQ with the norms after the sublayers (OLMo 2,
-/// [`NormPlacement::Post`]), where its input scales have nowhere to go.
+/// [`NormPlacement::Post`]), where its input scales have nowhere to go, and
+/// AWQ into Gemma's `1 + weight` norms
+/// ([`crate::family::Block::norm_unit_offset`]).
 /// Every other method needs no fold and runs on every dense family. A
 /// mixture of experts takes the data-free methods only (RTN, INT8, FP8
 /// quantize each expert from its weights alone).
 pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMethodError> {
+    let architecture = cfg.architecture.hf_name();
     if cfg.block.moe.is_some() && method.needs_calibration() {
         return Err(FamilyMethodError::MixtureOfExperts {
-            architecture: cfg.architecture.hf_name(),
+            architecture,
             method: method.as_str(),
         });
     }
-    if method == Method::Awq && cfg.block.norms == NormPlacement::Post {
-        return Err(FamilyMethodError::AwqWithoutInputNorms {
-            architecture: cfg.architecture.hf_name(),
-        });
+    if method != Method::Awq {
+        return Ok(());
+    }
+    if cfg.block.norms == NormPlacement::Post {
+        return Err(FamilyMethodError::AwqWithoutInputNorms { architecture });
+    }
+    if cfg.block.norm_unit_offset {
+        return Err(FamilyMethodError::AwqIntoOffsetNorms { architecture });
     }
     Ok(())
 }
@@ -112,8 +129,18 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let o_in = cfg.num_attention_heads * cfg.head_dim;
     let m = |kind| module(layer, kind);
     let o_fold = (v_out == o_in).then(|| ScaleSink::Linear(m(LinearKind::VProj)));
-    let pre = cfg.block.norms == NormPlacement::Pre;
-    let norm = |leaf: &str| pre.then(|| ScaleSink::Norm(format!("model.layers.{layer}.{leaf}")));
+    // Only a plain norm right before the Linears can absorb their input
+    // scales: Gemma's (`1 + weight`) cannot, and neither can a missing one
+    // (OLMo 2). The folds (`NormId`) reach `input_layernorm` and
+    // `post_attention_layernorm` only, so a sandwich's
+    // `pre_feedforward_layernorm` gets no fold either.
+    let foldable = !cfg.block.norm_unit_offset;
+    let norm = |before: Option<LayerNorm>| {
+        before
+            .filter(|n| foldable && matches!(n, LayerNorm::Input | LayerNorm::PostAttention))
+            .map(|n| ScaleSink::Norm(format!("model.layers.{layer}.{}", n.leaf())))
+    };
+    let placement = cfg.block.norms;
     let attention = [
         InputGroup {
             linears: vec![m(LinearKind::OProj)],
@@ -125,13 +152,13 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
                 m(LinearKind::KProj),
                 m(LinearKind::VProj),
             ],
-            fold: norm("input_layernorm"),
+            fold: norm(placement.attention().before),
         },
     ];
     let Some(moe) = &cfg.block.moe else {
         return attention
             .into_iter()
-            .chain(dense_mlp_groups(layer, norm))
+            .chain(dense_mlp_groups(layer, norm(placement.mlp().before)))
             .collect();
     };
     let expert = |slot, linears: &[ExpertLinear]| InputGroup {
@@ -151,8 +178,9 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
 }
 
 /// A dense MLP's groups: `down` (folding into `up`), then `gate,up`
-/// (folding into `norm("post_attention_layernorm")`).
-fn dense_mlp_groups(layer: usize, norm: impl Fn(&str) -> Option<ScaleSink>) -> [InputGroup; 2] {
+/// (folding into `gate_up_fold`, the norm before the MLP when it can absorb
+/// the scales).
+fn dense_mlp_groups(layer: usize, gate_up_fold: Option<ScaleSink>) -> [InputGroup; 2] {
     let m = |kind| module(layer, kind);
     [
         InputGroup {
@@ -161,7 +189,7 @@ fn dense_mlp_groups(layer: usize, norm: impl Fn(&str) -> Option<ScaleSink>) -> [
         },
         InputGroup {
             linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
-            fold: norm("post_attention_layernorm"),
+            fold: gate_up_fold,
         },
     ]
 }
@@ -326,5 +354,23 @@ mod tests {
                 .iter()
                 .any(|g| matches!(g.fold, Some(ScaleSink::Norm(_))))
         );
+    }
+
+    #[test]
+    fn awq_is_refused_for_one_plus_weight_norms_and_nothing_folds_into_them() {
+        for arch in ["Gemma2ForCausalLM", "Gemma3ForCausalLM"] {
+            let cfg = config(arch, 2);
+            let err = check_method(&cfg, Method::Awq).expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains(arch) && text.contains("1 + weight"), "{text}");
+            assert_eq!(check_method(&cfg, Method::Gptq), Ok(()));
+            for group in llama_input_groups(&cfg, 1) {
+                assert!(
+                    !matches!(group.fold, Some(ScaleSink::Norm(_))),
+                    "{:?} folds into a norm",
+                    group.linears
+                );
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use quantizer_job::family::{Activation, LayerType};
 use quantizer_job::gpu::llama::GpuLlama;
 use quantizer_job::gpu::{DeviceChoice, Gpu};
 use quantizer_job::rope::RopeScaling;
@@ -30,6 +31,8 @@ const SUPPORTED: &[&str] = &[
     "phi3",          // fused qkv_proj and gate_up_proj
     "phi3-longrope", // longrope past the original length (long factors)
     "olmo2",         // norms after the sublayers, q/k RMSNorm over the whole projections
+    "gemma2",        // 1 + w norms, GeGLU, sandwich norms, embedding scale, soft-caps, local/global
+    "gemma3",        // Gemma 2's block with per-head q/k norms, local RoPE base, linear global RoPE
     "mixtral",       // 4 experts, top-2 renormalised (block_sparse_moe.experts.N.w1/w2/w3)
     "qwen2-moe",     // 4 experts, top-2 not renormalised, sigmoid-gated shared expert, q/k/v bias
     "qwen3-moe",     // 8 experts (num_local_experts), top-2 renormalised, per-head q/k norms
@@ -42,11 +45,7 @@ const MOE: &[&str] = &["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"];
 
 /// Fixtures refused up front, with a part of the error that names the key
 /// (values read from the file are never quoted: a spec can name any file).
-const REFUSED: &[(&str, &str)] = &[
-    ("llama-dynamic", "unsupported rope_type"),
-    ("gemma2", "(architectures[0])"),
-    ("gemma3", "(architectures[0])"),
-];
+const REFUSED: &[(&str, &str)] = &[("llama-dynamic", "unsupported rope_type")];
 
 /// Largest |quantops − transformers| allowed on a logit: both compute in
 /// f32 from the same fp16 weights, in different orders.
@@ -255,6 +254,48 @@ fn each_fixture_really_exercises_its_feature() {
     });
     let d = max_diff(&ours, &r.logits);
     assert!(d > 1e-2, "olmo2: no q/k norms is within {d} of its own");
+    // Gemma without each of its features in turn (the tensors and keys are
+    // there, but ignored). The fixture's attention scores are small next to
+    // the cap of 50, so ignoring that cap moves the logits by about 5e-3
+    // only: still a hundred times the tolerance.
+    type ConfigTweak = fn(&mut LlamaConfig);
+    let gemma: [(&str, &str, ConfigTweak); 9] = [
+        ("gemma2", "1 + weight norms", |c| {
+            c.block.norm_unit_offset = false
+        }),
+        ("gemma2", "GeGLU", |c| c.block.activation = Activation::Silu),
+        ("gemma2", "embedding scale", |c| {
+            c.block.scalars.embedding_multiplier = 1.0
+        }),
+        ("gemma2", "query_pre_attn_scalar", |c| {
+            c.block.scalars.attention_multiplier = None
+        }),
+        ("gemma2", "attention soft-cap", |c| {
+            c.block.softcap.attention = None
+        }),
+        ("gemma2", "final soft-cap", |c| {
+            c.block.softcap.final_logits = None
+        }),
+        ("gemma2", "local layers", |c| {
+            c.layer_types.fill(LayerType::Full)
+        }),
+        ("gemma3", "local RoPE", |c| c.local_rope = None),
+        ("gemma3", "q/k norms", |c| c.block.qk_norm = false),
+    ];
+    for (name, feature, tweak) in gemma {
+        let dir = fixtures().join(name);
+        let r = reference(&dir);
+        let ours = logits_with(&dir, &r.ids, tweak);
+        let d = max_diff(&ours, &r.logits);
+        let far = match feature {
+            "attention soft-cap" => 1e-3,
+            _ => 1e-2,
+        };
+        assert!(
+            d > far,
+            "{name} without its {feature} is within {d} of its own"
+        );
+    }
     // Mistral's window (16) is shorter than its 40 tokens: inside the window
     // full attention agrees, past it it does not.
     let dir = fixtures().join("mistral");
@@ -278,7 +319,8 @@ fn cached_generation_equals_the_full_recompute() {
     // Decoding one token at a time with the KV cache must mask the keys that
     // left Mistral's window, and cache Qwen3's keys normed and rotated, as
     // the full recompute does.
-    for name in ["mistral", "qwen3", "olmo2"] {
+    // Gemma's caches hold local and global layers side by side.
+    for name in ["mistral", "qwen3", "olmo2", "gemma2", "gemma3"] {
         let dir = fixtures().join(name);
         let r = reference(&dir);
         let checkpoint = Checkpoint::open(&dir).expect("open");
@@ -364,7 +406,8 @@ fn gpu_path_refuses_moe_fixtures_up_front() {
 /// Guards the MoE conformance: each fixture's routing matters. Flipping
 /// the renormalisation of the top-k weights (Mixtral's and Qwen3-MoE's on,
 /// Qwen2-MoE's and OLMoE's off), or routing to one expert fewer, moves the
-/// logits far from transformers'.
+/// logits far from transformers'; so does gating the experts by GeGLU
+/// instead of the family's SiLU (the experts follow `Block::activation`).
 #[test]
 fn moe_fixtures_really_exercise_their_routing() {
     for name in MOE {
@@ -382,5 +425,13 @@ fn moe_fixtures_really_exercise_their_routing() {
         });
         let d = max_diff(&fewer, &r.logits);
         assert!(d > 1e-2, "{name}: top-(k-1) routing is within {d}");
+        // The experts gate by the family's activation, as the dense MLP
+        // does: GeGLU in place of SwiGLU must move the logits too.
+        let gelu = logits_with(&dir, &r.ids, |c| c.block.activation = Activation::GeluTanh);
+        let d = max_diff(&gelu, &r.logits);
+        assert!(
+            d > 1e-2,
+            "{name}: GeGLU experts are within {d} of SwiGLU ones"
+        );
     }
 }

@@ -118,7 +118,7 @@ const PHI3_LONGROPE: Family = Family {
 
 /// OLMo 2: norms after the sublayers and q/k norms over the whole
 /// projections, none of them quantized. AWQ is refused (see
-/// `olmo2_refuses_awq_before_any_work`).
+/// `awq_is_refused_before_any_work`).
 const OLMO2: Family = Family {
     name: "olmo2",
     architecture: "Olmo2ForCausalLM",
@@ -138,6 +138,63 @@ const OLMO2: Family = Family {
         ("int8", 8, -1, 0.15),
         ("fp8", 8, -1, 0.5),
     ],
+};
+
+/// Gemma 2: four `1 + weight` norms per layer, written as stored (never
+/// folded, never offset), the transformers names and keys kept. AWQ is
+/// refused (see `awq_is_refused_before_any_work`).
+const GEMMA2: Family = Family {
+    name: "gemma2",
+    architecture: "Gemma2ForCausalLM",
+    kept_keys: &[
+        "hidden_activation",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "layer_types",
+        "sliding_window",
+    ],
+    quantized: GRANITE.quantized,
+    absent: &[],
+    unchanged: &[
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+    ],
+    shapes: &[],
+    // The Gemma fixtures' logits spread about 4 times as wide as OLMo 2's
+    // (std 4.2 and 4.4 against 1.0, manifest.json), and so do the 8-bit
+    // errors (measured on the CPU: int8 0.097 and 0.154, fp8 0.39 and 0.36):
+    // bounds twice OLMo 2's.
+    methods: &[
+        ("rtn", 4, 32, f32::INFINITY),
+        ("gptq", 4, 32, f32::INFINITY),
+        ("int8", 8, -1, 0.3),
+        ("fp8", 8, -1, 1.0),
+    ],
+};
+
+/// Gemma 3 (text): Gemma 2's block plus per-head q/k norms and a RoPE per
+/// layer type.
+const GEMMA3: Family = Family {
+    name: "gemma3",
+    architecture: "Gemma3ForCausalLM",
+    kept_keys: &[
+        "rope_parameters",
+        "layer_types",
+        "query_pre_attn_scalar",
+        "sliding_window",
+    ],
+    unchanged: &[
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+    ],
+    ..GEMMA2
 };
 
 /// Quantizes fixture `family` with every method, checks each artifact and
@@ -346,12 +403,39 @@ fn olmo2_gpu_quantize_stage_matches_the_cpu() {
     gpu_matches_cpu(&OLMO2);
 }
 
-/// AWQ would fold its scales into norms OLMo 2 does not have before q/k/v
-/// and gate/up: refused by the stage before any work, naming the
-/// architecture and the method, on either backend.
 #[test]
-fn olmo2_refuses_awq_before_any_work() {
-    let volume = volume("olmo2");
+fn gemma2_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&GEMMA2);
+}
+
+#[test]
+fn gemma2_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&GEMMA2);
+}
+
+#[test]
+fn gemma3_round_trips_through_the_artifact_on_the_cpu() {
+    cpu_round_trip(&GEMMA3);
+}
+
+#[test]
+fn gemma3_gpu_quantize_stage_matches_the_cpu() {
+    gpu_matches_cpu(&GEMMA3);
+}
+
+/// AWQ would fold its scales into norms OLMo 2 does not have before q/k/v
+/// and gate/up, and into Gemma's `1 + weight` norms, which the folds do not
+/// implement: refused by the stage before any work, naming the architecture
+/// and the method, on either backend.
+#[test]
+fn awq_is_refused_before_any_work() {
+    for family in [&OLMO2, &GEMMA2, &GEMMA3] {
+        refuses_awq_before_any_work(family);
+    }
+}
+
+fn refuses_awq_before_any_work(family: &Family) {
+    let volume = volume(family.name);
     let files = || -> Vec<std::path::PathBuf> {
         let mut out = Vec::new();
         let mut dirs = vec![volume.path().to_path_buf()];
@@ -373,7 +457,7 @@ fn olmo2_refuses_awq_before_any_work() {
     for device in [None, gpu.as_ref()] {
         let err = try_quantize(
             volume.path(),
-            "olmo2",
+            family.name,
             Run::new("awq", 4, 32),
             device,
             "awq",
@@ -381,7 +465,7 @@ fn olmo2_refuses_awq_before_any_work() {
         .expect_err("refused");
         let text = format!("{err:#}");
         assert!(
-            text.contains("Olmo2ForCausalLM") && text.contains("awq"),
+            text.contains(family.architecture) && text.contains("awq"),
             "{text}"
         );
         assert_eq!(files(), before, "nothing written");

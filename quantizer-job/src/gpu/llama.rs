@@ -43,15 +43,17 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::eval::EvalError;
 use crate::eval::perplexity::PerplexityResult;
-use crate::family::{Fused, HeadNorm, NormPlacement};
+use crate::family::{Fused, HeadNorm, LayerNorm, NormPlacement};
 use crate::model::{LM_HEAD, LinearId, LinearKind, LlamaModel, ModelError, NormKind};
 use crate::quant::QuantError;
 
+mod gemma_ops;
 mod head_norm;
 mod norm_placement;
 mod rope_tables;
 mod scalars;
 
+use gemma_ops::GemmaKernels;
 use head_norm::DeviceHeadNorms;
 use rope_tables::DeviceRope;
 use scalars::ScalarKernels;
@@ -234,45 +236,19 @@ impl WeightSource for LlamaModel {
                 .into()
             });
         }
-        if let Some((layer, norm)) = layer_norm_name(name) {
-            return Ok(match norm {
-                LayerNorm::Input => self.input_layernorm(layer)?,
-                LayerNorm::PostAttention => self.post_attention_layernorm(layer)?,
-                LayerNorm::PostFeedforward => {
-                    self.post_feedforward_layernorm(layer)?.ok_or_else(|| {
-                        ModelError::MissingTensor {
-                            name: name.to_string(),
-                        }
-                    })?
+        if let Some((layer, norm)) = LayerNorm::parse(name) {
+            return self.layer_norm(layer, norm)?.cloned().ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: name.to_string(),
                 }
-            }
-            .clone());
+                .into()
+            });
         }
         Err(ModelError::MissingTensor {
             name: name.to_string(),
         }
         .into())
     }
-}
-
-/// The norms of a decoder layer.
-enum LayerNorm {
-    Input,
-    PostAttention,
-    PostFeedforward,
-}
-
-/// Parses `model.layers.{i}.input_layernorm.weight` and its post-attention twin.
-fn layer_norm_name(name: &str) -> Option<(usize, LayerNorm)> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (index, norm) = rest.split_once('.')?;
-    let norm = match norm {
-        "input_layernorm.weight" => LayerNorm::Input,
-        "post_attention_layernorm.weight" => LayerNorm::PostAttention,
-        "post_feedforward_layernorm.weight" => LayerNorm::PostFeedforward,
-        _ => return None,
-    };
-    Some((index.parse().ok()?, norm))
 }
 
 /// The Linear inputs a capture callback receives: each is the `[rows, in]`
@@ -714,11 +690,10 @@ impl Projection {
 /// (swapping Linear weights with [`DeviceLayer::set_linear`]) and drops.
 pub struct DeviceLayer {
     index: usize,
-    /// `None` with the norms after the sublayers (OLMo 2).
-    input_layernorm: Option<CudaSlice<f32>>,
-    post_attention_layernorm: CudaSlice<f32>,
-    /// With the norms after the sublayers only.
-    post_feedforward_layernorm: Option<CudaSlice<f32>>,
+    /// Where the norms sit, and so which of them the layer has.
+    placement: NormPlacement,
+    /// The layer's RMSNorms, those [`NormPlacement::norms`] lists.
+    norms: Vec<(LayerNorm, CudaSlice<f32>)>,
     /// Qwen3's q/k norms, when the family has them.
     head_norms: Option<DeviceHeadNorms>,
     /// The seven Linears, in [`LinearKind::ALL`]'s order.
@@ -749,23 +724,16 @@ impl DeviceLayer {
             .into());
         }
         let h = cfg.hidden_size;
-        let norm = |which: &str| {
-            upload(
-                gpu,
-                source,
-                &format!("model.layers.{layer}.{which}.weight"),
-                &[h],
-            )
-        };
         let proj = |kind| Projection::load(gpu, source, LinearId { layer, kind });
-        let post = cfg.block.norms == NormPlacement::Post;
+        let placement = cfg.block.norms;
         Ok(Self {
             index: layer,
-            input_layernorm: (!post).then(|| norm("input_layernorm")).transpose()?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
-            post_feedforward_layernorm: post
-                .then(|| norm(NormPlacement::POST_FEEDFORWARD))
-                .transpose()?,
+            placement,
+            norms: placement
+                .norms()
+                .into_iter()
+                .map(|n| Ok((n, upload(gpu, source, &n.weight_name(layer), &[h])?)))
+                .collect::<Result<_, LlamaGpuError>>()?,
             head_norms: DeviceHeadNorms::load(gpu, source, layer)?,
             projections: LinearKind::ALL
                 .into_iter()
@@ -844,27 +812,26 @@ impl DeviceLayer {
         Ok(std::mem::replace(&mut slot.weight, weight))
     }
 
+    /// The layer's weight of `norm`, when its placement has it.
+    fn layer_norm(&self, norm: LayerNorm) -> Option<&CudaSlice<f32>> {
+        self.norms.iter().find(|(n, _)| *n == norm).map(|(_, w)| w)
+    }
+
     fn norm_slot(&mut self, kind: NormKind) -> Result<&mut CudaSlice<f32>, GpuError> {
-        let index = self.index;
-        match kind {
-            NormKind::Input => self
-                .input_layernorm
-                .as_mut()
-                .ok_or_else(|| no_input_norm(index)),
-            NormKind::PostAttention => Ok(&mut self.post_attention_layernorm),
-        }
+        let (index, norm) = (self.index, layer_norm_of(kind));
+        self.norms
+            .iter_mut()
+            .find(|(n, _)| *n == norm)
+            .map(|(_, w)| w)
+            .ok_or_else(|| no_norm(index, norm))
     }
 
     /// An RMSNorm weight `[hidden]`: what AWQ folds its scales into; an
     /// error for `input_layernorm` of a family without one (OLMo 2).
     pub fn norm(&self, kind: NormKind) -> Result<&CudaSlice<f32>, GpuError> {
-        match kind {
-            NormKind::Input => self
-                .input_layernorm
-                .as_ref()
-                .ok_or_else(|| no_input_norm(self.index)),
-            NormKind::PostAttention => Ok(&self.post_attention_layernorm),
-        }
+        let norm = layer_norm_of(kind);
+        self.layer_norm(norm)
+            .ok_or_else(|| no_norm(self.index, norm))
     }
 
     /// Replaces an RMSNorm weight (by its AWQ-folded version) and returns
@@ -885,12 +852,20 @@ impl DeviceLayer {
     }
 }
 
-fn no_input_norm(layer: usize) -> GpuError {
+fn no_norm(layer: usize, norm: LayerNorm) -> GpuError {
     shape_error(
-        format!("model.layers.{layer}.input_layernorm"),
-        "a norm before the attention",
-        "none (the family's norms follow the sublayers)",
+        norm.weight_name(layer),
+        "a norm of the layer",
+        "none (the family's norm placement has no such norm)",
     )
+}
+
+/// The layer norm AWQ's [`NormKind`] names.
+fn layer_norm_of(kind: NormKind) -> LayerNorm {
+    match kind {
+        NormKind::Input => LayerNorm::Input,
+        NormKind::PostAttention => LayerNorm::PostAttention,
+    }
 }
 
 /// The positions a forward pass covers: `batch` independent sequences of
@@ -920,6 +895,19 @@ struct KeysValues<'v> {
     keys: CudaView<'v, f32>,
     values: CudaView<'v, f32>,
     len: usize,
+    /// The layer's sliding window ([`LlamaConfig::window`]).
+    window: Option<usize>,
+}
+
+/// One layer's projected (normed, rotated) queries, keys and values
+/// `[rows, width]`, and the sliding window its attention sees
+/// ([`LlamaConfig::window`]).
+#[derive(Clone, Copy)]
+struct Projections<'p> {
+    q: &'p CudaSlice<f32>,
+    k: &'p CudaSlice<f32>,
+    v: &'p CudaSlice<f32>,
+    window: Option<usize>,
 }
 
 /// The key/value cache of greedy decoding: one [`LayerCache`] per layer.
@@ -938,8 +926,12 @@ pub struct LlamaOps<'g> {
     kernels: Kernels,
     /// Granite's multiply/divide kernels, when the family has scalars.
     scalars: Option<ScalarKernels>,
+    /// Gemma's GeGLU and soft-capping kernels, when the family uses them.
+    gemma: Option<GemmaKernels>,
     /// The RoPE tables the CPU rotates with ([`crate::rope::tables`]).
     rope: DeviceRope,
+    /// The local layers' tables, when they have their own (Gemma 3).
+    local_rope: Option<DeviceRope>,
 }
 
 impl std::fmt::Debug for LlamaOps<'_> {
@@ -957,7 +949,13 @@ impl<'g> LlamaOps<'g> {
             cfg: cfg.clone(),
             kernels,
             scalars: ScalarKernels::load(gpu, cfg)?,
-            rope: DeviceRope::upload(gpu, cfg)?,
+            gemma: GemmaKernels::load(gpu, cfg)?,
+            rope: DeviceRope::upload(gpu, cfg, cfg.rope_theta, &cfg.rope_scaling)?,
+            local_rope: cfg
+                .local_rope
+                .as_ref()
+                .map(|local| DeviceRope::upload(gpu, cfg, local.theta, &local.scaling))
+                .transpose()?,
         })
     }
 
@@ -1114,6 +1112,8 @@ impl<'g> LlamaOps<'g> {
         // its `+ eps` adds eps rounded to f32.
         let inv_cols = (1.0 / cols as f64) as f32;
         let eps = self.cfg.rms_norm_eps as f32;
+        // Gemma's `1 + weight`, 0 for the other families.
+        let offset = self.cfg.block.norm_offset();
         let mut launch = self.gpu.stream().launch_builder(&self.kernels.rms_norm);
         launch
             .arg(x)
@@ -1121,15 +1121,23 @@ impl<'g> LlamaOps<'g> {
             .arg(&mut y)
             .arg(&cols_i)
             .arg(&inv_cols)
-            .arg(&eps);
+            .arg(&eps)
+            .arg(&offset);
         // SAFETY: x and y hold rows·cols values, w cols (checked above); block
         // r reads and writes row r only.
         unsafe { launch.launch(per_row(rows)?) }.during("launching rms_norm")?;
         Ok(y)
     }
 
-    /// RoPE in place on `x [span.rows(), heads · head_dim]`.
-    fn rope(&self, x: &mut CudaSlice<f32>, heads: usize, span: Span) -> Result<(), GpuError> {
+    /// RoPE in place on `x [span.rows(), heads · head_dim]`, with the local
+    /// layers' tables when `local` ([`LlamaConfig::uses_local_rope`]).
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        span: Span,
+        local: bool,
+    ) -> Result<(), GpuError> {
         let d = self.cfg.head_dim;
         check_len("RoPE input", x.len(), span.rows() * heads * d)?;
         let last = span.offset + span.seq;
@@ -1150,7 +1158,11 @@ impl<'g> LlamaOps<'g> {
             to_i32(span.seq, "sequence length")?,
             to_i32(span.offset, "position offset")?,
         ];
-        let (cos, sin) = self.rope.for_len(last)?;
+        let tables = match (&self.local_rope, local) {
+            (Some(local), true) => local,
+            _ => &self.rope,
+        };
+        let (cos, sin) = tables.for_len(last)?;
         let mut launch = self.gpu.stream().launch_builder(&self.kernels.rope_inplace);
         launch.arg(x).arg(cos).arg(sin);
         for a in &args {
@@ -1165,18 +1177,20 @@ impl<'g> LlamaOps<'g> {
     }
 
     /// Masked, numerically stable softmax in place over `scores [heads · t,
-    /// kv_len]` of queries at positions `kv_len - t..kv_len`.
+    /// kv_len]` of queries at positions `kv_len - t..kv_len`, within the
+    /// layer's sliding `window` if any.
     fn causal_softmax(
         &self,
         scores: &mut CudaSlice<f32>,
         t: usize,
         kv_len: usize,
+        window: Option<usize>,
     ) -> Result<(), GpuError> {
         let rows = self.cfg.num_attention_heads * t;
         check_len("attention scores", scores.len(), rows * kv_len)?;
         let (t_i, kv_i) = (to_i32(t, "queries")?, to_i32(kv_len, "keys")?);
         let past = to_i32(kv_len - t, "cached positions")?;
-        let window = to_i32(self.cfg.sliding_window.unwrap_or(0), "sliding window")?;
+        let window = to_i32(window.unwrap_or(0), "sliding window")?;
         let mut launch = self
             .gpu
             .stream()
@@ -1203,6 +1217,7 @@ impl<'g> LlamaOps<'g> {
         out: &mut CudaViewMut<'_, f32>,
         t: usize,
     ) -> Result<(), GpuError> {
+        let window = kv.window;
         let heads = self.heads();
         let kv_len = kv.len;
         let mut plan = heads.scores_plan(t, kv_len);
@@ -1221,7 +1236,8 @@ impl<'g> LlamaOps<'g> {
                 "computing attention scores",
             )?;
         }
-        self.causal_softmax(scores, t, kv_len)?;
+        self.softcap_scores(scores)?;
+        self.causal_softmax(scores, t, kv_len, window)?;
         let plan = heads.values_plan(t, kv_len);
         for r in 0..heads.rep() {
             let (_, b, c) = heads.values_offsets(r, t, kv_len);
@@ -1242,17 +1258,6 @@ impl<'g> LlamaOps<'g> {
                 "weighting attention values",
             )?;
         }
-        Ok(())
-    }
-
-    fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), GpuError> {
-        check_len("MLP up projection", up.len(), gate.len())?;
-        let n = gate.len() as i64;
-        let launch_cfg = per_element(gate.len());
-        let mut launch = self.gpu.stream().launch_builder(&self.kernels.silu_mul);
-        launch.arg(gate).arg(up).arg(&n);
-        // SAFETY: gate and up both hold n values (checked above).
-        unsafe { launch.launch(launch_cfg) }.during("launching silu_mul")?;
         Ok(())
     }
 
@@ -1391,12 +1396,19 @@ impl<'g> LlamaOps<'g> {
         if let Some(norms) = &layer.head_norms {
             self.head_norms(norms, &mut q, &mut k, rows)?;
         }
-        self.rope(&mut q, heads.heads, span)?;
-        self.rope(&mut k, heads.kv_heads, span)?;
+        let local = self.cfg.uses_local_rope(layer.index);
+        self.rope(&mut q, heads.heads, span, local)?;
+        self.rope(&mut k, heads.kv_heads, span, local)?;
         let mut attn = self.alloc(rows * heads.q_width(), "attention output")?;
+        let qkv = Projections {
+            q: &q,
+            k: &k,
+            v: &v,
+            window: self.cfg.window(layer.index),
+        };
         match cache {
-            Some(cache) => self.cached_attention(&q, &k, &v, cache, &mut attn, span)?,
-            None => self.batch_attention(&q, &k, &v, &mut attn, span)?,
+            Some(cache) => self.cached_attention(qkv, cache, &mut attn, span)?,
+            None => self.batch_attention(qkv, &mut attn, span)?,
         }
         emit(capture, CapturePoint::Output, &attn, rows)?;
         let out = self.linear(
@@ -1411,12 +1423,11 @@ impl<'g> LlamaOps<'g> {
     /// Attention of each sequence of the batch over its own positions.
     fn batch_attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        qkv: Projections<'_>,
         attn: &mut CudaSlice<f32>,
         span: Span,
     ) -> Result<(), GpuError> {
+        let Projections { q, k, v, window } = qkv;
         let heads = self.heads();
         let t = span.seq;
         let (qw, kvw) = (t * heads.q_width(), t * heads.kv_width());
@@ -1427,6 +1438,7 @@ impl<'g> LlamaOps<'g> {
                 keys: slice_view(k, s * kvw..(s + 1) * kvw, "keys")?,
                 values: slice_view(v, s * kvw..(s + 1) * kvw, "values")?,
                 len: t,
+                window,
             };
             let mut out_s = slice_view_mut(attn, s * qw..(s + 1) * qw, "attention output")?;
             self.attention(&q_s, &kv, &mut scores, &mut out_s, t)?;
@@ -1438,13 +1450,12 @@ impl<'g> LlamaOps<'g> {
     /// every cached position (one sequence).
     fn cached_attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        qkv: Projections<'_>,
         cache: &mut LayerCache,
         attn: &mut CudaSlice<f32>,
         span: Span,
     ) -> Result<(), GpuError> {
+        let Projections { q, k, v, window } = qkv;
         let kvw = self.heads().kv_width();
         if span.batch != 1 {
             return Err(shape_error("cached decoding", "one sequence", span.batch));
@@ -1464,6 +1475,7 @@ impl<'g> LlamaOps<'g> {
             keys: slice_view(&cache.k, 0..kv_len * kvw, "key cache")?,
             values: slice_view(&cache.v, 0..kv_len * kvw, "value cache")?,
             len: kv_len,
+            window,
         };
         let mut scores = self.alloc(
             self.cfg.num_attention_heads * span.seq * kv_len,
@@ -1503,7 +1515,7 @@ impl<'g> LlamaOps<'g> {
             "up_proj",
         )?;
         drop(x);
-        self.silu_mul(&mut gate, &up)?;
+        self.gated(&mut gate, &up)?;
         drop(up);
         emit(capture, CapturePoint::Down, &gate, rows)?;
         let out = self.linear(
@@ -1635,7 +1647,7 @@ fn layer_bytes(cfg: &LlamaConfig) -> usize {
             out * inp + if has_bias(cfg, kind) { out } else { 0 }
         })
         .sum();
-    let norms = 2 * cfg.hidden_size
+    let norms = cfg.block.norms.norms().len() * cfg.hidden_size
         + if cfg.block.qk_norm {
             HeadNorm::ALL
                 .into_iter()
@@ -1825,6 +1837,7 @@ impl<'a> GpuLlama<'a> {
             "lm_head",
         )?;
         self.ops.scale_logits(&mut logits)?;
+        self.ops.softcap_logits(&mut logits)?;
         Ok(logits)
     }
 
@@ -2253,20 +2266,6 @@ mod tests {
         assert!(plan.check(11, 20, 15, "short A").is_err());
         assert!(plan.check(12, 19, 15, "short B").is_err());
         assert!(plan.check(12, 20, 14, "short C").is_err());
-    }
-
-    #[test]
-    fn layer_norm_names_parse() {
-        assert!(matches!(
-            layer_norm_name("model.layers.3.input_layernorm.weight"),
-            Some((3, LayerNorm::Input))
-        ));
-        assert!(matches!(
-            layer_norm_name("model.layers.12.post_attention_layernorm.weight"),
-            Some((12, LayerNorm::PostAttention))
-        ));
-        assert!(layer_norm_name("model.norm.weight").is_none());
-        assert!(layer_norm_name("model.layers.x.input_layernorm.weight").is_none());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! layer-by-layer API so sequential quantizers (GPTQ, AWQ) can run one
 //! decoder layer at a time, capture each Linear's inputs and swap weights.
 
+mod block_ops;
 mod generate;
 mod linear;
 mod moe;
@@ -18,9 +19,10 @@ pub use norm::{NormId, NormKind};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
-use crate::family::{HeadNorm, NormPlacement, QkNormScope};
+use crate::family::{HeadNorm, LayerNorm, QkNormScope, SublayerNorms};
+use block_ops::{rms_norm, softcap};
 use linear::Linear;
-use moe::{MoeMlp, SwiGlu};
+use moe::{GatedMlp, MoeMlp};
 use rope::Rope;
 
 /// The name of the output projection in [`LlamaModel::linear_names`].
@@ -91,13 +93,9 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
-    /// Before the attention; `None` with the norms after the sublayers
-    /// ([`NormPlacement::Post`], OLMo 2).
-    input_layernorm: Option<Tensor>,
-    /// Before the MLP, or (post placement) after the attention.
-    post_attention_layernorm: Tensor,
-    /// After the MLP, with the post placement only.
-    post_feedforward_layernorm: Option<Tensor>,
+    /// The layer's RMSNorms, those its family's
+    /// [`crate::family::NormPlacement`] lists (two, or Gemma's four).
+    norms: Vec<(LayerNorm, Tensor)>,
     /// The RMSNorms of queries and keys, when the family has them
     /// ([`crate::family::Block::qk_norm`]): `[head_dim]` per head, or the
     /// whole projection's width ([`QkNormScope`]).
@@ -109,11 +107,12 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// A decoder layer's MLP: one SwiGLU, or a router plus experts
-/// ([`crate::family::Block::moe`]).
+/// A decoder layer's MLP: one gated MLP, or a router plus experts
+/// ([`crate::family::Block::moe`]), both gated by
+/// [`crate::family::Block::activation`].
 #[derive(Debug, Clone)]
 enum Mlp {
-    Dense(SwiGlu),
+    Dense(GatedMlp),
     Moe(MoeMlp),
 }
 
@@ -137,10 +136,42 @@ impl DecoderLayer {
     /// Normalises the last dimension of `x` with the layer's `norm` when the
     /// family has one (before RoPE, as transformers does): each head of `[b,
     /// heads, t, head_dim]`, or a whole projection `[b·t, heads·head_dim]`.
-    fn head_norm(&self, norm: HeadNorm, x: Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    fn head_norm(
+        &self,
+        norm: HeadNorm,
+        x: Tensor,
+        eps: f64,
+        offset: f32,
+    ) -> candle_core::Result<Tensor> {
         match &self.head_norms {
-            Some(norms) => rms_norm(&x, norms.get(norm), eps),
+            Some(norms) => rms_norm(&x, norms.get(norm), eps, offset),
             None => Ok(x),
+        }
+    }
+
+    /// The weight of `norm`, when the layer has it.
+    fn norm(&self, norm: LayerNorm) -> Option<&Tensor> {
+        self.norms.iter().find(|(n, _)| *n == norm).map(|(_, w)| w)
+    }
+
+    fn norm_mut(&mut self, norm: LayerNorm) -> Option<&mut Tensor> {
+        self.norms
+            .iter_mut()
+            .find(|(n, _)| *n == norm)
+            .map(|(_, w)| w)
+    }
+
+    /// `x` through the sublayer norm `norm` when there is one, else `x`.
+    fn normed(
+        &self,
+        norm: Option<LayerNorm>,
+        x: &Tensor,
+        eps: f64,
+        offset: f32,
+    ) -> candle_core::Result<Tensor> {
+        match norm.and_then(|n| self.norm(n)) {
+            Some(w) => rms_norm(x, w, eps, offset),
+            None => Ok(x.clone()),
         }
     }
 
@@ -182,6 +213,8 @@ pub struct LlamaModel {
     norm: Tensor,
     lm_head: Tensor,
     rope: Rope,
+    /// The local layers' RoPE when the family has its own for them (Gemma 3).
+    local_rope: Option<Rope>,
 }
 
 /// Takes a tensor out of the weight map, checking its shape.
@@ -257,7 +290,6 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {
             let id = |kind| LinearId { layer, kind };
-            let p = format!("model.layers.{layer}");
             let block = config.block;
             let head_norms = if block.qk_norm {
                 Some(HeadNorms {
@@ -267,15 +299,17 @@ impl LlamaModel {
             } else {
                 None
             };
-            let post = block.norms == NormPlacement::Post;
-            let norm = |tensors: &mut HashMap<String, Tensor>, leaf: &str| {
-                take(tensors, &shapes, &format!("{p}.{leaf}.weight"))
-            };
+            let norms = block
+                .norms
+                .norms()
+                .into_iter()
+                .map(|n| Ok((n, take(&mut tensors, &shapes, &n.weight_name(layer))?)))
+                .collect::<Result<_>>()?;
             let mlp = match block.moe {
                 Some(spec) => Mlp::Moe(MoeMlp::load(spec, layer, &mut |name| {
                     take(&mut tensors, &shapes, name)
                 })?),
-                None => Mlp::Dense(SwiGlu {
+                None => Mlp::Dense(GatedMlp {
                     gate: linear(&mut tensors, id(LinearKind::GateProj), false)?,
                     up: linear(&mut tensors, id(LinearKind::UpProj), false)?,
                     down: linear(&mut tensors, id(LinearKind::DownProj), false)?,
@@ -283,15 +317,7 @@ impl LlamaModel {
             };
             layers.push(DecoderLayer {
                 head_norms,
-                input_layernorm: match post {
-                    false => Some(norm(&mut tensors, "input_layernorm")?),
-                    true => None,
-                },
-                post_attention_layernorm: norm(&mut tensors, "post_attention_layernorm")?,
-                post_feedforward_layernorm: match post {
-                    true => Some(norm(&mut tensors, NormPlacement::POST_FEEDFORWARD)?),
-                    false => None,
-                },
+                norms,
                 q_proj: linear(&mut tensors, id(LinearKind::QProj), block.qkv_bias)?,
                 k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
                 v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
@@ -312,6 +338,18 @@ impl LlamaModel {
             &config.rope_scaling,
             config.max_position_embeddings,
         )?;
+        let local_rope = config
+            .local_rope
+            .as_ref()
+            .map(|local| {
+                Rope::new(
+                    config.head_dim,
+                    local.theta,
+                    &local.scaling,
+                    config.max_position_embeddings,
+                )
+            })
+            .transpose()?;
         Ok(LlamaModel {
             config,
             embed_tokens,
@@ -319,6 +357,7 @@ impl LlamaModel {
             norm,
             lm_head,
             rope,
+            local_rope,
         })
     }
 
@@ -398,13 +437,20 @@ impl LlamaModel {
     /// The final norm and `lm_head`: hidden `[b, t, h]` to logits `[b, t, V]`.
     pub fn final_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        let x = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        let block = &self.config.block;
+        let x = rms_norm(
+            hidden,
+            &self.norm,
+            self.config.rms_norm_eps,
+            block.norm_offset(),
+        )?;
         let logits = x.reshape((b * t, h))?.matmul(&self.lm_head.t()?)?;
-        let logits = match self.config.block.scalars.logits_divisor() {
+        let logits = match block.scalars.logits_divisor() {
             // Divided, not multiplied by the reciprocal, as transformers does.
             Some(d) => logits.broadcast_div(&Tensor::new(d, &Device::Cpu)?)?,
             None => logits,
         };
+        let logits = softcap(logits, block.softcap.logits_cap())?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -479,33 +525,48 @@ impl LlamaModel {
     /// Layer `index`'s `input_layernorm` weight `[h]`; an error for a
     /// family whose norms follow the sublayers (OLMo 2 has none).
     pub fn input_layernorm(&self, index: usize) -> Result<&Tensor> {
+        self.layer_norm_required(index, LayerNorm::Input)
+    }
+
+    /// Layer `index`'s weight `[h]` of `norm` as the checkpoint stores it
+    /// (Gemma's without the one its forward adds); `None` when the family's
+    /// placement has no such norm.
+    pub fn layer_norm(&self, index: usize, norm: LayerNorm) -> Result<Option<&Tensor>> {
+        Ok(self.layer(index)?.norm(norm))
+    }
+
+    fn layer_norm_required(&self, index: usize, norm: LayerNorm) -> Result<&Tensor> {
         self.layer(index)?
-            .input_layernorm
-            .as_ref()
+            .norm(norm)
             .ok_or_else(|| ModelError::MissingTensor {
-                name: format!("model.layers.{index}.input_layernorm.weight"),
+                name: norm.weight_name(index),
             })
     }
 
-    /// Layer `index`'s `post_feedforward_layernorm` weight `[h]`, when the
-    /// family's norms follow the sublayers (OLMo 2).
-    pub fn post_feedforward_layernorm(&self, index: usize) -> Result<Option<&Tensor>> {
-        Ok(self.layer(index)?.post_feedforward_layernorm.as_ref())
-    }
-
-    /// Replaces layer `index`'s `input_layernorm` weight (AWQ folds its
-    /// scales into it).
-    pub fn set_input_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
-        let name = format!("model.layers.{index}.input_layernorm.weight");
+    /// Replaces layer `index`'s weight of `norm` (AWQ folds its scales into
+    /// the norms before q/k/v and gate/up).
+    fn set_layer_norm(&mut self, index: usize, norm: LayerNorm, weight: Tensor) -> Result<()> {
+        let name = norm.weight_name(index);
         let slot = self
             .layer_mut(index)?
-            .input_layernorm
-            .as_mut()
+            .norm_mut(norm)
             .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
         let weight = weight.to_dtype(DType::F32)?;
         check_same_shape(&name, slot, &weight)?;
         *slot = weight;
         Ok(())
+    }
+
+    /// Layer `index`'s `post_feedforward_layernorm` weight `[h]`, when the
+    /// family has one (OLMo 2, Gemma).
+    pub fn post_feedforward_layernorm(&self, index: usize) -> Result<Option<&Tensor>> {
+        self.layer_norm(index, LayerNorm::PostFeedforward)
+    }
+
+    /// Replaces layer `index`'s `input_layernorm` weight (AWQ folds its
+    /// scales into it).
+    pub fn set_input_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
+        self.set_layer_norm(index, LayerNorm::Input, weight)
     }
 
     /// Layer `index`'s `q_norm` or `k_norm` weight; `None` when the family
@@ -516,17 +577,12 @@ impl LlamaModel {
 
     /// Layer `index`'s `post_attention_layernorm` weight `[h]`.
     pub fn post_attention_layernorm(&self, index: usize) -> Result<&Tensor> {
-        Ok(&self.layer(index)?.post_attention_layernorm)
+        self.layer_norm_required(index, LayerNorm::PostAttention)
     }
 
     /// Replaces layer `index`'s `post_attention_layernorm` weight.
     pub fn set_post_attention_layernorm(&mut self, index: usize, weight: Tensor) -> Result<()> {
-        let name = format!("model.layers.{index}.post_attention_layernorm.weight");
-        let slot = &mut self.layer_mut(index)?.post_attention_layernorm;
-        let weight = weight.to_dtype(DType::F32)?;
-        check_same_shape(&name, slot, &weight)?;
-        *slot = weight;
-        Ok(())
+        self.set_layer_norm(index, LayerNorm::PostAttention, weight)
     }
 
     fn layer(&self, index: usize) -> Result<&DecoderLayer> {
@@ -618,35 +674,35 @@ impl LlamaModel {
             }
         };
 
+        let block = &cfg.block;
+        let (eps, norm_offset) = (cfg.rms_norm_eps, block.norm_offset());
+        let SublayerNorms { before, after } = block.norms.attention();
         // Attention block (its input normed unless the norms follow it).
-        let x = match &layer.input_layernorm {
-            Some(w) => rms_norm(hidden, w, cfg.rms_norm_eps)?,
-            None => hidden.clone(),
-        }
-        .reshape((b * t, h))?;
+        let x = layer
+            .normed(before, hidden, eps, norm_offset)?
+            .reshape((b * t, h))?;
         emit(LinearKind::QProj, &x);
         emit(LinearKind::KProj, &x);
         emit(LinearKind::VProj, &x);
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let eps = cfg.rms_norm_eps;
         // q/k norms over the whole projection (OLMo 2) or per head (Qwen3).
-        let per_head = cfg.block.qk_norm_scope == QkNormScope::Head;
+        let per_head = block.qk_norm_scope == QkNormScope::Head;
         let normed = |norm, y: Tensor, here: bool| match here {
-            true => layer.head_norm(norm, y, eps),
+            true => layer.head_norm(norm, y, eps, norm_offset),
             false => Ok(y),
+        };
+        let rope = match (&self.local_rope, cfg.uses_local_rope(index)) {
+            (Some(local), true) => local,
+            _ => &self.rope,
         };
         let q = layer.q_proj.forward(&x)?;
         let q = heads(normed(HeadNorm::Query, q, !per_head)?, nh)?;
-        let q = self
-            .rope
-            .apply(&normed(HeadNorm::Query, q, per_head)?, offset)?;
+        let q = rope.apply(&normed(HeadNorm::Query, q, per_head)?, offset)?;
         let k = layer.k_proj.forward(&x)?;
         let k = heads(normed(HeadNorm::Key, k, !per_head)?, nkv)?;
-        let k = self
-            .rope
-            .apply(&normed(HeadNorm::Key, k, per_head)?, offset)?;
+        let k = rope.apply(&normed(HeadNorm::Key, k, per_head)?, offset)?;
         let v = heads(layer.v_proj.forward(&x)?, nkv)?;
         let (k, v) = match cache {
             Some((ck, cv)) => {
@@ -668,9 +724,10 @@ impl LlamaModel {
         // Grouped-query attention without materialising repeated K/V: the
         // `rep` query heads sharing one KV head are stacked along the rows.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = cfg.block.attention_scale(hd);
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, kv_len))?;
-        let window = cfg.sliding_window.filter(|w| *w < kv_len);
+        let scale = block.attention_scale(hd);
+        let scores = softcap((q.matmul(&k.t()?)? * scale)?, block.softcap.attention_cap())?
+            .reshape((b, nh, t, kv_len))?;
+        let window = cfg.window(index).filter(|w| *w < kv_len);
         let scores = if t > 1 || window.is_some() {
             scores.broadcast_add(&causal_mask(t, kv_len, window)?)?
         } else {
@@ -683,40 +740,32 @@ impl LlamaModel {
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         emit(LinearKind::OProj, &attn);
-        let residual = cfg.block.scalars.residual();
+        let residual = block.scalars.residual();
         let scaled = |y: Tensor| match residual {
             Some(m) => y.affine(f64::from(m), 0.0),
             None => Ok(y),
         };
-        let post = cfg.block.norms == NormPlacement::Post;
         let out = layer.o_proj.forward(&attn)?.reshape((b, t, h))?;
-        let out = match post {
-            true => rms_norm(&out, &layer.post_attention_layernorm, eps)?,
-            false => out,
-        };
+        let out = layer.normed(after, &out, eps, norm_offset)?;
         let hidden = (hidden + scaled(out)?)?;
 
         // MLP block (its input normed unless the norms follow it).
-        let x = match post {
-            true => hidden.clone(),
-            false => rms_norm(&hidden, &layer.post_attention_layernorm, eps)?,
-        }
-        .reshape((b * t, h))?;
+        let SublayerNorms { before, after } = block.norms.mlp();
+        let x = layer
+            .normed(before, &hidden, eps, norm_offset)?
+            .reshape((b * t, h))?;
         let out = match &layer.mlp {
             Mlp::Dense(mlp) => {
                 emit(LinearKind::GateProj, &x);
                 emit(LinearKind::UpProj, &x);
-                let gated = mlp.gated(&x)?;
+                let gated = mlp.gated(&x, block.activation)?;
                 emit(LinearKind::DownProj, &gated);
                 mlp.down.forward(&gated)?
             }
-            Mlp::Moe(mlp) => mlp.forward(&x)?,
+            Mlp::Moe(mlp) => mlp.forward(&x, block.activation)?,
         }
         .reshape((b, t, h))?;
-        let out = match &layer.post_feedforward_layernorm {
-            Some(w) => rms_norm(&out, w, eps)?,
-            None => out,
-        };
+        let out = layer.normed(after, &out, eps, norm_offset)?;
         Ok((hidden + scaled(out)?)?)
     }
 }
@@ -741,13 +790,6 @@ fn check_same_shape(name: &str, current: &Tensor, new: &Tensor) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// RMSNorm over the last dimension, computed in f32 as transformers does.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
 }
 
 /// Numerically stable softmax over the last dimension.

@@ -1,33 +1,41 @@
 //! The CPU forward of a mixture-of-experts MLP ([`crate::family::moe`]):
 //! softmax router, top-k routing, each expert run on the tokens routed to
 //! it and scattered back weighted, as transformers' eager experts loop does,
-//! plus Qwen2-MoE's sigmoid-gated shared expert.
+//! plus Qwen2-MoE's sigmoid-gated shared expert. Every expert applies the
+//! family's gate activation ([`crate::family::Block::activation`]; SiLU for
+//! all four MoE families), as the dense MLP does.
 
 use candle_core::{Device, Tensor};
 
+use super::block_ops::gated;
 use super::linear::Linear;
 use super::{Result, softmax_last};
+use crate::family::Activation;
 use crate::family::moe::{ExpertLinear, Moe};
 use crate::family::moe_linears::ExpertSlot;
 
-/// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`: one expert, the shared
-/// expert, or a dense block's MLP.
+/// A gated MLP, `down(act(gate(x)) · up(x))` (SwiGLU or GeGLU, by
+/// [`Activation`]): one expert, the shared expert, or a dense block's MLP.
 #[derive(Debug, Clone)]
-pub(crate) struct SwiGlu {
+pub(crate) struct GatedMlp {
     pub(crate) gate: Linear,
     pub(crate) up: Linear,
     pub(crate) down: Linear,
 }
 
-impl SwiGlu {
+impl GatedMlp {
     /// The input of the down projection for `[n, h]` activations.
-    pub(crate) fn gated(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.gate.forward(x)?.silu()? * self.up.forward(x)?
+    pub(crate) fn gated(&self, x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+        gated(&self.gate.forward(x)?, &self.up.forward(x)?, activation)
     }
 
     /// The MLP's output for `[n, h]` activations.
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&self.gated(x)?)
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        self.down.forward(&self.gated(x, activation)?)
     }
 
     fn linear(&self, linear: ExpertLinear) -> &Linear {
@@ -57,7 +65,7 @@ impl SwiGlu {
                 bias: None,
             })
         };
-        Ok(SwiGlu {
+        Ok(GatedMlp {
             gate: linear(ExpertLinear::Gate)?,
             up: linear(ExpertLinear::Up)?,
             down: linear(ExpertLinear::Down)?,
@@ -71,9 +79,9 @@ pub(crate) struct MoeMlp {
     spec: Moe,
     /// `[num_experts, h]`.
     router: Tensor,
-    experts: Vec<SwiGlu>,
+    experts: Vec<GatedMlp>,
     /// The shared expert and its gate `[1, h]` (Qwen2-MoE).
-    shared: Option<(SwiGlu, Tensor)>,
+    shared: Option<(GatedMlp, Tensor)>,
 }
 
 impl MoeMlp {
@@ -85,11 +93,11 @@ impl MoeMlp {
     ) -> Result<Self> {
         let router = take(&format!("{}.weight", spec.router_module(layer)))?;
         let experts = (0..spec.num_experts)
-            .map(|e| SwiGlu::load(take, |l| spec.expert_module(layer, e, l)))
+            .map(|e| GatedMlp::load(take, |l| spec.expert_module(layer, e, l)))
             .collect::<Result<Vec<_>>>()?;
         let shared = match spec.shared_expert_intermediate_size {
             Some(_) => {
-                let mlp = SwiGlu::load(take, |l| spec.shared_expert_module(layer, l))?;
+                let mlp = GatedMlp::load(take, |l| spec.shared_expert_module(layer, l))?;
                 let gate = take(&format!("{}.weight", spec.shared_expert_gate_module(layer)))?;
                 Some((mlp, gate))
             }
@@ -141,8 +149,9 @@ impl MoeMlp {
         Ok(routed)
     }
 
-    /// The MLP's output for `[n, h]` activations.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The MLP's output for `[n, h]` activations, every expert gated by
+    /// `activation`.
+    pub(crate) fn forward(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
         let mut out = x.zeros_like()?;
         for (expert, (tokens, weights)) in self.experts.iter().zip(self.routing(x)?) {
             if tokens.is_empty() {
@@ -152,14 +161,14 @@ impl MoeMlp {
             let index = Tensor::from_vec(tokens, m, &Device::Cpu)?;
             let weights = Tensor::from_vec(weights, (m, 1), &Device::Cpu)?;
             let y = expert
-                .forward(&x.index_select(&index, 0)?)?
+                .forward(&x.index_select(&index, 0)?, activation)?
                 .broadcast_mul(&weights)?;
             out = out.index_add(&index, &y, 0)?;
         }
         if let Some((shared, gate)) = &self.shared {
             let z = x.matmul(&gate.t()?)?;
             let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
-            out = (out + shared.forward(x)?.broadcast_mul(&sigmoid)?)?;
+            out = (out + shared.forward(x, activation)?.broadcast_mul(&sigmoid)?)?;
         }
         Ok(out)
     }

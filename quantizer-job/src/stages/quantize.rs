@@ -83,8 +83,8 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
     let spec = input.spec;
     let recipe = &spec.quantization;
     let (checkpoint, facts) = open_base_checkpoint(input)?;
-    // AWQ on a family whose norms follow the sublayers (OLMo 2) is refused
-    // before any work: it could not be exact.
+    // AWQ on a family whose norms follow the sublayers (OLMo 2) or scale by
+    // 1 + weight (Gemma) is refused before any work: it could not be exact.
     crate::llama_layers::check_method(checkpoint.config(), recipe.method)?;
     // The quantizers see the split Linears of a fused family (Phi-3): its
     // ignore entries are applied to them, and a partial one refused now.

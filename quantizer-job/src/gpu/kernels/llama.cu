@@ -100,11 +100,13 @@ extern "C" __global__ void embed_gather(const unsigned int* __restrict__ tokens,
     }
 }
 
-// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w. One block per row.
-// The mean is sum * inv_cols and each step is rounded on its own (no fused
-// multiply-add), as candle computes mean_keepdim and the affine `+ eps`.
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * (w + offset). One block
+// per row. The mean is sum * inv_cols and each step is rounded on its own (no
+// fused multiply-add), as candle computes mean_keepdim and the affine `+ eps`.
+// offset is 1 for Gemma's `1 + weight` norms, else 0 (w + 0 is w).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    float* __restrict__ y, int cols, float inv_cols, float eps) {
+                                    float* __restrict__ y, int cols, float inv_cols, float eps,
+                                    float offset) {
     const long long row = blockIdx.x;
     const float* xr = x + row * cols;
     float* yr = y + row * cols;
@@ -116,7 +118,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     squares = block_sum(squares);
     const float denom = sqrtf(__fadd_rn(__fmul_rn(squares, inv_cols), eps));
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        yr[j] = xr[j] / denom * w[j];
+        yr[j] = xr[j] / denom * __fadd_rn(w[j], offset);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The RMSNorm of queries and keys on the device
 //! ([`crate::family::Block::qk_norm`]), the twin of the CPU's
 //! `DecoderLayer::head_norm`: per head (Qwen3) or over the whole projection
-//! (OLMo 2, [`QkNormScope`]).
+//! (OLMo 2, [`QkNormScope`]); Gemma 3's scale by `1 + weight`, an argument
+//! of the shared kernel.
 //!
 //! The projections are row-major `[tokens, heads · head_dim]`, which is the
 //! same buffer as `[tokens · heads, head_dim]`: per head, each head of each

@@ -2,7 +2,9 @@
 //! ([`crate::family::NormPlacement`]), the twin of the CPU forward's
 //! `layer_forward_at`: before each sublayer (Llama and most families), or
 //! after it (OLMo 2: the attention and the MLP read the residual stream
-//! itself, their outputs are normed before the residual add). The same
+//! itself, their outputs are normed before the residual add), or both
+//! (Gemma's sandwich). [`crate::family::NormPlacement::attention`] and
+//! [`crate::family::NormPlacement::mlp`] say which, for both backends. The same
 //! `rms_norm` kernel either way, so the rounding is the hidden-state norms'.
 
 use cudarc::driver::CudaSlice;
@@ -18,32 +20,22 @@ pub(super) struct SublayerNorms<'l> {
 }
 
 impl DeviceLayer {
+    /// The weights of a sublayer's norms, as the family's placement names them.
+    fn sublayer(&self, norms: crate::family::SublayerNorms) -> SublayerNorms<'_> {
+        SublayerNorms {
+            before: norms.before.and_then(|n| self.layer_norm(n)),
+            after: norms.after.and_then(|n| self.layer_norm(n)),
+        }
+    }
+
     /// The attention's norms.
     pub(super) fn attention_norms(&self) -> SublayerNorms<'_> {
-        match &self.input_layernorm {
-            Some(input) => SublayerNorms {
-                before: Some(input),
-                after: None,
-            },
-            None => SublayerNorms {
-                before: None,
-                after: Some(&self.post_attention_layernorm),
-            },
-        }
+        self.sublayer(self.placement.attention())
     }
 
     /// The MLP's norms.
     pub(super) fn mlp_norms(&self) -> SublayerNorms<'_> {
-        match &self.post_feedforward_layernorm {
-            None => SublayerNorms {
-                before: Some(&self.post_attention_layernorm),
-                after: None,
-            },
-            Some(after) => SublayerNorms {
-                before: None,
-                after: Some(after),
-            },
-        }
+        self.sublayer(self.placement.mlp())
     }
 }
 

@@ -18,17 +18,23 @@ pub(super) struct DeviceRope {
 }
 
 impl DeviceRope {
-    pub(super) fn upload(gpu: &Gpu, cfg: &LlamaConfig) -> Result<Self, GpuError> {
+    /// The tables of base `theta` and `scaling` (the global RoPE, or Gemma
+    /// 3's local one, [`LlamaConfig::local_rope`]).
+    pub(super) fn upload(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        theta: f64,
+        scaling: &RopeScaling,
+    ) -> Result<Self, GpuError> {
         let stream = gpu.stream();
-        let sets = cfg
-            .rope_scaling
+        let sets = scaling
             .sets()
             .iter()
             .map(|&set| {
                 let (cos, sin) = crate::rope::tables(
-                    &cfg.rope_scaling,
+                    scaling,
                     cfg.head_dim,
-                    cfg.rope_theta,
+                    theta,
                     cfg.max_position_embeddings,
                     set,
                 );
@@ -42,7 +48,7 @@ impl DeviceRope {
             })
             .collect::<Result<_, GpuError>>()?;
         Ok(Self {
-            scaling: cfg.rope_scaling.clone(),
+            scaling: scaling.clone(),
             sets,
         })
     }
