@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use std::ops::Range;
 
+use crate::family::moe::{Moe, MoeFamily};
 use crate::family::{
     Block, Fused, HeadNorm, LayerType, LocalRope, NormPlacement, QkNormScope, Scalars,
 };
@@ -42,6 +43,15 @@ pub enum Architecture {
     /// whole projections: [`crate::family::NormPlacement::Post`],
     /// [`crate::family::QkNormScope::Projection`]).
     Olmo2,
+    /// `MixtralForCausalLM` (Mistral attention, [`crate::family::moe`] MLP).
+    Mixtral,
+    /// `Qwen2MoeForCausalLM` (Qwen2 attention, experts plus a shared expert).
+    Qwen2Moe,
+    /// `Qwen3MoeForCausalLM` (Qwen3 attention, experts).
+    Qwen3Moe,
+    /// `OlmoeForCausalLM` (pre-norms, q/k RMSNorm over the whole
+    /// projections, experts).
+    Olmoe,
     /// `Gemma2ForCausalLM` (`1 + weight` norms, GeGLU, sandwich norms,
     /// scaled embeddings, soft-capping, alternating local/global layers:
     /// `config/gemma.rs`).
@@ -62,6 +72,10 @@ impl Architecture {
             Architecture::Granite => "GraniteForCausalLM",
             Architecture::Phi3 => "Phi3ForCausalLM",
             Architecture::Olmo2 => "Olmo2ForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Olmoe => "OlmoeForCausalLM",
             Architecture::Gemma2 => "Gemma2ForCausalLM",
             Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
@@ -76,6 +90,10 @@ impl Architecture {
             Self::Granite,
             Self::Phi3,
             Self::Olmo2,
+            Self::Mixtral,
+            Self::Qwen2Moe,
+            Self::Qwen3Moe,
+            Self::Olmoe,
             Self::Gemma2,
             Self::Gemma3,
         ]
@@ -107,7 +125,7 @@ pub enum ConfigError {
     },
     /// The architecture is not one the forward pass implements.
     #[error(
-        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
+        "unsupported architecture in {path} (architectures[0]): supported are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
     )]
     UnsupportedArchitecture {
         /// The config file.
@@ -148,6 +166,31 @@ pub enum ConfigError {
         /// What was expected.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// [`ConfigError::Parse`] for a serde error, naming no text of the file.
+    pub(crate) fn parse(path: &Path, e: &serde_json::Error) -> Self {
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: crate::content_free::json(e),
+        }
+    }
+
+    /// [`ConfigError::UnsupportedFeature`].
+    pub(crate) fn unsupported(
+        path: &Path,
+        key: &'static str,
+        found: String,
+        supported: &'static str,
+    ) -> Self {
+        ConfigError::UnsupportedFeature {
+            path: path.to_path_buf(),
+            key,
+            found,
+            supported,
+        }
+    }
 }
 
 /// The hyper-parameters of a Llama-family decoder, with defaults resolved.
@@ -261,6 +304,8 @@ struct RawConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    /// Qwen2-MoE's switch for the q/k/v biases.
+    qkv_bias: Option<bool>,
     hidden_act: Option<String>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
@@ -280,17 +325,6 @@ struct RawConfig {
     sliding_window_pattern: Option<usize>,
     rope_local_base_freq: Option<f64>,
     use_bidirectional_attention: Option<bool>,
-}
-
-impl ConfigError {
-    fn unsupported(path: &Path, key: &'static str, found: String, supported: &'static str) -> Self {
-        ConfigError::UnsupportedFeature {
-            path: path.to_path_buf(),
-            key,
-            found,
-            supported,
-        }
-    }
 }
 
 /// `value` when absent or finite and positive, else an error naming
@@ -341,10 +375,8 @@ impl LlamaConfig {
     /// Parses and validates the text of a `config.json`; `path` only names
     /// the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            reason: crate::content_free::json(&e),
-        })?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError::parse(path, &e))?;
         let invalid = |field: &'static str, reason: String| ConfigError::InvalidField {
             path: path.to_path_buf(),
             field,
@@ -435,14 +467,19 @@ impl LlamaConfig {
         }
         let sliding_window = match architecture {
             // transformers' Phi-3 masks with the window whenever one is set.
-            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral => {
+                raw.sliding_window
+            }
             // Qwen2 and Qwen3 write a window they do not use unless
             // use_sliding_window (refused above).
             Architecture::Llama
             | Architecture::Qwen2
             | Architecture::Qwen3
             | Architecture::Granite
-            | Architecture::Olmo2 => None,
+            | Architecture::Olmo2
+            | Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe
+            | Architecture::Olmoe => None,
             // The local layers' window (config/gemma.rs says which); 4096
             // is both Gemma configs' default.
             Architecture::Gemma2 | Architecture::Gemma3 => Some(raw.sliding_window.unwrap_or(4096)),
@@ -552,6 +589,31 @@ impl LlamaConfig {
                 norms: NormPlacement::Post,
                 ..Block::default()
             },
+            Architecture::Mixtral => Block {
+                moe: Some(Moe::from_config(text, path, MoeFamily::Mixtral)?),
+                ..Block::default()
+            },
+            // Qwen2MoeConfig's qkv_bias defaults to true.
+            Architecture::Qwen2Moe => Block {
+                qkv_bias: raw.qkv_bias.unwrap_or(true),
+                moe: Some(Moe::from_config(text, path, MoeFamily::Qwen2Moe)?),
+                ..Block::default()
+            },
+            Architecture::Qwen3Moe => Block {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                qk_norm: true,
+                moe: Some(Moe::from_config(text, path, MoeFamily::Qwen3Moe)?),
+                ..Block::default()
+            },
+            // transformers' OLMoE has no o_proj bias, whatever attention_bias says.
+            Architecture::Olmoe => Block {
+                qkv_bias: attention_bias,
+                qk_norm: true,
+                qk_norm_scope: QkNormScope::Projection,
+                moe: Some(Moe::from_config(text, path, MoeFamily::Olmoe)?),
+                ..Block::default()
+            },
             Architecture::Gemma2 | Architecture::Gemma3 => {
                 let layers = gemma::gemma(&raw, path, architecture)?;
                 layer_types = layers.layer_types;
@@ -567,9 +629,13 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            // The architectures' config defaults: Phi3Config and Olmo2Config 1e-5.
+            // The architectures' config defaults: Phi3Config, Olmo2Config,
+            // MixtralConfig and OlmoeConfig 1e-5.
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(match architecture {
-                Architecture::Phi3 | Architecture::Olmo2 => 1e-5,
+                Architecture::Phi3
+                | Architecture::Olmo2
+                | Architecture::Mixtral
+                | Architecture::Olmoe => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -624,14 +690,18 @@ impl LlamaConfig {
             if self.block.o_bias {
                 out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
             }
-            if self.block.fused_projections {
+            if let Some(moe) = &self.block.moe {
+                out.extend(moe.expected_tensors(i, h));
+            } else if self.block.fused_projections {
                 let gate_up = Fused::GateUp.module_name(i);
                 out.push((format!("{gate_up}.weight"), vec![2 * m, h]));
             } else {
                 out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
                 out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
             }
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+            if self.block.moe.is_none() {
+                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+            }
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !self.tie_word_embeddings {

@@ -6,12 +6,17 @@
 //! sit ([`NormPlacement`]), what the q/k norms cover ([`QkNormScope`]),
 //! Gemma's `1 + weight` norms, GeGLU ([`Activation`]) and soft-caps
 //! ([`Softcap`]) — in how the checkpoint stores the Linears ([`Fused`]), and
-//! (Gemma) in which layers are local ([`LayerType`], [`LocalRope`]). [`crate::config`] reads them from `config.json` once into a
+//! (Gemma) in which layers are local ([`LayerType`], [`LocalRope`]). Mixtral,
+//! Qwen2-MoE, Qwen3-MoE and OLMoE replace the MLP by a router plus experts
+//! ([`moe::Moe`]). [`crate::config`] reads them from `config.json` once into a
 //! [`Block`], and everything that touches a model reads that one value: the
 //! checkpoint's tensor list ([`crate::config::LlamaConfig::expected_tensors`]),
 //! the CPU forward ([`crate::model`]), the GPU forward ([`crate::gpu::llama`])
 //! and the AWQ fold table ([`crate::llama_layers`]). A family is therefore
 //! described in one place and cannot be half-supported on one backend.
+
+pub mod moe;
+pub mod moe_linears;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +52,10 @@ pub struct Block {
     /// as one `mlp.gate_up_proj` (Phi-3, [`Fused`]).
     #[serde(default)]
     pub fused_projections: bool,
+    /// The MLP is a router plus experts ([`moe::Moe`]: Mixtral, Qwen2-MoE,
+    /// Qwen3-MoE, OLMoE) instead of one dense gated MLP.
+    #[serde(default)]
+    pub moe: Option<moe::Moe>,
     /// Every RMSNorm (the layers', the final one, the q/k norms) scales by
     /// `1 + weight` instead of `weight` (Gemma stores the weight minus one).
     /// The model keeps the stored weights, so what is written back is what

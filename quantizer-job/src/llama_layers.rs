@@ -3,6 +3,7 @@
 //! model's candle tensors and the algorithms' plain matrices.
 
 use crate::config::LlamaConfig;
+use crate::family::moe::ExpertLinear;
 use crate::family::{LayerNorm, NormPlacement};
 use crate::model::{LinearId, LinearKind, LlamaModel, NormId, NormKind};
 use crate::quant::{Matrix, ScaleSink, fold_into_linear, fold_into_norm};
@@ -46,6 +47,18 @@ pub enum FamilyMethodError {
         /// `architectures[0]`.
         architecture: &'static str,
     },
+    /// The calibrated methods would need each expert's statistics from the
+    /// tokens routed to it, which the driver does not gather yet: refused
+    /// rather than calibrating the experts on nothing.
+    #[error(
+        "spec.quantization.method: {method} is not supported for {architecture}: it is a mixture of experts (config.json num_experts / num_local_experts), and per-expert calibration (each expert's GPTQ Hessian or AWQ statistics from the tokens routed to it) is not implemented yet; the data-free methods quantize every expert: supported for {architecture}: rtn, int8, fp8"
+    )]
+    MixtureOfExperts {
+        /// `architectures[0]`.
+        architecture: &'static str,
+        /// The recipe's method (`gptq`, `awq`).
+        method: &'static str,
+    },
     /// AWQ's folds divide a norm's weight, but a `1 + weight` norm (Gemma)
     /// would need the stored weight rewritten as `(1 + w) / s - 1`, which
     /// neither fold implements.
@@ -63,12 +76,20 @@ pub enum FamilyMethodError {
 /// [`NormPlacement::Post`]), where its input scales have nowhere to go, and
 /// AWQ into Gemma's `1 + weight` norms
 /// ([`crate::family::Block::norm_unit_offset`]).
-/// Every other method needs no fold and runs on every family.
+/// Every other method needs no fold and runs on every dense family. A
+/// mixture of experts takes the data-free methods only (RTN, INT8, FP8
+/// quantize each expert from its weights alone).
 pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMethodError> {
+    let architecture = cfg.architecture.hf_name();
+    if cfg.block.moe.is_some() && method.needs_calibration() {
+        return Err(FamilyMethodError::MixtureOfExperts {
+            architecture,
+            method: method.as_str(),
+        });
+    }
     if method != Method::Awq {
         return Ok(());
     }
-    let architecture = cfg.architecture.hf_name();
     if cfg.block.norms == NormPlacement::Post {
         return Err(FamilyMethodError::AwqWithoutInputNorms { architecture });
     }
@@ -98,6 +119,11 @@ pub fn check_method(cfg: &LlamaConfig, method: Method) -> Result<(), FamilyMetho
 /// norm before them: their groups get no fold (AWQ is refused for such a
 /// family by [`check_method`]; the groups still tell GPTQ which Linears
 /// share a Hessian).
+///
+/// A mixture of experts replaces the MLP's groups by each expert's
+/// (routed, then shared): `gate,up` and `down`, without folds (only the
+/// data-free methods run on experts, see [`check_method`]). The router and
+/// the shared expert's gate are in no group, so they stay in full precision.
 pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
     let v_out = cfg.num_key_value_heads * cfg.head_dim;
     let o_in = cfg.num_attention_heads * cfg.head_dim;
@@ -115,7 +141,7 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
             .map(|n| ScaleSink::Norm(format!("model.layers.{layer}.{}", n.leaf())))
     };
     let placement = cfg.block.norms;
-    vec![
+    let attention = [
         InputGroup {
             linears: vec![m(LinearKind::OProj)],
             fold: o_fold,
@@ -128,13 +154,42 @@ pub fn llama_input_groups(cfg: &LlamaConfig, layer: usize) -> Vec<InputGroup> {
             ],
             fold: norm(placement.attention().before),
         },
+    ];
+    let Some(moe) = &cfg.block.moe else {
+        return attention
+            .into_iter()
+            .chain(dense_mlp_groups(layer, norm(placement.mlp().before)))
+            .collect();
+    };
+    let expert = |slot, linears: &[ExpertLinear]| InputGroup {
+        linears: linears
+            .iter()
+            .map(|l| moe.slot_module(layer, slot, *l))
+            .collect(),
+        fold: None,
+    };
+    let experts = moe.slots().into_iter().flat_map(|slot| {
+        [
+            expert(slot, &[ExpertLinear::Gate, ExpertLinear::Up]),
+            expert(slot, &[ExpertLinear::Down]),
+        ]
+    });
+    attention.into_iter().chain(experts).collect()
+}
+
+/// A dense MLP's groups: `down` (folding into `up`), then `gate,up`
+/// (folding into `gate_up_fold`, the norm before the MLP when it can absorb
+/// the scales).
+fn dense_mlp_groups(layer: usize, gate_up_fold: Option<ScaleSink>) -> [InputGroup; 2] {
+    let m = |kind| module(layer, kind);
+    [
         InputGroup {
             linears: vec![m(LinearKind::DownProj)],
             fold: Some(ScaleSink::Linear(m(LinearKind::UpProj))),
         },
         InputGroup {
             linears: vec![m(LinearKind::GateProj), m(LinearKind::UpProj)],
-            fold: norm(placement.mlp().before),
+            fold: gate_up_fold,
         },
     ]
 }

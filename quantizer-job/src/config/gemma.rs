@@ -129,6 +129,8 @@ pub(super) fn gemma(
             ..Scalars::default()
         },
         fused_projections: false,
+        // No Gemma 2/3 text model routes its MLP through experts.
+        moe: None,
         norm_unit_offset: true,
         activation: Activation::GeluTanh,
         softcap,

@@ -101,6 +101,9 @@ pub enum LlamaGpuError {
     /// Converting a host tensor failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A mixture-of-experts model ([`super::moe`]).
+    #[error(transparent)]
+    Moe(#[from] super::moe::MoeOnGpu),
 }
 
 /// Where the device model's weights come from, by Hugging Face tensor name:
@@ -1677,6 +1680,7 @@ impl<'a> GpuLlama<'a> {
         residency: Residency,
     ) -> Result<Self, LlamaGpuError> {
         let cfg = source.config();
+        super::moe::refuse_moe(cfg)?;
         let ops = LlamaOps::new(gpu, cfg)?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = upload(gpu, source, "model.embed_tokens.weight", &[v, h])?;

@@ -13,6 +13,7 @@ pub mod check;
 mod error;
 pub mod llama;
 mod memory;
+pub mod moe;
 pub mod pipeline;
 mod quant;
 pub mod staging;

@@ -117,6 +117,7 @@ pub fn quantize_checkpoint_with(
     precision: Precision,
 ) -> anyhow::Result<PipelineOutput> {
     let cfg = checkpoint.config().clone();
+    super::moe::refuse_moe(&cfg)?;
     crate::llama_layers::check_method(&cfg, recipe.method)?;
     let calibrated = recipe.method.needs_calibration();
     let sequence_length = calibration.first().map_or(0, Vec::len);

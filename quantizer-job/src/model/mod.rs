@@ -5,6 +5,7 @@
 mod block_ops;
 mod generate;
 mod linear;
+mod moe;
 mod norm;
 mod rope;
 
@@ -19,8 +20,9 @@ pub use norm::{NormId, NormKind};
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::LlamaConfig;
 use crate::family::{HeadNorm, LayerNorm, QkNormScope, SublayerNorms};
-use block_ops::{gated, rms_norm, softcap};
+use block_ops::{rms_norm, softcap};
 use linear::Linear;
+use moe::{GatedMlp, MoeMlp};
 use rope::Rope;
 
 /// The name of the output projection in [`LlamaModel::linear_names`].
@@ -102,9 +104,16 @@ struct DecoderLayer {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    mlp: Mlp,
+}
+
+/// A decoder layer's MLP: one gated MLP, or a router plus experts
+/// ([`crate::family::Block::moe`]), both gated by
+/// [`crate::family::Block::activation`].
+#[derive(Debug, Clone)]
+enum Mlp {
+    Dense(GatedMlp),
+    Moe(MoeMlp),
 }
 
 /// The `q_norm` and `k_norm` weights of one layer (Qwen3, OLMo 2).
@@ -166,28 +175,32 @@ impl DecoderLayer {
         }
     }
 
-    fn linear(&self, kind: LinearKind) -> &Linear {
-        match kind {
-            LinearKind::QProj => &self.q_proj,
-            LinearKind::KProj => &self.k_proj,
-            LinearKind::VProj => &self.v_proj,
-            LinearKind::OProj => &self.o_proj,
-            LinearKind::GateProj => &self.gate_proj,
-            LinearKind::UpProj => &self.up_proj,
-            LinearKind::DownProj => &self.down_proj,
-        }
+    /// The Linear `kind`; `None` for the dense MLP's Linears of a layer
+    /// whose MLP is a mixture of experts.
+    fn linear(&self, kind: LinearKind) -> Option<&Linear> {
+        Some(match (kind, &self.mlp) {
+            (LinearKind::QProj, _) => &self.q_proj,
+            (LinearKind::KProj, _) => &self.k_proj,
+            (LinearKind::VProj, _) => &self.v_proj,
+            (LinearKind::OProj, _) => &self.o_proj,
+            (_, Mlp::Moe(_)) => return None,
+            (LinearKind::GateProj, Mlp::Dense(m)) => &m.gate,
+            (LinearKind::UpProj, Mlp::Dense(m)) => &m.up,
+            (LinearKind::DownProj, Mlp::Dense(m)) => &m.down,
+        })
     }
 
-    fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
-        match kind {
-            LinearKind::QProj => &mut self.q_proj,
-            LinearKind::KProj => &mut self.k_proj,
-            LinearKind::VProj => &mut self.v_proj,
-            LinearKind::OProj => &mut self.o_proj,
-            LinearKind::GateProj => &mut self.gate_proj,
-            LinearKind::UpProj => &mut self.up_proj,
-            LinearKind::DownProj => &mut self.down_proj,
-        }
+    fn linear_mut(&mut self, kind: LinearKind) -> Option<&mut Linear> {
+        Some(match (kind, &mut self.mlp) {
+            (LinearKind::QProj, _) => &mut self.q_proj,
+            (LinearKind::KProj, _) => &mut self.k_proj,
+            (LinearKind::VProj, _) => &mut self.v_proj,
+            (LinearKind::OProj, _) => &mut self.o_proj,
+            (_, Mlp::Moe(_)) => return None,
+            (LinearKind::GateProj, Mlp::Dense(m)) => &mut m.gate,
+            (LinearKind::UpProj, Mlp::Dense(m)) => &mut m.up,
+            (LinearKind::DownProj, Mlp::Dense(m)) => &mut m.down,
+        })
     }
 }
 
@@ -292,6 +305,16 @@ impl LlamaModel {
                 .into_iter()
                 .map(|n| Ok((n, take(&mut tensors, &shapes, &n.weight_name(layer))?)))
                 .collect::<Result<_>>()?;
+            let mlp = match block.moe {
+                Some(spec) => Mlp::Moe(MoeMlp::load(spec, layer, &mut |name| {
+                    take(&mut tensors, &shapes, name)
+                })?),
+                None => Mlp::Dense(GatedMlp {
+                    gate: linear(&mut tensors, id(LinearKind::GateProj), false)?,
+                    up: linear(&mut tensors, id(LinearKind::UpProj), false)?,
+                    down: linear(&mut tensors, id(LinearKind::DownProj), false)?,
+                }),
+            };
             layers.push(DecoderLayer {
                 head_norms,
                 norms,
@@ -299,9 +322,7 @@ impl LlamaModel {
                 k_proj: linear(&mut tensors, id(LinearKind::KProj), block.qkv_bias)?,
                 v_proj: linear(&mut tensors, id(LinearKind::VProj), block.qkv_bias)?,
                 o_proj: linear(&mut tensors, id(LinearKind::OProj), block.o_bias)?,
-                gate_proj: linear(&mut tensors, id(LinearKind::GateProj), false)?,
-                up_proj: linear(&mut tensors, id(LinearKind::UpProj), false)?,
-                down_proj: linear(&mut tensors, id(LinearKind::DownProj), false)?,
+                mlp,
             });
         }
         let embed_tokens = take(&mut tensors, &shapes, "model.embed_tokens.weight")?;
@@ -445,10 +466,14 @@ impl LlamaModel {
     /// Every Linear weight name, layer by layer in forward order, then
     /// `lm_head.weight`.
     pub fn linear_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = (0..self.layers.len())
-            .flat_map(|layer| {
+        let mut names: Vec<String> = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(layer, l)| {
                 LinearKind::ALL
                     .into_iter()
+                    .filter(|kind| l.linear(*kind).is_some())
                     .map(move |kind| LinearId { layer, kind }.weight_name())
             })
             .collect();
@@ -461,8 +486,7 @@ impl LlamaModel {
         if name == LM_HEAD {
             return Ok(&self.lm_head);
         }
-        let id = self.linear_id(name)?;
-        Ok(&self.layers[id.layer].linear(id.kind).weight)
+        Ok(&self.linear(name)?.weight)
     }
 
     /// Replaces a Linear's weight (e.g. by its dequantized version); the
@@ -472,8 +496,7 @@ impl LlamaModel {
         let slot = if name == LM_HEAD {
             &mut self.lm_head
         } else {
-            let id = self.linear_id(name)?;
-            &mut self.layers[id.layer].linear_mut(id.kind).weight
+            &mut self.linear_mut(name)?.weight
         };
         check_same_shape(name, slot, &weight)?;
         *slot = weight;
@@ -496,8 +519,7 @@ impl LlamaModel {
         if name == LM_HEAD {
             return Ok(None);
         }
-        let id = self.linear_id(name)?;
-        Ok(self.layers[id.layer].linear(id.kind).bias.as_ref())
+        Ok(self.linear(name)?.bias.as_ref())
     }
 
     /// Layer `index`'s `input_layernorm` weight `[h]`; an error for a
@@ -575,6 +597,42 @@ impl LlamaModel {
         self.layers
             .get_mut(index)
             .ok_or(ModelError::LayerOutOfRange { index, layers })
+    }
+
+    /// The Linear named as in [`Self::linear_names`] (not `lm_head`).
+    /// A decoder layer's Linear by weight name: attention and dense MLP
+    /// Linears through [`LinearId`], a MoE layer's expert Linears
+    /// (`…experts.N.w1.weight`, `…shared_expert.up_proj.weight`) through
+    /// the family's names.
+    fn linear(&self, name: &str) -> Result<&Linear> {
+        let unknown = || ModelError::UnknownLinear {
+            name: name.to_string(),
+        };
+        if let Some((layer, module)) = expert_module(name) {
+            return match self.layers.get(layer).map(|l| &l.mlp) {
+                Some(Mlp::Moe(mlp)) => mlp.linear(layer, module).ok_or_else(unknown),
+                _ => Err(unknown()),
+            };
+        }
+        let id = self.linear_id(name)?;
+        self.layers[id.layer].linear(id.kind).ok_or_else(unknown)
+    }
+
+    /// [`Self::linear`], to replace its weight.
+    fn linear_mut(&mut self, name: &str) -> Result<&mut Linear> {
+        let unknown = || ModelError::UnknownLinear {
+            name: name.to_string(),
+        };
+        if let Some((layer, module)) = expert_module(name) {
+            return match self.layers.get_mut(layer).map(|l| &mut l.mlp) {
+                Some(Mlp::Moe(mlp)) => mlp.linear_mut(layer, module).ok_or_else(unknown),
+                _ => Err(unknown()),
+            };
+        }
+        let id = self.linear_id(name)?;
+        self.layers[id.layer]
+            .linear_mut(id.kind)
+            .ok_or_else(unknown)
     }
 
     fn linear_id(&self, name: &str) -> Result<LinearId> {
@@ -696,18 +754,31 @@ impl LlamaModel {
         let x = layer
             .normed(before, &hidden, eps, norm_offset)?
             .reshape((b * t, h))?;
-        emit(LinearKind::GateProj, &x);
-        emit(LinearKind::UpProj, &x);
-        let gated = gated(
-            &layer.gate_proj.forward(&x)?,
-            &layer.up_proj.forward(&x)?,
-            block.activation,
-        )?;
-        emit(LinearKind::DownProj, &gated);
-        let out = layer.down_proj.forward(&gated)?.reshape((b, t, h))?;
+        let out = match &layer.mlp {
+            Mlp::Dense(mlp) => {
+                emit(LinearKind::GateProj, &x);
+                emit(LinearKind::UpProj, &x);
+                let gated = mlp.gated(&x, block.activation)?;
+                emit(LinearKind::DownProj, &gated);
+                mlp.down.forward(&gated)?
+            }
+            Mlp::Moe(mlp) => mlp.forward(&x, block.activation)?,
+        }
+        .reshape((b, t, h))?;
         let out = layer.normed(after, &out, eps, norm_offset)?;
         Ok((hidden + scaled(out)?)?)
     }
+}
+
+/// The layer and module of an expert Linear's weight name
+/// (`model.layers.{layer}.{module}.weight` with `experts.` or
+/// `shared_expert.` in the module); `None` for every other name.
+fn expert_module(name: &str) -> Option<(usize, &str)> {
+    let module = name.strip_suffix(".weight")?;
+    let rest = module.strip_prefix("model.layers.")?;
+    let (layer, _) = rest.split_once('.')?;
+    let is_expert = rest.contains(".experts.") || rest.contains(".shared_expert.");
+    is_expert.then_some((layer.parse().ok()?, module))
 }
 
 fn check_same_shape(name: &str, current: &Tensor, new: &Tensor) -> Result<()> {

@@ -57,6 +57,9 @@ pub fn run(stage: Stage, input: &StageInput) -> anyhow::Result<StageSummary> {
         Stage::Validate => validate::run(input)?,
         Stage::Card => card::run(input)?,
         Stage::All => {
+            // What the quantize stage would refuse (a method its family
+            // cannot run) is refused before the baseline's work.
+            preflight(input)?;
             baseline::run(input)?;
             quantize::run(input)?;
             validate::run(input)?
@@ -65,6 +68,25 @@ pub fn run(stage: Stage, input: &StageInput) -> anyhow::Result<StageSummary> {
     summary.stage = stage.name().to_string();
     summary.seconds = Some(started.elapsed().as_secs_f64());
     Ok(summary)
+}
+
+/// Refuses up front what the quantize stage would refuse for this model
+/// and recipe, so `all` does not evaluate a baseline it cannot use.
+/// A model it cannot read is left to the baseline, which says why.
+fn preflight(input: &StageInput) -> anyhow::Result<()> {
+    let config = input
+        .layout
+        .input("spec.baseModel.path", &input.spec.base_model.path)
+        .ok()
+        .and_then(|dir| crate::config::LlamaConfig::from_file(&dir.join("config.json")).ok());
+    let Some(config) = config else {
+        return Ok(());
+    };
+    crate::llama_layers::check_method(&config, input.spec.quantization.method)?;
+    if input.gpu.is_some() {
+        crate::gpu::moe::refuse_moe(&config)?;
+    }
+    Ok(())
 }
 
 /// The calibration sequences the quantize stage would use (empty for

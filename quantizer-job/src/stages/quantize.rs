@@ -5,6 +5,7 @@ use super::baseline::open_base_checkpoint;
 use super::{StageInput, write_json};
 use crate::calibration;
 use crate::checkpoint::Checkpoint;
+use crate::config::LlamaConfig;
 use crate::format::{
     CheckpointOptions, DenseInput, DenseTensor, fused, quantization_config, write_checkpoint,
     write_model_config,
@@ -129,7 +130,10 @@ pub fn run(input: &StageInput) -> anyhow::Result<StageSummary> {
         ..CheckpointOptions::default()
     };
     let written = write_checkpoint(dir, &dense, &quantized, options)?;
-    let config = quantization_config(&quantized, &recipe.ignore)?;
+    let config = quantization_config(
+        &quantized,
+        &artifact_ignore(checkpoint.config(), &recipe.ignore),
+    )?;
     write_model_config(checkpoint.dir(), dir, &config)?;
     write_recipe(input)?;
     let record = QuantizeRecord {
@@ -188,6 +192,17 @@ pub(super) fn calibration_for(
         unique_token_ratio: set.stats.unique_token_ratio,
     };
     Ok(Some((set.samples, facts)))
+}
+
+/// The artifact's `quantization_config.ignore`: the recipe's entries, plus
+/// a mixture of experts' routers and shared-expert gates by full module
+/// name, which the driver never quantizes and vLLM expects listed.
+fn artifact_ignore(config: &LlamaConfig, ignore: &[String]) -> Vec<String> {
+    let mut out = ignore.to_vec();
+    if let Some(moe) = &config.block.moe {
+        out.extend((0..config.num_hidden_layers).flat_map(|l| moe.full_precision_modules(l)));
+    }
+    out
 }
 
 /// Scales and unquantized tensors are stored in the base model's dtype.

@@ -173,6 +173,18 @@ pub fn try_quantize(
     gpu: Option<&Gpu>,
     out: &str,
 ) -> anyhow::Result<(PathBuf, quantops_api::QuantizationSpec)> {
+    try_stage(Stage::Quantize, volume, name, run, gpu, out)
+}
+
+/// [`try_quantize`] for any stage.
+pub fn try_stage(
+    stage: Stage,
+    volume: &Path,
+    name: &str,
+    run: Run<'_>,
+    gpu: Option<&Gpu>,
+    out: &str,
+) -> anyhow::Result<(PathBuf, quantops_api::QuantizationSpec)> {
     let qm = parse_quantized_model(&spec_yaml(name, run, out), run.method).expect("valid spec");
     let layout = Layout::new(&qm.spec, volume, None, Links::Confined).expect("layout");
     let input = StageInput {
@@ -180,7 +192,7 @@ pub fn try_quantize(
         layout: &layout,
         gpu,
     };
-    stages::run(Stage::Quantize, &input)?;
+    stages::run(stage, &input)?;
     Ok((layout.artifact_dir.clone(), qm.spec.quantization.clone()))
 }
 
